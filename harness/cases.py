@@ -1,0 +1,250 @@
+"""Cases are data: ``cases/*.yaml`` declare families x layouts x paths; this module expands them.
+
+A case ID is ``<model>/<layout>/<format>/<kind>``, e.g. ``qwen3-moe/tp2-ep2/torch_dist/roundtrip``
+or ``llama/tp2-to-tp1/torch_dist/reshard``. Every part comes from the YAML and canonical
+formatting (``Layout.id``), never from list positions, so IDs are stable when files are edited.
+
+Schema of one file (unknown keys are errors that name the file and the field)::
+
+    description: free text
+    matrix:
+      - families: [llama, qwen2]          # zoo family names
+        layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
+        paths: [memory/roundtrip, torch_dist/roundtrip]
+        sets: [default]                   # default (CI; implies full) or full (nightly only)
+        timeout_s: 300                    # optional, per case
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness import paths as harness_paths
+from harness import zoo
+from harness.layouts import Layout, LayoutError
+
+# format/kind -> description. The format is what sits on disk between the conversions.
+PATHS: dict[str, str] = {
+    "memory/roundtrip": "HF -> Megatron (in memory, load_hf_weights) -> HF (export_hf_weights)",
+}
+SETS = ("default", "full")
+LANES = ("cpu", "gpu")
+DEFAULT_TIMEOUT_S = 300.0
+
+_ENTRY_FIELDS = {"families", "layouts", "paths", "sets", "timeout_s"}
+_FILE_FIELDS = {"description", "matrix"}
+
+
+class CaseFileError(ValueError):
+    """A case file that does not follow the schema; the message names file and field."""
+
+
+class UnknownCaseError(KeyError):
+    def __init__(self, case_id: str, known: Iterable[str]):
+        close = difflib.get_close_matches(case_id, list(known), n=3, cutoff=0.4)
+        hint = f"; closest: {', '.join(close)}" if close else "; run `harness list` to see all IDs"
+        super().__init__(f"unknown case ID {case_id!r}{hint}")
+        self.message = f"unknown case ID {case_id!r}{hint}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Case:
+    """One runnable case: a model, where it is split, and which conversion path it takes."""
+
+    model: zoo.ModelSpec
+    layout: Layout
+    path: str  # key of PATHS
+    sets: frozenset[str]
+    lane: str = "cpu"
+    lane_reason: str = ""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    source: str = ""  # file the case came from, for error messages
+    load_layout: Layout | None = None  # reshard target
+
+    @property
+    def model_id(self) -> str:
+        return self.model.family
+
+    @property
+    def layout_id(self) -> str:
+        if self.load_layout is not None:
+            return f"{self.layout.id}-to-{self.load_layout.id}"
+        return self.layout.id
+
+    @property
+    def id(self) -> str:
+        return f"{self.model_id}/{self.layout_id}/{self.path}"
+
+    @property
+    def format(self) -> str:
+        return self.path.split("/")[0]
+
+    @property
+    def kind(self) -> str:
+        return self.path.split("/")[1]
+
+    @property
+    def world_size(self) -> int:
+        sizes = [self.layout.world_size]
+        if self.load_layout is not None:
+            sizes.append(self.load_layout.world_size)
+        return max(sizes)
+
+    @property
+    def family(self) -> zoo.Family:
+        return zoo.get_family(self.model.family)
+
+
+@dataclass
+class CaseSet:
+    cases: list[Case] = field(default_factory=list)
+
+    def ids(self) -> list[str]:
+        return [c.id for c in self.cases]
+
+    def get(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.id == case_id:
+                return case
+        raise UnknownCaseError(case_id, self.ids())
+
+    def select(self, *, expr: str | None = None, lane: str | None = None, set_name: str | None = None) -> list[Case]:
+        chosen = self.cases
+        if set_name:
+            chosen = [c for c in chosen if set_name in c.sets]
+        if lane:
+            chosen = [c for c in chosen if c.lane == lane]
+        if expr:
+            chosen = [c for c in chosen if matches(c.id, expr)]
+        return chosen
+
+
+def matches(case_id: str, expr: str) -> bool:
+    """``-k`` semantics: a glob if it has wildcards, else a substring; ``a or b``, ``not a``."""
+    expr = expr.strip()
+    if " or " in expr:
+        return any(matches(case_id, part) for part in expr.split(" or "))
+    if " and " in expr:
+        return all(matches(case_id, part) for part in expr.split(" and "))
+    if expr.startswith("not "):
+        return not matches(case_id, expr[4:])
+    if any(ch in expr for ch in "*?["):
+        return fnmatch.fnmatchcase(case_id, expr)
+    return expr in case_id
+
+
+def _field_error(source: str, where: str, message: str) -> CaseFileError:
+    return CaseFileError(f"{source}: {where}: {message}")
+
+
+def _as_list(value: Any, source: str, where: str) -> list[Any]:
+    if isinstance(value, (str, int)):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise _field_error(source, where, f"expected a non-empty list, got {value!r}")
+    return value
+
+
+def _parse_layouts(text: str, path: str, source: str, where: str) -> tuple[Layout, Layout | None]:
+    try:
+        if "-to-" in text:
+            if not path.endswith("/reshard"):
+                raise _field_error(source, where, f"{text!r}: 'A-to-B' layouts are only for */reshard paths")
+            save, load = text.split("-to-", 1)
+            return Layout.parse(save), Layout.parse(load)
+        if path.endswith("/reshard"):
+            raise _field_error(source, where, f"{text!r}: reshard paths need an 'A-to-B' layout")
+        return Layout.parse(text), None
+    except LayoutError as err:
+        raise _field_error(source, where, str(err)) from None
+
+
+def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
+    where = f"matrix[{index}]"
+    if not isinstance(entry, dict):
+        raise _field_error(source, where, f"expected a mapping, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - _ENTRY_FIELDS)
+    if unknown:
+        raise _field_error(source, f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(_ENTRY_FIELDS))})")
+    for required in ("families", "layouts", "paths"):
+        if required not in entry:
+            raise _field_error(source, f"{where}.{required}", "required field is missing")
+
+    families = _as_list(entry["families"], source, f"{where}.families")
+    for name in families:
+        if name not in zoo.FAMILIES:
+            raise _field_error(
+                source, f"{where}.families", f"unknown family {name!r} (known: {', '.join(sorted(zoo.FAMILIES))})"
+            )
+    path_names = _as_list(entry["paths"], source, f"{where}.paths")
+    for p in path_names:
+        if p not in PATHS:
+            raise _field_error(source, f"{where}.paths", f"unknown path {p!r} (known: {', '.join(PATHS)})")
+    sets = _as_list(entry.get("sets", ["default"]), source, f"{where}.sets")
+    for s in sets:
+        if s not in SETS:
+            raise _field_error(source, f"{where}.sets", f"unknown set {s!r} (known: {', '.join(SETS)})")
+    set_names = frozenset(sets) | {"full"}  # the full (nightly) set contains the default set
+    timeout = entry.get("timeout_s", DEFAULT_TIMEOUT_S)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise _field_error(source, f"{where}.timeout_s", f"expected a positive number, got {timeout!r}")
+    layouts = _as_list(entry["layouts"], source, f"{where}.layouts")
+
+    cases = []
+    for family in families:
+        for layout_text in layouts:
+            for path in path_names:
+                layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
+                cases.append(
+                    Case(
+                        model=zoo.ModelSpec(family=family),
+                        layout=layout,
+                        load_layout=load_layout,
+                        path=path,
+                        sets=set_names,
+                        timeout_s=float(timeout),
+                        source=source,
+                    )
+                )
+    return cases
+
+
+def load_file(path: Path) -> list[Case]:
+    import yaml
+
+    source = str(path.relative_to(harness_paths.REPO_ROOT)) if path.is_relative_to(harness_paths.REPO_ROOT) else str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CaseFileError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise CaseFileError(f"{source}: expected a mapping with a 'matrix' list at the top level")
+    unknown = sorted(set(doc) - _FILE_FIELDS)
+    if unknown:
+        raise _field_error(source, unknown[0], f"unknown field (known: {', '.join(sorted(_FILE_FIELDS))})")
+    matrix = doc.get("matrix")
+    if not isinstance(matrix, list) or not matrix:
+        raise _field_error(source, "matrix", "expected a non-empty list of entries")
+    cases: list[Case] = []
+    for i, entry in enumerate(matrix):
+        cases.extend(expand_entry(entry, source, i))
+    return cases
+
+
+def load_cases(directory: Path | None = None) -> CaseSet:
+    """All cases from ``cases/*.yaml``; duplicate IDs across entries or files are an error."""
+    directory = directory or harness_paths.CASES_DIR
+    merged: dict[str, Case] = {}
+    for file in sorted(directory.glob("*.yaml")):
+        for case in load_file(file):
+            if case.id in merged:
+                raise CaseFileError(f"{case.source}: case {case.id} is also declared in {merged[case.id].source}")
+            merged[case.id] = case
+    return CaseSet(cases=list(merged.values()))

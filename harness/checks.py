@@ -1,0 +1,215 @@
+"""The comparisons the harness trusts, and nothing else.
+
+* ``compare_tensors``: key set, shape, dtype and *bitwise* value equality of two named tensor
+  collections. Weight round trips do no arithmetic, so any tolerance here would hide real bugs
+  (a row swap between two N(0, 0.1) rows easily passes ``allclose(atol=1e-1)``).
+* ``logit_parity``: two forward passes of the same weights through different code (HF vs
+  Megatron). Here arithmetic does happen, so a tolerance is allowed and justified below.
+
+Every check returns a ``CheckResult``; tests/test_checks*.py seed a fault for each one and assert
+that it fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+# How many per-tensor rows a CheckResult keeps in full; the rest are summarised in counts.
+MAX_DETAIL_ROWS = 2000
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one check on one case. ``summary`` is the one line a human reads first."""
+
+    name: str
+    passed: bool
+    summary: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    details: list[dict[str, Any]] = field(default_factory=list)
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def skip(cls, name: str, reason: str) -> "CheckResult":
+        return cls(name=name, passed=True, summary=f"skipped: {reason}", skipped=True)
+
+
+# --------------------------------------------------------------------------- tensor equality
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max |a - b| in float64 (0.0 for empty tensors); only defined for equal shapes."""
+    if a.numel() == 0:
+        return 0.0
+    return float((a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max())
+
+
+def tensor_row(name: str, expected: torch.Tensor, actual: torch.Tensor) -> dict[str, Any]:
+    """Compare one tensor pair; the row says what is wrong, or ``ok``."""
+    row: dict[str, Any] = {
+        "key": name,
+        "shape": list(expected.shape),
+        "dtype": str(expected.dtype).removeprefix("torch."),
+    }
+    problems = []
+    if tuple(expected.shape) != tuple(actual.shape):
+        problems.append(f"shape {list(actual.shape)} != {list(expected.shape)}")
+    if expected.dtype != actual.dtype:
+        problems.append(f"dtype {str(actual.dtype).removeprefix('torch.')} != {row['dtype']}")
+    if not problems:
+        # Bitwise: same dtype and shape, so torch.equal compares every element exactly.
+        # (NaN != NaN, so a NaN anywhere is reported as a value mismatch, as it should be.)
+        equal = torch.equal(expected, actual)
+        row["max_abs_diff"] = 0.0 if equal else max_abs_diff(expected, actual)
+        if not equal:
+            ne = (expected != actual) | torch.isnan(actual)
+            problems.append(f"values differ in {int(ne.sum())}/{expected.numel()} elements")
+    elif tuple(expected.shape) == tuple(actual.shape):
+        row["max_abs_diff"] = max_abs_diff(expected, actual)
+    row["status"] = "ok" if not problems else "; ".join(problems)
+    return row
+
+
+def compare_tensors(
+    expected: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+    actual: Mapping[str, torch.Tensor],
+    *,
+    name: str = "tensors",
+    duplicates: Iterable[str] = (),
+) -> CheckResult:
+    """Bitwise comparison of ``actual`` against ``expected``.
+
+    ``expected`` may be a lazy iterator (e.g. streamed from safetensors), so only one expected
+    tensor is materialised at a time; ``actual`` is what the conversion produced.
+    """
+    items: Iterator[tuple[str, torch.Tensor]] = iter(
+        expected.items() if isinstance(expected, Mapping) else expected
+    )
+    seen: set[str] = set()
+    missing: list[str] = []
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    worst = 0.0
+    for key, exp in items:
+        seen.add(key)
+        if key not in actual:
+            missing.append(key)
+            continue
+        row = tensor_row(key, exp, actual[key])
+        diff = row.get("max_abs_diff")
+        if diff is not None:
+            worst = max(worst, diff if diff == diff else float("inf"))  # NaN counts as worst
+        if row["status"] != "ok":
+            bad += 1
+        if row["status"] != "ok" or len(rows) < MAX_DETAIL_ROWS:
+            rows.append(row)
+    extra = sorted(set(actual) - seen)
+    missing.sort()
+    duplicates = sorted(set(duplicates))
+    compared = len(seen) - len(missing)
+    passed = not missing and not extra and not duplicates and bad == 0
+    if passed:
+        summary = f"{compared}/{compared} tensors bitwise equal"
+    else:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_preview(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} extra ({_preview(extra)})")
+        if duplicates:
+            parts.append(f"{len(duplicates)} produced twice ({_preview(duplicates)})")
+        if bad:
+            first = next(r for r in rows if r["status"] != "ok")
+            parts.append(f"{bad}/{compared} differ (first: {first['key']}: {first['status']})")
+        summary = "; ".join(parts)
+    return CheckResult(
+        name=name,
+        passed=passed,
+        summary=summary,
+        metrics={
+            "compared": compared,
+            "mismatched": bad,
+            "missing": missing,
+            "extra": extra,
+            "duplicates": duplicates,
+            "max_abs_diff": worst,
+        },
+        details=rows,
+    )
+
+
+def _preview(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", +{len(keys) - n} more" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------- logit parity
+
+
+@dataclass(frozen=True)
+class LogitTolerance:
+    """Bounds for fp32 logit parity between two implementations of the same weights.
+
+    Noise floor (measured on this stack, fp32, CPU, tiny zoo models, batch 3x24): HF vs Megatron
+    max |dlogit| ~1e-7 (9e-8 dense, 1.2e-7 MoE), which is a few ulps at the logit magnitude (~1)
+    after a few hundred fp32 accumulations in a different order. We allow 1e-5, ~100x that floor:
+    wide enough that re-ordered accumulation never trips it, yet far below the smallest seeded
+    corruption the tests use (a +1e-3 change to one weight element shifts logits by >=1e-5,
+    see tests/test_checks_seeded.py). KL is reported in nats, mean over tokens; the floor is
+    ~1e-14, and 1e-9 leaves the same two orders of magnitude of margin in squared-diff units.
+    """
+
+    max_abs: float = 1e-5
+    kl: float = 1e-9
+
+
+FP32_LOGITS = LogitTolerance()
+
+
+def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """KL, max/mean abs diff and top-1 agreement, torchtitan-style, over [batch, seq, vocab]."""
+    ref = reference.detach().to(torch.float64)
+    cand = candidate.detach().to(torch.float64)
+    diff = (ref - cand).abs()
+    log_p = torch.log_softmax(ref, dim=-1)
+    log_q = torch.log_softmax(cand, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).to(torch.float64).mean()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": float(top1),
+        "kl": float(kl),
+    }
+
+
+def logit_parity(
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    *,
+    tolerance: LogitTolerance = FP32_LOGITS,
+    name: str = "logits",
+) -> CheckResult:
+    if reference.shape != candidate.shape:
+        return CheckResult(
+            name=name,
+            passed=False,
+            summary=f"logit shapes differ: {list(candidate.shape)} vs {list(reference.shape)}",
+        )
+    m = logit_metrics(reference, candidate)
+    finite = all(v == v for v in m.values())  # NaN-safe
+    passed = finite and m["max_abs_diff"] <= tolerance.max_abs and m["kl"] <= tolerance.kl
+    summary = (
+        f"max|d|={m['max_abs_diff']:.2e} (tol {tolerance.max_abs:.0e}) "
+        f"mean|d|={m['mean_abs_diff']:.2e} top1={m['top1_agreement']:.3f} "
+        f"KL={m['kl']:.2e} (tol {tolerance.kl:.0e})"
+    )
+    metrics: dict[str, Any] = dict(m)
+    metrics["tolerance"] = asdict(tolerance)
+    return CheckResult(name=name, passed=passed, summary=summary, metrics=metrics)

@@ -1,0 +1,132 @@
+"""Conversion steps through the real Megatron-Bridge API, one function per step.
+
+The harness never re-implements a mapping: HF -> Megatron is ``AutoBridge.load_hf_weights`` and
+Megatron -> HF is ``AutoBridge.export_hf_weights``, exactly what users call. What the harness adds
+is a *sentinel* fill before loading: every Megatron parameter starts as NaN, so a parameter the
+loader silently skipped cannot masquerade as loaded (a partial load would otherwise keep
+random-init values that look perfectly plausible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from harness.checks import CheckResult
+from harness.layouts import Layout
+from harness.zoo import Family
+
+SENTINEL = float("nan")
+
+
+@dataclass
+class MegatronModel:
+    """A built Megatron model (one chunk per virtual pipeline stage) and the bridge that made it."""
+
+    bridge: Any  # megatron.bridge.AutoBridge
+    chunks: list[torch.nn.Module]
+    layout: Layout
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        for i, chunk in enumerate(self.chunks):
+            prefix = f"chunk{i}." if len(self.chunks) > 1 else ""
+            for name, param in chunk.named_parameters():
+                yield prefix + name, param
+
+
+def open_bridge(hf_dir: Path):
+    from megatron.bridge import AutoBridge
+
+    return AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype=torch.float32)
+
+
+def is_moe(hf_config: dict[str, Any]) -> bool:
+    return bool(
+        hf_config.get("num_experts") or hf_config.get("num_local_experts") or hf_config.get("n_routed_experts")
+    )
+
+
+def make_provider(bridge, family: Family, layout: Layout, runtime, hf_config: dict[str, Any]):
+    provider = bridge.to_megatron_provider(load_weights=False)
+    for key, value in layout.provider_kwargs().items():
+        setattr(provider, key, value)
+    for key, value in family.provider.items():
+        setattr(provider, key, value)
+    runtime.configure_provider(provider, is_moe=is_moe(hf_config))
+    provider.finalize()
+    return provider
+
+
+def build_model(bridge, family: Family, layout: Layout, runtime, hf_config: dict[str, Any]) -> MegatronModel:
+    """An empty (sentinel-filled) Megatron model at ``layout``; parallel state is (re)initialised."""
+    runtime.init_model_parallel(layout)
+    provider = make_provider(bridge, family, layout, runtime, hf_config)
+    chunks = provider.provide_distributed_model(
+        wrap_with_ddp=False,
+        use_cpu_initialization=runtime.backend == "gloo",
+        mixed_precision_wrapper=None,
+    )
+    model = MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)
+    fill_sentinel(model)
+    return model
+
+
+def fill_sentinel(model: MegatronModel) -> None:
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            param.fill_(SENTINEL)
+
+
+def load_hf(model: MegatronModel, hf_dir: Path | None = None) -> None:
+    model.bridge.load_hf_weights(model.chunks, hf_path=str(hf_dir) if hf_dir else None)
+
+
+def check_fully_loaded(model: MegatronModel) -> CheckResult:
+    """Every Megatron parameter on this rank was overwritten by the load (no sentinel left)."""
+    untouched = []
+    total = 0
+    for name, param in model.named_parameters():
+        total += 1
+        if torch.isnan(param).any():
+            untouched.append(name)
+    if untouched:
+        shown = ", ".join(untouched[:3]) + (f", +{len(untouched) - 3} more" if len(untouched) > 3 else "")
+        return CheckResult(
+            name="load-coverage",
+            passed=False,
+            summary=f"{len(untouched)}/{total} Megatron params never written by the load: {shown}",
+            metrics={"unloaded": untouched, "params": total},
+        )
+    return CheckResult(
+        name="load-coverage",
+        passed=True,
+        summary=f"{total}/{total} Megatron params written by the load",
+        metrics={"unloaded": [], "params": total},
+    )
+
+
+@dataclass
+class Export:
+    """What ``export_hf_weights`` yielded. A name yielded twice is a bug (e.g. every expert
+    overwriting one fused tensor), so duplicates are kept for the tensor check to report."""
+
+    tensors: dict[str, torch.Tensor]
+    duplicates: list[str]
+
+
+def export_hf(model: MegatronModel, keep: bool = True) -> Export:
+    """All exported HF tensors (full, gathered). Collective: every rank must call it.
+
+    Ranks that do not compare (``keep=False``) still drive the generator so the gathers inside
+    it line up, but drop each tensor immediately to keep memory flat.
+    """
+    out = Export(tensors={}, duplicates=[])
+    for name, tensor in model.bridge.export_hf_weights(model.chunks, cpu=True, show_progress=False):
+        if keep:
+            if name in out.tensors:
+                out.duplicates.append(name)
+            out.tensors[name] = tensor.detach().clone()
+    return out

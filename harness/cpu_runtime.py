@@ -1,0 +1,155 @@
+"""Run real, unmodified Megatron on CPU (gloo, fp32).
+
+This is the ONE place where the harness adapts Megatron to a machine without CUDA. It does four
+things, and only for the duration of a run (``CpuRuntime`` is a context manager):
+
+1. parallel-state init without CUDA: ``initialize_model_parallel`` plus the *inference* RNG
+   tracker (``model_parallel_cuda_manual_seed`` needs CUDA; the inference tracker makes
+   ``get_cuda_rng_tracker().fork()`` a no-op context);
+2. the local (non-TE) *block* spec: a local layer spec alone still builds TE's final norm;
+3. provider flags that select fused CUDA kernels are turned off, and the model is fp32;
+4. a handful of ``torch.cuda`` calls that only *decide placement* (``current_device``) or only
+   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents.
+
+A redirect may change where a tensor lives; it must never change keys or values. Nothing here is
+applied at import time, and every redirected attribute is restored on exit, exception or not
+(tests/test_cpu_runtime.py proves it). The GPU lane never enters this context.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from harness.layouts import Layout
+
+# Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
+CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
+    "persist_layer_norm": False,
+    "gradient_accumulation_fusion": False,
+    "masked_softmax_fusion": False,
+    "bias_activation_fusion": False,
+    "bias_dropout_fusion": False,
+    "apply_rope_fusion": False,
+    "cross_entropy_loss_fusion": False,
+}
+
+# fp32 everywhere on CPU: the round trip must be bitwise and logits comparable to HF's fp32.
+CPU_DTYPE_FLAGS: dict[str, Any] = {
+    "params_dtype": torch.float32,
+    "pipeline_dtype": torch.float32,
+    "bf16": False,
+    "fp16": False,
+}
+
+# MoE settings whose defaults need CUDA (observed with megatron-core 0.19.2):
+# - the alltoall dispatcher creates a CUDA stream in __init__; allgather does not;
+# - the router GEMM goes through TE unless the router runs in fp64.
+CPU_MOE_FLAGS: dict[str, Any] = {
+    "moe_token_dispatcher_type": "allgather",
+    "moe_router_dtype": "fp64",
+    "moe_shared_expert_overlap": False,
+    "moe_permute_fusion": False,
+    "moe_grouped_gemm": False,
+}
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _noop(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+# torch.cuda attribute -> CPU replacement. Placement, synchronisation and RNG bookkeeping only.
+CUDA_REDIRECTS: dict[str, Callable[..., Any]] = {
+    "current_device": _cpu_current_device,  # used as `device=` for new tensors
+    "synchronize": _noop,  # async checkpoint writer waits on the GPU
+    "get_rng_state": _cpu_get_rng_state,  # checkpoint save collects RNG state even if unused
+}
+
+_ACTIVE_LOCK = threading.Lock()
+
+
+def local_block_spec(config, vp_stage: int | None = None):
+    """Provider ``transformer_layer_spec`` that builds the whole block without TE."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
+    )
+
+
+@dataclass
+class CpuRuntime:
+    """Context manager that makes Megatron run on CPU for one run, then undoes everything."""
+
+    redirects: dict[str, Callable[..., Any]] = field(default_factory=lambda: dict(CUDA_REDIRECTS))
+    _saved: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _missing: set[str] = field(default_factory=set, init=False, repr=False)
+
+    backend = "gloo"
+    device = torch.device("cpu")
+
+    @property
+    def touched(self) -> list[str]:
+        """Names of the torch.cuda attributes this runtime replaces while active."""
+        return sorted(self.redirects)
+
+    def __enter__(self) -> "CpuRuntime":
+        if not _ACTIVE_LOCK.acquire(blocking=False):
+            raise RuntimeError("CpuRuntime is already active; it is not re-entrant")
+        try:
+            for name, replacement in self.redirects.items():
+                if hasattr(torch.cuda, name):
+                    self._saved[name] = getattr(torch.cuda, name)
+                else:
+                    self._missing.add(name)
+                setattr(torch.cuda, name, replacement)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            for name, original in self._saved.items():
+                setattr(torch.cuda, name, original)
+            for name in self._missing:
+                if hasattr(torch.cuda, name):
+                    delattr(torch.cuda, name)
+        finally:
+            self._saved.clear()
+            self._missing.clear()
+            _ACTIVE_LOCK.release()
+
+    # -- Megatron setup ------------------------------------------------------------------------
+
+    def init_model_parallel(self, layout: Layout) -> None:
+        """Megatron parallel state for ``layout`` on an existing gloo process group."""
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+    def configure_provider(self, provider, *, is_moe: bool) -> None:
+        """Make a bridge provider build a CPU-runnable fp32 model with the local spec."""
+        provider.transformer_layer_spec = local_block_spec
+        for flags in (CPU_UNSAFE_PROVIDER_FLAGS, CPU_DTYPE_FLAGS, CPU_MOE_FLAGS if is_moe else {}):
+            for key, value in flags.items():
+                if hasattr(provider, key):
+                    setattr(provider, key, value)
+        provider.use_cpu_initialization = True

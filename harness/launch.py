@@ -1,0 +1,258 @@
+"""Run cases in process groups, one group per world size, and never hang.
+
+Cases that need the same number of ranks share one launch (``torch.distributed.run`` for more than
+one rank, a plain subprocess for one), so the ~12 s import of megatron.bridge is paid once per
+group. The launcher itself imports neither torch nor Megatron: it watches the files the ranks
+write (see ``harness.worker``) and enforces per-case timeouts from outside:
+
+* a case that runs past its timeout, or a rank that dies, fails *that* case with the tail of the
+  rank logs; the group is killed and relaunched for the cases it had not reached;
+* a launch that dies before starting any case fails all its cases with the log tail (an import
+  error would otherwise be retried forever).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from harness import paths, report
+from harness.cases import Case
+from harness.runner import ERROR, TIMEOUT, CaseResult
+
+STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
+POLL_S = 0.5
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class LaunchOptions:
+    lane: str = "cpu"
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
+    faults: list[str] = field(default_factory=list)  # seeded regressions (harness.faults), tests only
+    cases_dir: Path = paths.CASES_DIR
+
+
+class Progress:
+    """One line per finished case: ``[ 3/12] PASS id (4.2s)  ETA 0:45``."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.stream = stream
+
+    def update(self, result: CaseResult) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        left = self.total - self.done
+        eta = elapsed / self.done * left if self.done else 0.0
+        width = len(str(self.total))
+        print(
+            f"[{self.done:>{width}}/{self.total}] {result.status.upper():7} {result.case_id} "
+            f"({result.duration_s:.1f}s)  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_by_world_size(cases: Iterable[Case]) -> dict[int, list[Case]]:
+    groups: dict[int, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.world_size, []).append(case)
+    return dict(sorted(groups.items()))
+
+
+def run_cases(
+    cases: list[Case],
+    run_dir: Path,
+    options: LaunchOptions,
+    on_result: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Run every case; returns results in the order given."""
+    by_id: dict[str, CaseResult] = {}
+    for ws, group in group_by_world_size(cases).items():
+        for result in _run_group(group, ws, run_dir, options, on_result):
+            by_id[result.case_id] = result
+    return [by_id[c.id] for c in cases]
+
+
+def _run_group(cases, ws, run_dir, options, on_result) -> list[CaseResult]:
+    pending = list(cases)
+    results: list[CaseResult] = []
+    attempt = 0
+    while pending:
+        attempt += 1
+        group = f"ws{ws}-{attempt}"
+        finished = _launch_once(pending, ws, group, run_dir, options)
+        for result in finished:
+            results.append(result)
+            if on_result:
+                on_result(result)
+        done_ids = {r.case_id for r in finished}
+        pending = [c for c in pending if c.id not in done_ids]
+    return results
+
+
+def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options: LaunchOptions) -> list[CaseResult]:
+    plan_file = run_dir / "plans" / f"{group}.json"
+    report.atomic_write_json(
+        plan_file,
+        {
+            "run_dir": str(run_dir),
+            "group": group,
+            "lane": options.lane,
+            "cases": [c.id for c in cases],
+            "cases_dir": str(options.cases_dir),
+            "faults": list(options.faults),
+            # Gloo/NCCL collectives give up a little after the longest case would be killed.
+            "collective_timeout_s": max(c.timeout_s for c in cases) + 60,
+        },
+    )
+    worker = ["-m", "harness.worker", "--plan", str(plan_file)]
+    if ws == 1:
+        cmd = [options.python, *worker]
+    else:
+        cmd = [
+            options.python, "-m", "torch.distributed.run",
+            f"--nproc_per_node={ws}", "--nnodes=1", "--max_restarts=0",
+            f"--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            *worker,
+        ]
+    env = dict(os.environ)
+    env.update(options.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env.get("PYTHONPATH", "")]))
+    if ws == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    log_dir = run_dir / "logs" / group
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "launcher.log", "ab") as launcher_log:
+        proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
+        return _watch(proc, cases, ws, group, run_dir)
+
+
+def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_dir: Path) -> list[CaseResult]:
+    finished: dict[str, CaseResult] = {}
+    launched = time.monotonic()
+    by_id = {c.id: c for c in cases}
+    while True:
+        for case in cases:
+            if case.id not in finished:
+                result = report.read_case_result(run_dir, case.id)
+                if result is not None:
+                    finished[case.id] = result
+        current, since = _current_case(run_dir, ws, by_id, finished)
+        code = proc.poll()
+        if code is not None:
+            # Pick up results written in the last instant before exit.
+            for case in cases:
+                if case.id not in finished and (r := report.read_case_result(run_dir, case.id)):
+                    finished[case.id] = r
+            if len(finished) == len(cases):
+                break
+            culprit = current or next(c.id for c in cases if c.id not in finished)
+            if not finished and current is None:
+                # Died before starting anything: every remaining case gets the same error.
+                tail = _log_tail(run_dir, group)
+                for case in cases:
+                    finished[case.id] = _failure(case, ERROR, f"process group exited with code {code} before running any case", tail, ws)
+                break
+            finished[culprit] = _failure(by_id[culprit], ERROR, _exit_reason(code, run_dir, culprit), _log_tail(run_dir, group), ws)
+            break
+        deadline_case = by_id.get(current) if current else None
+        if deadline_case is not None and since is not None:
+            if time.time() - since > deadline_case.timeout_s:
+                _kill(proc)
+                finished[current] = _failure(
+                    deadline_case, TIMEOUT, f"case ran past its {deadline_case.timeout_s:.0f}s timeout; process group killed",
+                    _log_tail(run_dir, group), ws,
+                )
+                break
+        elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
+            _kill(proc)
+            tail = _log_tail(run_dir, group)
+            for case in cases:
+                finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws)
+            break
+        time.sleep(POLL_S)
+    if proc.poll() is None:
+        _kill(proc)
+    return [finished[c.id] for c in cases if c.id in finished]
+
+
+def _current_case(run_dir: Path, ws: int, by_id: dict, finished: dict) -> tuple[str | None, float | None]:
+    """The unfinished case some rank has started most recently, and when it started."""
+    current, since = None, None
+    for rank in range(ws):
+        file = run_dir / "progress" / f"rank{rank}.jsonl"
+        if not file.exists():
+            continue
+        for line in file.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if event.get("case") in by_id and event.get("event") == "start" and event["case"] not in finished:
+                if since is None or event["t"] > since:
+                    current, since = event["case"], event["t"]
+    return current, since
+
+
+def _exit_reason(code: int, run_dir: Path, case_id: str) -> str:
+    errs = sorted((run_dir / "cases").glob(f"{report.slug(case_id)}.rank*.err"))
+    if errs:
+        last = errs[0].read_text().strip().splitlines()
+        return f"{errs[0].name.split('.')[-2]} raised: {last[-1] if last else '?'}"
+    if code < 0:
+        return f"a rank was killed by signal {-code}"
+    return f"a rank exited with code {code} during the case"
+
+
+def _failure(case: Case, status: str, reason: str, tail: str, ws: int) -> CaseResult:
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=case.lane)
+
+
+def _log_tail(run_dir: Path, group: str, lines: int = LOG_TAIL_LINES) -> str:
+    chunks = []
+    for log in sorted((run_dir / "logs" / group).glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        if text:
+            chunks.append(f"==> {log.name} <==\n" + "\n".join(text[-lines:]))
+    return "\n".join(chunks)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the whole process group (torchrun and every rank it spawned)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass

@@ -1,0 +1,90 @@
+"""Case files: expansion to stable IDs, and errors that name the file and the field."""
+
+import textwrap
+
+import pytest
+
+from harness.cases import CaseFileError, UnknownCaseError, load_cases, matches
+
+pytestmark = pytest.mark.cpu
+
+
+def write(tmp_path, text, name="c.yaml"):
+    (tmp_path / name).write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def test_repository_cases_load_and_have_unique_stable_ids(case_set):
+    ids = case_set.ids()
+    assert len(ids) == len(set(ids))
+    assert "llama/tp1/memory/roundtrip" in ids
+    for case_id in ids:
+        assert case_id.count("/") == 3, case_id
+
+
+def test_expansion_is_the_cartesian_product(tmp_path):
+    d = write(tmp_path, """
+        matrix:
+          - families: [llama]
+            layouts: [tp1, tp2]
+            paths: [memory/roundtrip]
+    """)
+    assert load_cases(d).ids() == ["llama/tp1/memory/roundtrip", "llama/tp2/memory/roundtrip"]
+
+
+def test_ids_do_not_depend_on_spelling_of_layouts(tmp_path):
+    d = write(tmp_path, """
+        matrix:
+          - families: [llama]
+            layouts: [pp2-tp2]
+            paths: [memory/roundtrip]
+    """)
+    assert load_cases(d).ids() == ["llama/tp2-pp2/memory/roundtrip"]
+
+
+@pytest.mark.parametrize(
+    "body,field,words",
+    [
+        ("families: [lama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]", "matrix[0].families", "unknown family 'lama'"),
+        ("families: [llama]\n    layouts: [tp1]\n    paths: [memory/rountrip]", "matrix[0].paths", "unknown path"),
+        ("families: [llama]\n    layouts: [tq1]\n    paths: [memory/roundtrip]", "matrix[0].layouts", "bad layout"),
+        ("families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]\n    colour: red", "matrix[0].colour", "unknown field"),
+        ("families: [llama]\n    paths: [memory/roundtrip]", "matrix[0].layouts", "required"),
+        ("families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]\n    sets: [weekly]", "matrix[0].sets", "unknown set"),
+        ("families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]\n    timeout_s: -1", "matrix[0].timeout_s", "positive"),
+    ],
+)
+def test_bad_field_errors_name_file_and_field(tmp_path, body, field, words):
+    d = write(tmp_path, "matrix:\n  - " + body + "\n", name="broken.yaml")
+    with pytest.raises(CaseFileError) as err:
+        load_cases(d)
+    message = str(err.value)
+    assert "broken.yaml" in message and field in message and words in message
+
+
+def test_unknown_top_level_field(tmp_path):
+    d = write(tmp_path, "matrix: []\nmatirx: []\n", name="top.yaml")
+    with pytest.raises(CaseFileError, match="top.yaml: matirx: unknown field"):
+        load_cases(d)
+
+
+def test_duplicate_ids_across_files_are_refused(tmp_path):
+    body = "matrix:\n  - families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]\n"
+    write(tmp_path, body, "a.yaml")
+    write(tmp_path, body, "b.yaml")
+    with pytest.raises(CaseFileError, match="also declared in"):
+        load_cases(tmp_path)
+
+
+def test_unknown_case_id_names_the_closest(case_set):
+    with pytest.raises(UnknownCaseError) as err:
+        case_set.get("llama/tp1/memory/roundtrp")
+    assert "llama/tp1/memory/roundtrip" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "expr,hit",
+    [("llama", True), ("qwen", False), ("llama/*/memory/*", True), ("not llama", False), ("qwen or tp1", True), ("llama and tp2", False)],
+)
+def test_k_expressions(expr, hit):
+    assert matches("llama/tp1/memory/roundtrip", expr) is hit
