@@ -30,6 +30,8 @@ from harness.layouts import Layout, LayoutError
 # format/kind -> description. The format is what sits on disk between the conversions.
 PATHS: dict[str, str] = {
     "memory/roundtrip": "HF -> Megatron (in memory, load_hf_weights) -> HF (export_hf_weights)",
+    "torch_dist/roundtrip": "HF -> Megatron -> torch_dist (save_megatron_model) -> Megatron (load_megatron_model) -> HF",
+    "torch_dist/reshard": "HF -> Megatron at A -> torch_dist -> Megatron at B -> HF",
 }
 SETS = ("default", "full")
 LANES = ("cpu", "gpu")
@@ -70,7 +72,7 @@ class Case:
 
     @property
     def model_id(self) -> str:
-        return self.model.family
+        return self.model.id
 
     @property
     def layout_id(self) -> str:
@@ -178,11 +180,12 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
             raise _field_error(source, f"{where}.{required}", "required field is missing")
 
     families = _as_list(entry["families"], source, f"{where}.families")
+    models = []
     for name in families:
-        if name not in zoo.FAMILIES:
-            raise _field_error(
-                source, f"{where}.families", f"unknown family {name!r} (known: {', '.join(sorted(zoo.FAMILIES))})"
-            )
+        try:
+            models.append(zoo.ModelSpec.parse(str(name)))
+        except KeyError as err:
+            raise _field_error(source, f"{where}.families", str(err).strip('"')) from None
     path_names = _as_list(entry["paths"], source, f"{where}.paths")
     for p in path_names:
         if p not in PATHS:
@@ -198,13 +201,13 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
     layouts = _as_list(entry["layouts"], source, f"{where}.layouts")
 
     cases = []
-    for family in families:
+    for model in models:
         for layout_text in layouts:
             for path in path_names:
                 layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
                 cases.append(
                     Case(
-                        model=zoo.ModelSpec(family=family),
+                        model=model,
                         layout=layout,
                         load_layout=load_layout,
                         path=path,

@@ -130,3 +130,21 @@ def export_hf(model: MegatronModel, keep: bool = True) -> Export:
                 out.duplicates.append(name)
             out.tensors[name] = tensor.detach().clone()
     return out
+
+
+def save_torch_dist(model: MegatronModel, path: Path) -> None:
+    """``AutoBridge.save_megatron_model``: always the torch_dist format, no optimizer state."""
+    model.bridge.save_megatron_model(model.chunks, str(path))
+
+
+def load_torch_dist(bridge, path: Path, layout: Layout, runtime) -> MegatronModel:
+    """``AutoBridge.load_megatron_model`` at ``layout`` (resharding if it differs from the save).
+
+    The process group already exists, so the bridge skips its temporary one and builds the model
+    on the current Megatron parallel state: initialise it for ``layout`` first, and pass the same
+    sizes as ``mp_overrides`` (the bridge resets parallel sizes to 1 before applying them).
+    """
+    runtime.init_model_parallel(layout)
+    overrides = {k: v for k, v in layout.megatron_kwargs().items() if v is not None}
+    chunks = bridge.load_megatron_model(str(path), mp_overrides=overrides)
+    return MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)

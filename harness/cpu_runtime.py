@@ -9,7 +9,11 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
 2. the local (non-TE) *block* spec: a local layer spec alone still builds TE's final norm;
 3. provider flags that select fused CUDA kernels are turned off, and the model is fp32;
 4. a handful of ``torch.cuda`` calls that only *decide placement* (``current_device``) or only
-   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents.
+   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents;
+5. the saved ``run_config.yaml`` of a torch_dist checkpoint names the provider's layer-spec
+   callable, here ``harness.cpu_runtime.local_block_spec``; Megatron-Bridge only instantiates
+   allow-listed targets, so that one exact name is added to Megatron's public
+   ``target_allowlist`` (``add_exact``) and removed again on exit.
 
 A redirect may change where a tensor lives; it must never change keys or values. Nothing here is
 applied at import time, and every redirected attribute is restored on exit, exception or not
@@ -95,6 +99,7 @@ class CpuRuntime:
     redirects: dict[str, Callable[..., Any]] = field(default_factory=lambda: dict(CUDA_REDIRECTS))
     _saved: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _missing: set[str] = field(default_factory=set, init=False, repr=False)
+    _allowlisted: list[str] = field(default_factory=list, init=False, repr=False)
 
     backend = "gloo"
     device = torch.device("cpu")
@@ -129,10 +134,23 @@ class CpuRuntime:
             for name in self._missing:
                 if hasattr(torch.cuda, name):
                     delattr(torch.cuda, name)
+            if self._allowlisted:
+                from megatron.training.config.instantiate_utils import target_allowlist
+
+                for target in self._allowlisted:
+                    target_allowlist.remove_exact(target)
         finally:
             self._saved.clear()
             self._missing.clear()
+            self._allowlisted.clear()
             _ACTIVE_LOCK.release()
+
+    def _allow_target(self, target: str) -> None:
+        from megatron.training.config.instantiate_utils import target_allowlist
+
+        if not target_allowlist.is_allowed(target):
+            target_allowlist.add_exact(target)
+            self._allowlisted.append(target)
 
     # -- Megatron setup ------------------------------------------------------------------------
 
@@ -148,6 +166,7 @@ class CpuRuntime:
     def configure_provider(self, provider, *, is_moe: bool) -> None:
         """Make a bridge provider build a CPU-runnable fp32 model with the local spec."""
         provider.transformer_layer_spec = local_block_spec
+        self._allow_target(f"{local_block_spec.__module__}.{local_block_spec.__qualname__}")
         for flags in (CPU_UNSAFE_PROVIDER_FLAGS, CPU_DTYPE_FLAGS, CPU_MOE_FLAGS if is_moe else {}):
             for key, value in flags.items():
                 if hasattr(provider, key):

@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             try:
                 with faults.active(plan.get("faults", [])):
-                    result = runner.run_case(case, runtime)
+                    result = runner.run_case(
+                        case, runtime, workdir=run_dir / "scratch" / report.slug(case_id), lane=plan["lane"]
+                    )
             except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
-                result = runner.error_result(case, exc, started)
+                result = runner.error_result(case, exc, started, lane=plan["lane"])
                 print(result.error, file=sys.stderr, flush=True)
                 if rank == 0 or world == 1:
                     report.write_case_result(run_dir, result)

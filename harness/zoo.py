@@ -42,6 +42,8 @@ class Family:
     config: Mapping[str, Any]
     description: str = ""
     provider: Mapping[str, Any] = field(default_factory=dict)
+    # Named config overrides, addressed as "<family>@<variant>" in case files and IDs.
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Why the family cannot run a given stage on CPU; empty means it can.
     cpu_convert_blocker: str = ""
     cpu_forward_blocker: str = ""
@@ -57,6 +59,28 @@ def register(family: Family) -> Family:
     return family
 
 
+def rope(theta: float) -> dict[str, Any]:
+    """RoPE settings in transformers-5 form. The zoo uses a non-default theta on purpose: a
+    bridge that drops it falls back to Megatron's 10000 and only a non-default value shows it."""
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+# Shared shapes: hidden 64, 4 heads of 16 (GQA 4:2), dense FFN 96, vocab 250 (Megatron pads it
+# to 256 at TP1/TP2: the export must cut the padding off).
+_COMMON = dict(
+    vocab_size=250,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
 register(
     Family(
         name="llama",
@@ -64,23 +88,131 @@ register(
         hf_config_class="LlamaConfig",
         description="dense SwiGLU, GQA, untied embeddings",
         config=dict(
-            vocab_size=250,  # not a multiple of 128: Megatron pads, export must truncate
-            hidden_size=64,
+            _COMMON,
             intermediate_size=96,  # gate/up are [96, 64]: differs from hidden so orientation shows
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,  # GQA: QKV interleaving per group matters
             head_dim=16,
-            max_position_embeddings=128,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
+            rope_parameters=rope(50000.0),
             attention_bias=False,
             mlp_bias=False,
             hidden_act="silu",
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
+        ),
+    )
+)
+
+register(
+    Family(
+        name="qwen2",
+        hf_architecture="Qwen2ForCausalLM",
+        hf_config_class="Qwen2Config",
+        description="QKV bias (interleaved per query group like the weights)",
+        config=dict(_COMMON, intermediate_size=96, rope_parameters=rope(1000000.0), hidden_act="silu"),
+        variants={"tied": {"tie_word_embeddings": True}},
+    )
+)
+
+register(
+    Family(
+        name="qwen3",
+        hf_architecture="Qwen3ForCausalLM",
+        hf_config_class="Qwen3Config",
+        description="per-head q/k RMSNorm, head_dim decoupled from hidden/heads",
+        config=dict(
+            _COMMON, intermediate_size=96, head_dim=24, rope_parameters=rope(1000000.0),
+            attention_bias=False, hidden_act="silu",
+        ),
+    )
+)
+
+register(
+    Family(
+        name="qwen3-moe",
+        hf_architecture="Qwen3MoeForCausalLM",
+        hf_config_class="Qwen3MoeConfig",
+        description="4 experts, top-2 router, q/k norm",
+        config=dict(
+            _COMMON, intermediate_size=96, moe_intermediate_size=40, head_dim=16, num_experts=4,
+            num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            rope_parameters=rope(1000000.0), attention_bias=False, hidden_act="silu",
+        ),
+    )
+)
+
+register(
+    Family(
+        name="deepseek-v3",
+        hf_architecture="DeepseekV3ForCausalLM",
+        hf_config_class="DeepseekV3Config",
+        description="MLA, shared expert, grouped top-k with e_score_correction_bias, first layer dense",
+        config=dict(
+            _COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=40,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            rope_parameters=rope(10000.0 * 5), rope_interleave=True, attention_bias=False, hidden_act="silu",
+        ),
+    )
+)
+
+register(
+    Family(
+        name="qwen3-next",
+        hf_architecture="Qwen3NextForCausalLM",
+        hf_config_class="Qwen3NextConfig",
+        description="Gated DeltaNet + gated full attention (1:1), MoE with shared expert",
+        config=dict(
+            _COMMON, intermediate_size=96, head_dim=16, moe_intermediate_size=40,
+            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_num_key_heads=2, linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+            rope_parameters=dict(rope(1000000.0), partial_rotary_factor=0.25),
+            attention_bias=False, hidden_act="silu",
+        ),
+    )
+)
+
+register(
+    Family(
+        name="gemma2",
+        hf_architecture="Gemma2ForCausalLM",
+        hf_config_class="Gemma2Config",
+        description="GeGLU (gelu-tanh gate), (1 + w) norms, logit soft-capping, sliding window",
+        config=dict(
+            _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
+            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, rope_parameters=rope(10000.0 * 2),
+            attention_bias=False,
+        ),
+    )
+)
+
+register(
+    Family(
+        name="gemma3",
+        hf_architecture="Gemma3ForCausalLM",
+        hf_config_class="Gemma3TextConfig",
+        description="GeGLU, (1 + w) norms incl. q/k norm, local/global RoPE",
+        config=dict(
+            _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], attention_bias=False,
+        ),
+    )
+)
+
+register(
+    Family(
+        name="gpt-oss",
+        hf_architecture="GptOssForCausalLM",
+        hf_config_class="GptOssConfig",
+        description="MoE with expert biases, clamped SwiGLU, attention sinks, sliding window",
+        config=dict(
+            _COMMON, intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=dict(rope(150000.0), rope_type="yarn", factor=2.0, beta_fast=32.0,
+                                 beta_slow=1.0, original_max_position_embeddings=64, truncate=False),
+            attention_bias=True,
         ),
     )
 )
@@ -91,14 +223,33 @@ class ModelSpec:
     """A family plus per-case overrides and a seed: everything that determines the weights."""
 
     family: str
+    variant: str = ""
     overrides: tuple[tuple[str, Any], ...] = ()
     seed: int = DEFAULT_SEED
 
     @property
+    def id(self) -> str:
+        return f"{self.family}@{self.variant}" if self.variant else self.family
+
+    @property
     def hf_config(self) -> dict[str, Any]:
-        cfg = dict(get_family(self.family).config)
+        family = get_family(self.family)
+        cfg = dict(family.config)
+        if self.variant:
+            if self.variant not in family.variants:
+                raise KeyError(f"family {self.family!r} has no variant {self.variant!r} (has: {sorted(family.variants)})")
+            cfg.update(family.variants[self.variant])
         cfg.update(dict(self.overrides))
         return cfg
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``family`` or ``family@variant``."""
+        family, _, variant = text.partition("@")
+        get_family(family)
+        spec = cls(family=family, variant=variant)
+        spec.hf_config  # validates the variant
+        return spec
 
     @property
     def digest(self) -> str:
@@ -114,19 +265,25 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         known = ", ".join(sorted(FAMILIES))
-        raise KeyError(f"unknown model family {name!r} (known: {known})") from None
+        raise KeyError(f"unknown family {name!r} (known: {known})") from None
 
 
 def redraw_parameters(model, seed: int) -> None:
-    """Overwrite every parameter with seeded noise, in a fixed (name-sorted) order."""
+    """Overwrite every saved floating tensor with seeded noise, in a fixed (name-sorted) order.
+
+    "Saved" = the state dict: parameters *and* persistent buffers such as DeepSeek's
+    ``e_score_correction_bias``, which HF initialises to zeros.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            mean = 1.0 if (param.dim() == 1 and "norm" in name) else 0.0
-            noise = torch.empty(param.shape, dtype=torch.float32).normal_(mean, INIT_STD, generator=gen)
-            param.copy_(noise.to(param.dtype))
+        for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+            if not tensor.is_floating_point():
+                continue
+            mean = 1.0 if (tensor.dim() == 1 and "norm" in name) else 0.0
+            noise = torch.empty(tensor.shape, dtype=torch.float32).normal_(mean, INIT_STD, generator=gen)
+            tensor.copy_(noise.to(tensor.dtype))
 
 
 def build(spec: ModelSpec, out_dir: Path) -> Path:

@@ -1,0 +1,169 @@
+"""Conversion routes: what one case *does*, as a short sequence of real Megatron-Bridge calls.
+
+Each route returns the list of checks it ran. All of them are collective (every rank calls the
+same steps); comparisons happen on rank 0 only.
+
+    memory/roundtrip     HF -> Megatron(A) -> HF                               (in memory)
+    torch_dist/roundtrip HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF
+    torch_dist/reshard   HF -> Megatron(A) -> torch_dist -> Megatron(B) -> HF
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from harness import checks, convert, forward, zoo
+from harness.cases import Case
+from harness.checks import CheckResult
+from harness.formats import hf as hf_format
+from harness.layouts import Layout
+
+
+@dataclass
+class Hooks:
+    """Points where a test may inject a fault into a real run (all optional)."""
+
+    after_export: Callable[[convert.Export], None] | None = None
+    before_forward: Callable[[convert.MegatronModel], None] | None = None
+
+
+@dataclass
+class Context:
+    """What a route needs besides the case: the lane's runtime, hooks and a scratch folder."""
+
+    runtime: Any
+    workdir: Path
+    hooks: Hooks = field(default_factory=Hooks)
+
+
+# ------------------------------------------------------------------------------- rank helpers
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def materialize_model(spec: zoo.ModelSpec) -> Path:
+    """Rank 0 builds the tiny checkpoint (once, cached); the others wait for it."""
+    if rank() == 0:
+        zoo.materialize(spec)
+    barrier()
+    return zoo.materialize(spec)  # already built: returns the path
+
+
+def merge_over_ranks(result: CheckResult) -> CheckResult:
+    """Combine a per-rank check (each rank holds its own shard) into one result on rank 0."""
+    if world() == 1:
+        return result
+    gathered: list[CheckResult | None] = [None] * world()
+    dist.all_gather_object(gathered, result)
+    failing = [(r, c) for r, c in enumerate(gathered) if c is not None and not c.passed]
+    if not failing:
+        total = sum(c.metrics.get("params", 0) for c in gathered if c)
+        return CheckResult(result.name, True, f"{total}/{total} Megatron params written by the load (all ranks)",
+                           metrics={"params": total, "unloaded": []})
+    first_rank, first = failing[0]
+    return CheckResult(result.name, False, f"rank {first_rank}: {first.summary}",
+                       metrics={**first.metrics, "failing_ranks": [r for r, _ in failing]})
+
+
+def gather_logits(local: torch.Tensor | None) -> torch.Tensor:
+    """The logits live on the last pipeline stage; bring one copy to every rank."""
+    if world() == 1:
+        assert local is not None, "single rank produced no logits"
+        return local
+    gathered: list[torch.Tensor | None] = [None] * world()
+    dist.all_gather_object(gathered, local)
+    return next(t for t in gathered if t is not None)
+
+
+# ------------------------------------------------------------------------------- shared steps
+
+
+def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, convert.MegatronModel, list[CheckResult]]:
+    """HF -> Megatron at ``layout`` with load coverage checked."""
+    hf_dir = materialize_model(case.model)
+    bridge = convert.open_bridge(hf_dir)
+    model = convert.build_model(bridge, case.family, layout, ctx.runtime, case.model.hf_config)
+    convert.load_hf(model)
+    return hf_dir, model, [merge_over_ranks(convert.check_fully_loaded(model))]
+
+
+def export_and_compare(model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    """Megatron -> HF, then bitwise against the source safetensors (streamed)."""
+    exported = convert.export_hf(model, keep=rank() == 0)
+    if ctx.hooks.after_export:
+        ctx.hooks.after_export(exported)
+    if rank() != 0:
+        return []
+    return [checks.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates)]
+
+
+def logits_vs_hf(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    name = "logits-hf-vs-megatron"
+    blocker = case.family.cpu_forward_blocker if ctx.runtime.backend == "gloo" else ""
+    if blocker:
+        return [CheckResult.skip(name, f"no Megatron forward on CPU: {blocker}")] if rank() == 0 else []
+    if ctx.hooks.before_forward:
+        ctx.hooks.before_forward(model)
+    vocab = case.model.hf_config["vocab_size"]
+    batch = forward.fixed_batch(vocab)
+    logits = gather_logits(forward.megatron_logits(model.chunks, batch, vocab, ctx.runtime.device))
+    if rank() != 0:
+        return []
+    return [checks.logit_parity(forward.hf_logits(hf_dir, batch), logits, name=name)]
+
+
+def shared_dir(ctx: Context, name: str) -> Path:
+    """A scratch folder every rank agrees on (rank 0 creates it fresh)."""
+    path = ctx.workdir / name
+    if rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    barrier()
+    return path
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def memory_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    results += export_and_compare(model, hf_dir, ctx)
+    results += logits_vs_hf(case, model, hf_dir, ctx)
+    return results
+
+
+def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    """Save at the case layout, load at ``load_layout`` (the same one unless resharding)."""
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    ckpt = shared_dir(ctx, "torch_dist")
+    convert.save_torch_dist(model, ckpt)
+    bridge = model.bridge
+    del model
+    loaded = convert.load_torch_dist(bridge, ckpt, case.load_layout or case.layout, ctx.runtime)
+    results += export_and_compare(loaded, hf_dir, ctx)
+    results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    return results
+
+
+ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
+    "memory/roundtrip": memory_roundtrip,
+    "torch_dist/roundtrip": torch_dist_roundtrip,
+    "torch_dist/reshard": torch_dist_roundtrip,
+}
