@@ -64,8 +64,6 @@ class Case:
     layout: Layout
     path: str  # key of PATHS
     sets: frozenset[str]
-    lane: str = "cpu"
-    lane_reason: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
     source: str = ""  # file the case came from, for error messages
     load_layout: Layout | None = None  # reshard target
@@ -103,6 +101,26 @@ class Case:
     def family(self) -> zoo.Family:
         return zoo.get_family(self.model.family)
 
+    @property
+    def cpu_blocker(self) -> str:
+        """Why this case cannot run on the CPU lane at all ('' if it can)."""
+        if self.format == "fsdp_dtensor":
+            return "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
+        return self.family.cpu_convert_blocker
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """Every case runs on the GPU lane; the CPU lane takes those that can build on CPU."""
+        return ("gpu",) if self.cpu_blocker else ("cpu", "gpu")
+
+    def note(self, lane: str) -> str:
+        """What a reader of ``harness list`` should know about running this case on ``lane``."""
+        if lane == "cpu" and self.cpu_blocker:
+            return f"GPU only: {self.cpu_blocker}"
+        if lane == "cpu" and self.family.cpu_forward_blocker:
+            return f"CPU: no logit check ({self.family.cpu_forward_blocker})"
+        return ""
+
 
 @dataclass
 class CaseSet:
@@ -122,7 +140,7 @@ class CaseSet:
         if set_name:
             chosen = [c for c in chosen if set_name in c.sets]
         if lane:
-            chosen = [c for c in chosen if c.lane == lane]
+            chosen = [c for c in chosen if lane in c.lanes]
         if expr:
             chosen = [c for c in chosen if matches(c.id, expr)]
         return chosen
@@ -205,6 +223,13 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
         for layout_text in layouts:
             for path in path_names:
                 layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
+                for each in filter(None, (layout, load_layout)):
+                    problems = each.violations(model.hf_config)
+                    if problems:
+                        raise _field_error(
+                            source, f"{where}.layouts",
+                            f"{model.id} cannot be split as {each.id}: {'; '.join(problems)}",
+                        )
                 cases.append(
                     Case(
                         model=model,

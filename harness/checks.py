@@ -149,6 +149,35 @@ def _preview(keys: list[str], n: int = 3) -> str:
     return shown + (f", +{len(keys) - n} more" if len(keys) > n else "")
 
 
+def tied_embeddings(
+    tied_in_hf: bool,
+    megatron_shares: bool,
+    exported: Mapping[str, torch.Tensor],
+    *,
+    embed_key: str = "model.embed_tokens.weight",
+    head_key: str = "lm_head.weight",
+) -> CheckResult:
+    """The tie itself, not just the tensors: a tied model must stay tied through Megatron and
+    export (HF writes no ``lm_head`` for it), and an untied one must keep its own head."""
+    problems = []
+    if tied_in_hf != megatron_shares:
+        problems.append(
+            f"HF tie_word_embeddings={tied_in_hf} but Megatron share_embeddings_and_output_weights={megatron_shares}"
+        )
+    if tied_in_hf and head_key in exported and embed_key in exported:
+        if not torch.equal(exported[head_key], exported[embed_key]):
+            problems.append(f"tied model exported a {head_key} that differs from {embed_key}")
+    if not tied_in_hf and head_key not in exported:
+        problems.append(f"untied model exported without {head_key}")
+    state = "tied" if tied_in_hf else "untied"
+    return CheckResult(
+        name="tied-embeddings",
+        passed=not problems,
+        summary="; ".join(problems) if problems else f"{state} in HF, Megatron and the export",
+        metrics={"tied_in_hf": tied_in_hf, "megatron_shares": megatron_shares},
+    )
+
+
 # --------------------------------------------------------------------------- logit parity
 
 

@@ -66,7 +66,7 @@ def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str
     print(f"harness: {len(selected)} case(s) -> {run_dir}", file=sys.stderr, flush=True)
     progress = launch.Progress(len(selected))
     options = launch.LaunchOptions(
-        lane=selected[0].lane if selected else "cpu",
+        lane=args.lane,
         cases_dir=Path(args.cases_dir) if args.cases_dir else paths.CASES_DIR,
         faults=list(getattr(args, "inject", None) or []),
     )
@@ -123,8 +123,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for case in selected:
             print(case.id)
         return EXIT_OK
-    rows = [[c.id, c.lane, c.world_size, ",".join(sorted(c.sets)), c.lane_reason] for c in selected]
-    print(tabulate(rows, headers=["case", "lane", "ranks", "sets", "note"], tablefmt="simple"))
+    rows = [[c.id, ",".join(c.lanes), c.world_size, ",".join(sorted(c.sets)), c.note(args.lane or "cpu")] for c in selected]
+    print(tabulate(rows, headers=["case", "lanes", "ranks", "sets", "note"], tablefmt="simple",
+                   maxcolwidths=[None, None, None, None, 70]))
     print(f"\n{len(selected)} case(s)")
     return EXIT_OK
 
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one or more cases by ID")
     p.add_argument("case_ids", nargs="+", metavar="CASE_ID")
     p.add_argument("--label", default=None, help="suffix of the run folder name")
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("--inject", action="append", metavar="FAULT",
                    help="apply a seeded regression from harness.faults (for testing the harness)")
     p.set_defaults(func=cmd_run)

@@ -30,11 +30,22 @@ class MegatronModel:
     chunks: list[torch.nn.Module]
     layout: Layout
 
+    @property
+    def shares_embeddings(self) -> bool:
+        return bool(unwrap(self.chunks[0]).share_embeddings_and_output_weights)
+
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for i, chunk in enumerate(self.chunks):
             prefix = f"chunk{i}." if len(self.chunks) > 1 else ""
             for name, param in chunk.named_parameters():
                 yield prefix + name, param
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip wrapper modules (Float16Module, DDP, FSDP) down to the GPTModel."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
 
 
 def open_bridge(hf_dir: Path):
@@ -53,6 +64,8 @@ def make_provider(bridge, family: Family, layout: Layout, runtime, hf_config: di
     provider = bridge.to_megatron_provider(load_weights=False)
     for key, value in layout.provider_kwargs().items():
         setattr(provider, key, value)
+    # Megatron refuses MoE + TP without sequence parallelism (moe_layer.py raises in forward).
+    provider.sequence_parallel = layout.tp > 1 and is_moe(hf_config)
     for key, value in family.provider.items():
         setattr(provider, key, value)
     runtime.configure_provider(provider, is_moe=is_moe(hf_config))

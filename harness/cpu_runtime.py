@@ -73,12 +73,24 @@ def _noop(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
-# torch.cuda attribute -> CPU replacement. Placement, synchronisation and RNG bookkeeping only.
-CUDA_REDIRECTS: dict[str, Callable[..., Any]] = {
-    "current_device": _cpu_current_device,  # used as `device=` for new tensors
-    "synchronize": _noop,  # async checkpoint writer waits on the GPU
-    "get_rng_state": _cpu_get_rng_state,  # checkpoint save collects RNG state even if unused
+def _tensor_stays_put(self: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return self
+
+
+# (owner, attribute) -> CPU replacement. Placement, synchronisation and RNG bookkeeping only.
+CUDA_REDIRECTS: dict[tuple[Any, str], Callable[..., Any]] = {
+    (torch.cuda, "current_device"): _cpu_current_device,  # used as `device=` for new tensors
+    (torch.cuda, "synchronize"): _noop,  # async checkpoint writer waits on the GPU
+    (torch.cuda, "get_rng_state"): _cpu_get_rng_state,  # checkpoint save collects RNG state even if unused
+    # Tied embeddings with PP > 1: the last stage's copy of the embedding is moved with
+    # `weight.data.cuda()` before the all-reduce that syncs it with the first stage.
+    (torch.Tensor, "cuda"): _tensor_stays_put,
 }
+
+
+def _name(key: tuple[Any, str]) -> str:
+    owner, attribute = key
+    return f"{owner.__module__}.{owner.__name__}.{attribute}" if isinstance(owner, type) else f"{owner.__name__}.{attribute}"
 
 _ACTIVE_LOCK = threading.Lock()
 
@@ -96,29 +108,33 @@ def local_block_spec(config, vp_stage: int | None = None):
 class CpuRuntime:
     """Context manager that makes Megatron run on CPU for one run, then undoes everything."""
 
-    redirects: dict[str, Callable[..., Any]] = field(default_factory=lambda: dict(CUDA_REDIRECTS))
-    _saved: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    _missing: set[str] = field(default_factory=set, init=False, repr=False)
+    redirects: dict[tuple[Any, str], Callable[..., Any]] = field(default_factory=lambda: dict(CUDA_REDIRECTS))
+    _saved: dict[tuple[Any, str], Any] = field(default_factory=dict, init=False, repr=False)
+    _missing: set[tuple[Any, str]] = field(default_factory=set, init=False, repr=False)
     _allowlisted: list[str] = field(default_factory=list, init=False, repr=False)
 
     backend = "gloo"
     device = torch.device("cpu")
 
     @property
-    def touched(self) -> list[str]:
-        """Names of the torch.cuda attributes this runtime replaces while active."""
-        return sorted(self.redirects)
+    def touched(self) -> list[tuple[Any, str]]:
+        """The (owner, attribute) pairs this runtime replaces while active."""
+        return list(self.redirects)
+
+    @property
+    def touched_names(self) -> list[str]:
+        return sorted(_name(key) for key in self.redirects)
 
     def __enter__(self) -> "CpuRuntime":
         if not _ACTIVE_LOCK.acquire(blocking=False):
             raise RuntimeError("CpuRuntime is already active; it is not re-entrant")
         try:
-            for name, replacement in self.redirects.items():
-                if hasattr(torch.cuda, name):
-                    self._saved[name] = getattr(torch.cuda, name)
+            for (owner, attribute), replacement in self.redirects.items():
+                if attribute in vars(owner):
+                    self._saved[(owner, attribute)] = vars(owner)[attribute]
                 else:
-                    self._missing.add(name)
-                setattr(torch.cuda, name, replacement)
+                    self._missing.add((owner, attribute))
+                setattr(owner, attribute, replacement)
         except BaseException:
             self._restore()
             raise
@@ -129,11 +145,11 @@ class CpuRuntime:
 
     def _restore(self) -> None:
         try:
-            for name, original in self._saved.items():
-                setattr(torch.cuda, name, original)
-            for name in self._missing:
-                if hasattr(torch.cuda, name):
-                    delattr(torch.cuda, name)
+            for (owner, attribute), original in self._saved.items():
+                setattr(owner, attribute, original)
+            for owner, attribute in self._missing:
+                if attribute in vars(owner):
+                    delattr(owner, attribute)
             if self._allowlisted:
                 from megatron.training.config.instantiate_utils import target_allowlist
 
@@ -144,6 +160,15 @@ class CpuRuntime:
             self._missing.clear()
             self._allowlisted.clear()
             _ACTIVE_LOCK.release()
+
+    def forward_blocker(self, layout: Layout, moe: bool) -> str:
+        """Why a Megatron forward pass cannot run on CPU at ``layout`` ('' if it can)."""
+        if moe and layout.tp > 1:
+            return (
+                "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py "
+                "raises without it), which the local torch norm does not support"
+            )
+        return ""
 
     def _allow_target(self, target: str) -> None:
         from megatron.training.config.instantiate_utils import target_allowlist
@@ -166,6 +191,8 @@ class CpuRuntime:
     def configure_provider(self, provider, *, is_moe: bool) -> None:
         """Make a bridge provider build a CPU-runnable fp32 model with the local spec."""
         provider.transformer_layer_spec = local_block_spec
+        # The local torch norm rejects sequence parallelism; see forward_blocker for what that costs.
+        provider.sequence_parallel = False
         self._allow_target(f"{local_block_spec.__module__}.{local_block_spec.__qualname__}")
         for flags in (CPU_UNSAFE_PROVIDER_FLAGS, CPU_DTYPE_FLAGS, CPU_MOE_FLAGS if is_moe else {}):
             for key, value in flags.items():

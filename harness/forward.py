@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from harness.convert import unwrap
+
 BATCH_SEED = 4321
 
 
@@ -74,7 +76,7 @@ def megatron_logits(chunks: list[torch.nn.Module], batch: Batch, vocab_size: int
                     hidden_shape = _hidden_shape(chunk, ids)
                 hidden = torch.empty(hidden_shape, dtype=torch.float32, device=device)
                 torch.distributed.recv(hidden, src=_global_rank(pp_group, (pp_rank - 1) % pp_size))
-                _unwrap(chunk).set_input_tensor(hidden)
+                unwrap(chunk).set_input_tensor(hidden)
             out = chunk(input_ids=ids, position_ids=pos, attention_mask=mask)
             if chunk_idx == len(chunks) - 1 and pp_rank == pp_size - 1:
                 logits = out
@@ -88,15 +90,9 @@ def megatron_logits(chunks: list[torch.nn.Module], batch: Batch, vocab_size: int
     return logits[..., :vocab_size].float().cpu()
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _hidden_shape(chunk: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int, int]:
     """Megatron passes [seq, batch, hidden] between stages."""
-    hidden = _unwrap(chunk).config.hidden_size
+    hidden = unwrap(chunk).config.hidden_size
     return (ids.shape[1], ids.shape[0], hidden)
 
 

@@ -45,6 +45,9 @@ class GpuRuntime:
         parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
         model_parallel_cuda_manual_seed(self.seed)
 
+    def forward_blocker(self, layout: Layout, moe: bool) -> str:
+        return ""
+
     def configure_provider(self, provider, *, is_moe: bool) -> None:
         # Upstream defaults (TE spec, fused kernels) on purpose: this lane tests what users run.
         return None

@@ -149,10 +149,10 @@ def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "launcher.log", "ab") as launcher_log:
         proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
-        return _watch(proc, cases, ws, group, run_dir)
+        return _watch(proc, cases, ws, group, run_dir, options.lane)
 
 
-def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_dir: Path) -> list[CaseResult]:
+def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_dir: Path, lane: str) -> list[CaseResult]:
     finished: dict[str, CaseResult] = {}
     launched = time.monotonic()
     by_id = {c.id: c for c in cases}
@@ -171,29 +171,35 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_d
                     finished[case.id] = r
             if len(finished) == len(cases):
                 break
-            culprit = current or next(c.id for c in cases if c.id not in finished)
-            if not finished and current is None:
+            if current is not None:
+                # A rank died (or exited after recording an error) inside this case.
+                if current not in finished:
+                    finished[current] = _failure(
+                        by_id[current], ERROR, _exit_reason(code, run_dir, current), _log_tail(run_dir, group), ws, lane
+                    )
+                break
+            if not finished:
                 # Died before starting anything: every remaining case gets the same error.
                 tail = _log_tail(run_dir, group)
                 for case in cases:
-                    finished[case.id] = _failure(case, ERROR, f"process group exited with code {code} before running any case", tail, ws)
-                break
-            finished[culprit] = _failure(by_id[culprit], ERROR, _exit_reason(code, run_dir, culprit), _log_tail(run_dir, group), ws)
-            break
+                    finished[case.id] = _failure(
+                        case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
+                    )
+            break  # otherwise: some cases finished, none in flight -> relaunch for the rest
         deadline_case = by_id.get(current) if current else None
         if deadline_case is not None and since is not None:
             if time.time() - since > deadline_case.timeout_s:
                 _kill(proc)
                 finished[current] = _failure(
                     deadline_case, TIMEOUT, f"case ran past its {deadline_case.timeout_s:.0f}s timeout; process group killed",
-                    _log_tail(run_dir, group), ws,
+                    _log_tail(run_dir, group), ws, lane,
                 )
                 break
         elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
             _kill(proc)
             tail = _log_tail(run_dir, group)
             for case in cases:
-                finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws)
+                finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane)
             break
         time.sleep(POLL_S)
     if proc.poll() is None:
@@ -202,7 +208,7 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_d
 
 
 def _current_case(run_dir: Path, ws: int, by_id: dict, finished: dict) -> tuple[str | None, float | None]:
-    """The unfinished case some rank has started most recently, and when it started."""
+    """The earliest-started unfinished case (the one the slowest rank is in), and when it began."""
     current, since = None, None
     for rank in range(ws):
         file = run_dir / "progress" / f"rank{rank}.jsonl"
@@ -214,7 +220,7 @@ def _current_case(run_dir: Path, ws: int, by_id: dict, finished: dict) -> tuple[
             except json.JSONDecodeError:
                 continue  # a line being written right now
             if event.get("case") in by_id and event.get("event") == "start" and event["case"] not in finished:
-                if since is None or event["t"] > since:
+                if since is None or event["t"] < since:
                     current, since = event["case"], event["t"]
     return current, since
 
@@ -229,8 +235,8 @@ def _exit_reason(code: int, run_dir: Path, case_id: str) -> str:
     return f"a rank exited with code {code} during the case"
 
 
-def _failure(case: Case, status: str, reason: str, tail: str, ws: int) -> CaseResult:
-    return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=case.lane)
+def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=lane)
 
 
 def _log_tail(run_dir: Path, group: str, lines: int = LOG_TAIL_LINES) -> str:

@@ -89,9 +89,7 @@ class Layout:
 
     def provider_kwargs(self) -> dict[str, Any]:
         """Fields to set on a bridge provider so the model it builds matches this layout."""
-        kwargs = self.megatron_kwargs()
-        kwargs["sequence_parallel"] = False
-        return kwargs
+        return self.megatron_kwargs()
 
     def violations(self, cfg: Mapping[str, Any]) -> list[str]:
         """Rules this layout breaks for an HF config dict (empty list: the layout is valid)."""

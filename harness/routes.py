@@ -104,19 +104,25 @@ def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, convert.M
     return hf_dir, model, [merge_over_ranks(convert.check_fully_loaded(model))]
 
 
-def export_and_compare(model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
-    """Megatron -> HF, then bitwise against the source safetensors (streamed)."""
+def export_and_compare(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    """Megatron -> HF, then bitwise against the source safetensors (streamed), plus the tie."""
     exported = convert.export_hf(model, keep=rank() == 0)
     if ctx.hooks.after_export:
         ctx.hooks.after_export(exported)
     if rank() != 0:
         return []
-    return [checks.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates)]
+    tied = bool(case.model.hf_config.get("tie_word_embeddings", False))
+    return [
+        checks.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates),
+        checks.tied_embeddings(tied, model.shares_embeddings, exported.tensors),
+    ]
 
 
 def logits_vs_hf(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
     name = "logits-hf-vs-megatron"
-    blocker = case.family.cpu_forward_blocker if ctx.runtime.backend == "gloo" else ""
+    blocker = ctx.runtime.forward_blocker(model.layout, convert.is_moe(case.model.hf_config))
+    if ctx.runtime.backend == "gloo" and case.family.cpu_forward_blocker:
+        blocker = case.family.cpu_forward_blocker
     if blocker:
         return [CheckResult.skip(name, f"no Megatron forward on CPU: {blocker}")] if rank() == 0 else []
     if ctx.hooks.before_forward:
@@ -144,7 +150,7 @@ def shared_dir(ctx: Context, name: str) -> Path:
 
 def memory_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     hf_dir, model, results = import_hf(case, ctx, case.layout)
-    results += export_and_compare(model, hf_dir, ctx)
+    results += export_and_compare(case, model, hf_dir, ctx)
     results += logits_vs_hf(case, model, hf_dir, ctx)
     return results
 
@@ -157,7 +163,7 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     bridge = model.bridge
     del model
     loaded = convert.load_torch_dist(bridge, ckpt, case.load_layout or case.layout, ctx.runtime)
-    results += export_and_compare(loaded, hf_dir, ctx)
+    results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
     return results
 

@@ -96,6 +96,8 @@ register(
             mlp_bias=False,
             hidden_act="silu",
         ),
+        # 4 layers: enough for PP2 x VPP2 (one layer per virtual stage) and PP4.
+        variants={"deep": {"num_hidden_layers": 4}},
     )
 )
 
@@ -143,6 +145,9 @@ register(
         hf_architecture="DeepseekV3ForCausalLM",
         hf_config_class="DeepseekV3Config",
         description="MLA, shared expert, grouped top-k with e_score_correction_bias, first layer dense",
+        cpu_convert_blocker=(
+            'MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local DotProductAttention, which rejects it, and TE modules refuse to build without CUDA'
+        ),
         config=dict(
             _COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=40,
             n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
@@ -159,6 +164,9 @@ register(
         hf_architecture="Qwen3NextForCausalLM",
         hf_config_class="Qwen3NextConfig",
         description="Gated DeltaNet + gated full attention (1:1), MoE with shared expert",
+        cpu_convert_blocker=(
+            "the Gated DeltaNet block spec asserts transformer_impl='transformer_engine' (TE modules refuse to build without CUDA) and GDN needs flash-linear-attention's Triton kernels"
+        ),
         config=dict(
             _COMMON, intermediate_size=96, head_dim=16, moe_intermediate_size=40,
             shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
@@ -178,6 +186,9 @@ register(
         hf_architecture="Gemma2ForCausalLM",
         hf_config_class="Gemma2Config",
         description="GeGLU (gelu-tanh gate), (1 + w) norms, logit soft-capping, sliding window",
+        cpu_convert_blocker=(
+            "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, TERowParallelLinearLayerNorm), which refuse to build without CUDA; the local torch norm rejects zero_centered_gamma"
+        ),
         config=dict(
             _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
             hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
@@ -193,6 +204,9 @@ register(
         hf_architecture="Gemma3ForCausalLM",
         hf_config_class="Gemma3TextConfig",
         description="GeGLU, (1 + w) norms incl. q/k norm, local/global RoPE",
+        cpu_convert_blocker=(
+            'zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma and TE modules refuse to build without CUDA'
+        ),
         config=dict(
             _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
             hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
@@ -207,6 +221,9 @@ register(
         hf_architecture="GptOssForCausalLM",
         hf_config_class="GptOssConfig",
         description="MoE with expert biases, clamped SwiGLU, attention sinks, sliding window",
+        cpu_forward_blocker=(
+            "the sliding-window attention mask is allocated with device='cuda' (megatron/core/transformer/utils.py: get_sliding_window_causal_mask)"
+        ),
         config=dict(
             _COMMON, intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=16, layer_types=["sliding_attention", "full_attention"],

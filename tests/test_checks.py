@@ -139,3 +139,38 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
     shifted = ref.clone()
     shifted[..., 0] += 1.0
     assert logit_parity(ref, shifted).metrics["kl"] > 1e-4
+
+
+def test_tied_embeddings_consistent():
+    from harness.checks import tied_embeddings
+
+    e = torch.randn(10, 4)
+    assert tied_embeddings(True, True, {"model.embed_tokens.weight": e}).passed
+    assert tied_embeddings(True, True, {"model.embed_tokens.weight": e, "lm_head.weight": e.clone()}).passed
+    assert tied_embeddings(False, False, {"model.embed_tokens.weight": e, "lm_head.weight": e + 1}).passed
+
+
+@pytest.mark.parametrize(
+    "tied,shares,keys,words",
+    [
+        (True, False, ["model.embed_tokens.weight"], "share_embeddings_and_output_weights=False"),
+        (False, True, ["model.embed_tokens.weight", "lm_head.weight"], "tie_word_embeddings=False"),
+        (False, False, ["model.embed_tokens.weight"], "without lm_head.weight"),
+    ],
+)
+def test_tied_embeddings_broken(tied, shares, keys, words):
+    from harness.checks import tied_embeddings
+
+    exported = {k: torch.randn(10, 4) for k in keys}
+    result = tied_embeddings(tied, shares, exported)
+    assert not result.passed and words in result.summary
+
+
+def test_tied_head_that_differs_fails():
+    from harness.checks import tied_embeddings
+
+    e = torch.randn(10, 4)
+    head = e.clone()
+    head[3, 1] += 1e-3
+    result = tied_embeddings(True, True, {"model.embed_tokens.weight": e, "lm_head.weight": head})
+    assert not result.passed and "differs" in result.summary

@@ -1,4 +1,7 @@
-"""The CPU runtime must leave torch.cuda exactly as it found it, exception or not."""
+"""The CPU runtime must leave torch exactly as it found it, exception or not."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,10 +9,25 @@ import torch
 from harness.cpu_runtime import CUDA_REDIRECTS, CpuRuntime
 
 pytestmark = pytest.mark.cpu
+ABSENT = object()
 
 
-def snapshot(names):
-    return {name: getattr(torch.cuda, name, "<absent>") for name in names}
+def snapshot(keys):
+    """Each touched attribute as its owner's own dict holds it, plus what lookup resolves to."""
+    return {(owner, attr): (vars(owner).get(attr, ABSENT), getattr(owner, attr, ABSENT)) for owner, attr in keys}
+
+
+def assert_same(before, after):
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key][0] is after[key][0], f"{key[1]}: own attribute not restored"
+        assert before[key][1] == after[key][1], f"{key[1]}: resolved attribute not restored"
+
+
+def test_touches_torch_cuda_and_tensor_cuda_only():
+    owners = {owner for owner, _ in CpuRuntime().touched}
+    assert owners == {torch.cuda, torch.Tensor}
+    assert "torch.cuda.current_device" in CpuRuntime().touched_names
 
 
 def test_redirects_are_active_inside_and_restored_after():
@@ -19,11 +37,12 @@ def test_redirects_are_active_inside_and_restored_after():
         assert torch.cuda.current_device() == "cpu"
         torch.cuda.synchronize()  # would raise without CUDA
         assert isinstance(torch.cuda.get_rng_state(), torch.Tensor)
-        for name in runtime.touched:
-            assert getattr(torch.cuda, name) is CUDA_REDIRECTS[name]
-    assert snapshot(runtime.touched) == before
-    for name, original in before.items():
-        assert getattr(torch.cuda, name, "<absent>") is original
+        t = torch.ones(2)
+        assert t.cuda() is t
+        for (owner, attr), replacement in CUDA_REDIRECTS.items():
+            assert getattr(owner, attr) is replacement
+    assert_same(before, snapshot(runtime.touched))
+    assert "cuda" not in vars(torch.Tensor), "the Tensor.cuda override must be removed, not copied"
 
 
 def test_restored_when_the_run_raises():
@@ -33,31 +52,29 @@ def test_restored_when_the_run_raises():
         with runtime:
             assert torch.cuda.current_device() == "cpu"
             1 / 0
-    after = snapshot(runtime.touched)
-    assert after == before
-    assert all(after[n] is before[n] for n in before)
+    assert_same(before, snapshot(runtime.touched))
 
 
-def test_restored_when_entering_fails_halfway(monkeypatch):
+def test_restored_when_entering_fails_halfway():
     """A failure while installing redirects must undo the ones already installed."""
+    key = (torch.cuda, "current_device")
 
     class Boom(dict):
         def items(self):
-            yield "current_device", CUDA_REDIRECTS["current_device"]
+            yield key, CUDA_REDIRECTS[key]
             raise RuntimeError("boom while patching")
 
     runtime = CpuRuntime(redirects=Boom())
-    before = snapshot(["current_device"])
+    before = snapshot([key])
     with pytest.raises(RuntimeError, match="boom"):
         runtime.__enter__()
-    assert snapshot(["current_device"])["current_device"] is before["current_device"]
-    # The runtime is usable again afterwards (its lock was released).
-    with CpuRuntime():
+    assert_same(before, snapshot([key]))
+    with CpuRuntime():  # usable again: its lock was released
         pass
 
 
 def test_attribute_that_did_not_exist_is_removed_again():
-    runtime = CpuRuntime(redirects={"harness_test_only_attr": lambda: None})
+    runtime = CpuRuntime(redirects={(torch.cuda, "harness_test_only_attr"): lambda: None})
     assert not hasattr(torch.cuda, "harness_test_only_attr")
     with runtime:
         assert hasattr(torch.cuda, "harness_test_only_attr")
@@ -71,14 +88,10 @@ def test_not_reentrant():
 
 
 def test_importing_the_module_patches_nothing():
-    import importlib
-    import subprocess
-    import sys
-
     code = (
         "import torch; before = {n: getattr(torch.cuda, n) for n in ('current_device','synchronize','get_rng_state')};"
         "import harness.cpu_runtime;"
-        "assert all(getattr(torch.cuda, n) is f for n, f in before.items())"
+        "assert all(getattr(torch.cuda, n) is f for n, f in before.items());"
+        "assert 'cuda' not in vars(torch.Tensor)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    importlib.import_module("harness.cpu_runtime")

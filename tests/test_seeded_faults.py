@@ -23,7 +23,7 @@ def run(case_set, cpu_runtime, **hooks):
 def test_clean_stack_passes_every_check(case_set, cpu_runtime):
     result = run(case_set, cpu_runtime)
     assert result.status == runner.PASS, [c.summary for c in result.checks]
-    assert [c.name for c in result.checks] == ["load-coverage", "tensors", "logits-hf-vs-megatron"]
+    assert [c.name for c in result.checks] == ["load-coverage", "tensors", "tied-embeddings", "logits-hf-vs-megatron"]
     assert result.check("tensors").metrics["compared"] == 21
 
 
