@@ -44,3 +44,22 @@ def case_set():
     from harness.cases import load_cases
 
     return load_cases()
+
+
+# ----------------------------------------------------------------------------- the case matrix
+
+
+def pytest_generate_tests(metafunc):
+    from harness import pytest_matrix
+
+    if pytest_matrix.PARAM in metafunc.fixturenames:
+        from harness.cases import load_cases
+
+        metafunc.parametrize(pytest_matrix.PARAM, pytest_matrix.params(load_cases()))
+
+
+@pytest.fixture(scope="session")
+def matrix_runner(request):
+    from harness.pytest_matrix import MatrixRunner
+
+    return MatrixRunner(session=request.session)

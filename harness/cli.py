@@ -88,12 +88,14 @@ def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str
     return EXIT_FAIL if bad else EXIT_OK
 
 
-def _check_faults(names: list[str] | None) -> None:
-    from harness.faults import FAULTS
+def _check_faults(specs: list[str] | None) -> None:
+    from harness import faults
 
-    for name in names or []:
-        if name not in FAULTS:
-            raise UsageError(f"unknown fault {name!r} for --inject (known: {', '.join(sorted(FAULTS))})")
+    for spec in specs or []:
+        try:
+            faults.parse(spec)
+        except KeyError as err:
+            raise UsageError(f"--inject: {err.args[0]}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
+    _check_faults(args.inject)
     selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
     if not selected:
         raise UsageError(f"no {args.lane} cases in set {args.set!r} match -k {args.k!r}")
@@ -140,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("case_ids", nargs="+", metavar="CASE_ID")
     p.add_argument("--label", default=None, help="suffix of the run folder name")
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
-    p.add_argument("--inject", action="append", metavar="FAULT",
-                   help="apply a seeded regression from harness.faults (for testing the harness)")
+    p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]",
+                   help="apply a seeded fault from harness.faults (for testing the harness)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("matrix", help="run a case set (the main CPU job)")
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("-k", default=None, metavar="EXPR", help="substring/glob filter on case IDs")
     p.add_argument("--label", default=None)
+    p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("list", help="list cases")

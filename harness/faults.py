@@ -11,7 +11,10 @@ Installed files are never edited.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -49,14 +52,22 @@ def patched(target: str, attribute: str, replacement: Any) -> Iterator[Any]:
         setattr(owner, attribute, original)
 
 
+def parse(spec: str) -> tuple[str, str]:
+    """``NAME`` or ``NAME@CASE_GLOB`` (the fault applies only to matching case IDs)."""
+    name, _, pattern = spec.partition("@")
+    if name not in FAULTS:
+        raise KeyError(f"unknown fault {name!r} (known: {', '.join(sorted(FAULTS))})")
+    return name, pattern or "*"
+
+
 @contextlib.contextmanager
-def active(names: list[str]) -> Iterator[None]:
-    unknown = [n for n in names if n not in FAULTS]
-    if unknown:
-        raise KeyError(f"unknown fault(s) {unknown}; known: {sorted(FAULTS)}")
+def active(specs: list[str], case_id: str = "") -> Iterator[None]:
+    """Apply every fault in ``specs`` whose case pattern matches ``case_id``."""
     with contextlib.ExitStack() as stack:
-        for name in names:
-            stack.enter_context(FAULTS[name].apply())
+        for spec in specs:
+            name, pattern = parse(spec)
+            if fnmatch.fnmatchcase(case_id, pattern):
+                stack.enter_context(FAULTS[name].apply())
         yield
 
 
@@ -76,4 +87,33 @@ def _export_drops_final_norm():
                 yield item
 
     with patched(_BRIDGE, "stream_weights_megatron_to_hf", stream):
+        yield
+
+
+# ------------------------------------------------------------------- faults of the harness itself
+# Not conversion regressions: they make a rank hang or die, to prove the launcher copes.
+
+
+@fault("launcher-hang", "every rank sleeps forever while loading HF weights")
+def _hang():
+    def sleep_forever(*_args, **_kwargs):
+        while True:
+            time.sleep(60)
+
+    with patched("harness.convert", "load_hf", sleep_forever):
+        yield
+
+
+@fault("launcher-crash", "the highest rank dies abruptly (exit 9) while loading HF weights")
+def _crash():
+    from harness import convert
+
+    original = convert.load_hf
+
+    def die_on_last_rank(*args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    with patched("harness.convert", "load_hf", die_on_last_rank):
         yield

@@ -169,6 +169,8 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_d
             for case in cases:
                 if case.id not in finished and (r := report.read_case_result(run_dir, case.id)):
                     finished[case.id] = r
+            if code != 0:
+                _attach_log_tails(finished, code, run_dir, group)
             if len(finished) == len(cases):
                 break
             if current is not None:
@@ -205,6 +207,17 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_d
     if proc.poll() is None:
         _kill(proc)
     return [finished[c.id] for c in cases if c.id in finished]
+
+
+def _attach_log_tails(finished: dict[str, CaseResult], code: int, run_dir: Path, group: str) -> None:
+    """A rank that saw a peer die records only its own side ("connection closed"); the cause is
+    in the other ranks' logs and torchrun's summary, so append them to that error result."""
+    tail = None
+    for result in finished.values():
+        if result.status == ERROR and "--- log tail ---" not in result.error:
+            tail = tail if tail is not None else _log_tail(run_dir, group)
+            result.error += f"\n--- process group exited with code {code}; log tail ---\n{tail}"
+            report.write_case_result(run_dir, result)
 
 
 def _current_case(run_dir: Path, ws: int, by_id: dict, finished: dict) -> tuple[str | None, float | None]:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             _progress(run_dir, rank, case_id, "start")
             started = time.monotonic()
             try:
-                with faults.active(plan.get("faults", [])):
+                with faults.active(plan.get("faults", []), case_id):
                     result = runner.run_case(
                         case, runtime, workdir=run_dir / "scratch" / report.slug(case_id), lane=plan["lane"]
                     )

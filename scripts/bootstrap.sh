@@ -6,8 +6,9 @@
 #
 # Environment:
 #   HARNESS_PYTHON      python3.12 to use (default: python3.12 on PATH, then pyenv's 3.12.*)
-#   HARNESS_WHEELHOUSE  where the locally built Transformer Engine wheel is kept
-#                       (default: ~/.cache/harness/wheels; cache it in CI)
+#   HARNESS_WHEELHOUSE  every wheel of the lock, plus the locally built Transformer Engine wheel
+#                       (default: ~/.cache/harness/wheels; cache this folder in CI: with it a
+#                       fresh .venv needs no network and no TE build)
 #   CUDA_HOME           CUDA toolkit used to build TE's torch extension (default: /usr/local/cuda)
 #
 # Why this is not a plain `pip install -r`: megatron-bridge's declared dependencies include
@@ -21,7 +22,8 @@ VENV="$ROOT/.venv"
 LOCK="$ROOT/requirements/lock.txt"
 TE_VERSION="2.20.2"
 TORCH_VERSION="2.14.1"
-WHEELHOUSE="${HARNESS_WHEELHOUSE:-$HOME/.cache/harness/wheels}/te-${TE_VERSION}-torch${TORCH_VERSION}-cp312"
+WHEELHOUSE="${HARNESS_WHEELHOUSE:-$HOME/.cache/harness/wheels}"
+TE_HOUSE="$WHEELHOUSE/te-${TE_VERSION}-torch${TORCH_VERSION}-cp312"  # built here, keyed by what it links
 STAMP="$VENV/.bootstrap-stamp"
 NEED_GIB=14
 
@@ -49,11 +51,11 @@ find_python() {
 }
 PY="$(find_python)" || die "Python 3.12 not found: install it (e.g. 'pyenv install 3.12') or set HARNESS_PYTHON=/path/to/python3.12"
 
-te_wheel() { ls "$WHEELHOUSE"/transformer_engine_torch-"$TE_VERSION"-*.whl 2>/dev/null | head -n1; }
+te_wheel() { ls "$TE_HOUSE"/transformer_engine_torch-"$TE_VERSION"-*.whl 2>/dev/null | head -n1; }
 
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [[ -z "$(te_wheel)" && ! -x "$CUDA_HOME/bin/nvcc" ]]; then
-  die "building transformer-engine-torch $TE_VERSION needs the CUDA toolkit (no GPU needed): install it and set CUDA_HOME (no nvcc at $CUDA_HOME/bin/nvcc), or put a prebuilt wheel in $WHEELHOUSE"
+  die "building transformer-engine-torch $TE_VERSION needs the CUDA toolkit (no GPU needed): install it and set CUDA_HOME (no nvcc at $CUDA_HOME/bin/nvcc), or put a prebuilt wheel in $TE_HOUSE"
 fi
 
 if [[ ! -d "$VENV" ]]; then
@@ -72,16 +74,19 @@ VPY="$VENV/bin/python"
 pip_q() { "$VPY" -m pip --disable-pip-version-check "$@" >>"$LOG" 2>&1 || { tail -n 30 "$LOG" >&2; die "pip $* failed (full log: $LOG)"; }; }
 
 start=$(date +%s)
+mkdir -p "$WHEELHOUSE"
+say "fetching missing wheels of the lock into $WHEELHOUSE"
+pip_q download --no-deps -d "$WHEELHOUSE" -r "$LOCK"
 say "installing the locked stack ($(grep -c '==' "$LOCK") pinned packages)"
-pip_q install --no-deps -r "$LOCK"
+pip_q install --no-deps --no-index --find-links "$WHEELHOUSE" -r "$LOCK"
 
 if [[ -z "$(te_wheel)" ]]; then
   say "building transformer-engine-torch $TE_VERSION from source (one time, ~10 min on 2 cores)"
   SP="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  mkdir -p "$WHEELHOUSE"
+  mkdir -p "$TE_HOUSE"
   NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE CUDA_HOME="$CUDA_HOME" MAX_JOBS="${MAX_JOBS:-2}" \
   CPATH="$SP/nvidia/nccl/include:$SP/nvidia/cu13/include:$SP/nvidia/cudnn/include${CPATH:+:$CPATH}" \
-    pip_q wheel --no-deps --no-build-isolation -w "$WHEELHOUSE" "transformer-engine-torch==$TE_VERSION"
+    pip_q wheel --no-deps --no-build-isolation --no-cache-dir -w "$TE_HOUSE" "transformer-engine-torch==$TE_VERSION"
 fi
 pip_q install --no-deps "$(te_wheel)"
 pip_q install --no-deps --no-build-isolation -e "$ROOT"

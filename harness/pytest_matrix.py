@@ -1,0 +1,89 @@
+"""The case matrix as pytest tests: one test ID per (lane, case), run in amortised groups.
+
+Collection parametrizes ``matrix_case`` from ``cases/*.yaml`` with marks ``cpu``/``gpu`` (lane)
+and ``slow`` (cases only in the full, nightly set). Running is lazy and grouped: the first test of
+a (lane, world size) group launches *every selected test of that group* in one process group
+(``harness.launch``), so ``-k``/``-m`` selections still pay the import cost once per group. Under
+pytest-xdist, ``xdist_group`` marks keep a group on one worker (``--dist loadgroup``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from harness import launch, report
+from harness.cases import Case, CaseSet, load_cases
+from harness.runner import CaseResult
+
+PARAM = "matrix_case"
+
+
+def params(case_set: CaseSet) -> list:
+    out = []
+    for case in case_set.cases:
+        for lane in case.lanes:
+            marks = [getattr(pytest.mark, lane), pytest.mark.xdist_group(f"{lane}-ws{case.world_size}")]
+            if "default" not in case.sets:
+                marks.append(pytest.mark.slow)
+            out.append(pytest.param((lane, case.id), id=f"{lane}-{case.id}", marks=marks))
+    return out
+
+
+def gpu_skip_reason(world_size: int) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "GPU lane: no CUDA on this machine (torch.cuda.is_available() is False)"
+    have = torch.cuda.device_count()
+    if world_size > have:
+        return f"GPU lane: needs {world_size} GPUs, this machine has {have}"
+    return ""
+
+
+@dataclass
+class MatrixRunner:
+    """Runs selected matrix cases group by group and remembers the results."""
+
+    session: pytest.Session
+    case_set: CaseSet = field(default_factory=load_cases)
+    results: dict[tuple[str, str], CaseResult] = field(default_factory=dict)
+    run_dirs: dict[tuple[str, int], Path] = field(default_factory=dict)
+
+    def selected(self) -> list[tuple[str, str]]:
+        out = []
+        for item in self.session.items:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and PARAM in callspec.params:
+                out.append(callspec.params[PARAM])
+        return out
+
+    def result(self, lane: str, case_id: str) -> CaseResult:
+        key = (lane, case_id)
+        if key not in self.results:
+            case = self.case_set.get(case_id)
+            self._run_group(lane, case.world_size)
+        return self.results[key]
+
+    def _run_group(self, lane: str, world_size: int) -> None:
+        group: list[Case] = []
+        for sel_lane, case_id in self.selected():
+            case = self.case_set.get(case_id)
+            if sel_lane == lane and case.world_size == world_size and (lane, case_id) not in self.results:
+                group.append(case)
+        run_dir = report.new_run_dir(f"pytest-{lane}-ws{world_size}")
+        self.run_dirs[(lane, world_size)] = run_dir
+        results = launch.run_cases(group, run_dir, launch.LaunchOptions(lane=lane))
+        for result in results:
+            self.results[(lane, result.case_id)] = result
+        report.write_run(run_dir, results, {"label": run_dir.name, "lane": lane, "source": "pytest"})
+
+
+def explain(result: CaseResult) -> str:
+    """The failure message pytest shows: the check table plus any error text."""
+    lines = [f"{result.case_id}: {result.status.upper()}", report.check_table(result) if result.checks else ""]
+    if result.error:
+        lines.append(result.error.rstrip())
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,19 @@
+"""Every case of cases/*.yaml, on every lane it supports (``-m cpu``, ``-m gpu``, ``-m slow``)."""
+
+import pytest
+
+from harness.pytest_matrix import explain, gpu_skip_reason
+
+
+def test_case(matrix_case, matrix_runner, record_property):
+    lane, case_id = matrix_case
+    if lane == "gpu":
+        reason = gpu_skip_reason(matrix_runner.case_set.get(case_id).world_size)
+        if reason:
+            pytest.skip(reason)
+    result = matrix_runner.result(lane, case_id)
+    record_property("status", result.status)
+    for check in result.checks:
+        if "max_abs_diff" in check.metrics:
+            record_property(f"{check.name}.max_abs_diff", check.metrics["max_abs_diff"])
+    assert result.status == "pass", explain(result)
