@@ -224,7 +224,7 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
             for path in path_names:
                 layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
                 for each in filter(None, (layout, load_layout)):
-                    problems = each.violations(model.hf_config)
+                    problems = each.violations(model.hf_config, vocab_padded=model.vocab_padded)
                     if problems:
                         raise _field_error(
                             source, f"{where}.layouts",

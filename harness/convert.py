@@ -17,7 +17,7 @@ import torch
 
 from harness.checks import CheckResult
 from harness.layouts import Layout
-from harness.zoo import Family
+from harness.zoo import ModelSpec
 
 SENTINEL = float("nan")
 
@@ -60,23 +60,24 @@ def is_moe(hf_config: dict[str, Any]) -> bool:
     )
 
 
-def make_provider(bridge, family: Family, layout: Layout, runtime, hf_config: dict[str, Any]):
+def make_provider(bridge, spec: ModelSpec, layout: Layout, runtime):
+    hf_config = spec.hf_config
     provider = bridge.to_megatron_provider(load_weights=False)
     for key, value in layout.provider_kwargs().items():
         setattr(provider, key, value)
     # Megatron refuses MoE + TP without sequence parallelism (moe_layer.py raises in forward).
     provider.sequence_parallel = layout.tp > 1 and is_moe(hf_config)
-    for key, value in family.provider.items():
+    for key, value in spec.provider_overrides.items():
         setattr(provider, key, value)
     runtime.configure_provider(provider, is_moe=is_moe(hf_config))
     provider.finalize()
     return provider
 
 
-def build_model(bridge, family: Family, layout: Layout, runtime, hf_config: dict[str, Any]) -> MegatronModel:
+def build_model(bridge, spec: ModelSpec, layout: Layout, runtime) -> MegatronModel:
     """An empty (sentinel-filled) Megatron model at ``layout``; parallel state is (re)initialised."""
     runtime.init_model_parallel(layout)
-    provider = make_provider(bridge, family, layout, runtime, hf_config)
+    provider = make_provider(bridge, spec, layout, runtime)
     chunks = provider.provide_distributed_model(
         wrap_with_ddp=False,
         use_cpu_initialization=runtime.backend == "gloo",

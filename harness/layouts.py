@@ -91,8 +91,12 @@ class Layout:
         """Fields to set on a bridge provider so the model it builds matches this layout."""
         return self.megatron_kwargs()
 
-    def violations(self, cfg: Mapping[str, Any]) -> list[str]:
-        """Rules this layout breaks for an HF config dict (empty list: the layout is valid)."""
+    def violations(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> list[str]:
+        """Rules this layout breaks for an HF config dict (empty list: the layout is valid).
+
+        ``vocab_padded``: the provider pads the vocab to a multiple of 128 x TP; without it (the
+        bridge's default) the embedding rows are split as they are and must divide by TP.
+        """
         problems: list[str] = []
         heads = cfg.get("num_attention_heads")
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -103,6 +107,9 @@ class Layout:
             problems.append(f"attention heads {heads} not divisible by tp{self.tp}")
         if kv_heads is not None and kv_heads % self.tp and self.tp % kv_heads:
             problems.append(f"kv heads {kv_heads} and tp{self.tp}: neither divides the other")
+        vocab = cfg.get("vocab_size")
+        if vocab is not None and not vocab_padded and vocab % self.tp:
+            problems.append(f"vocab {vocab} not divisible by tp{self.tp} (the vocab is not padded)")
         if layers is not None and layers % (self.pp * self.vpp):
             what = f"pp{self.pp}" if self.vpp == 1 else f"pp{self.pp} x vpp{self.vpp}"
             problems.append(f"layers {layers} not divisible by {what}")
@@ -113,7 +120,7 @@ class Layout:
                 problems.append(f"experts {experts} not divisible by ep{self.ep}")
         return problems
 
-    def validate(self, cfg: Mapping[str, Any]) -> None:
-        problems = self.violations(cfg)
+    def validate(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> None:
+        problems = self.violations(cfg, vocab_padded=vocab_padded)
         if problems:
             raise LayoutError(f"invalid layout {self.id}: " + "; ".join(problems))

@@ -99,7 +99,7 @@ def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, convert.M
     """HF -> Megatron at ``layout`` with load coverage checked."""
     hf_dir = materialize_model(case.model)
     bridge = convert.open_bridge(hf_dir)
-    model = convert.build_model(bridge, case.family, layout, ctx.runtime, case.model.hf_config)
+    model = convert.build_model(bridge, case.model, layout, ctx.runtime)
     convert.load_hf(model)
     return hf_dir, model, [merge_over_ranks(convert.check_fully_loaded(model))]
 

@@ -29,6 +29,15 @@ DEFAULT_SEED = 1234
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A named deviation from a family's tiny model: HF config fields and/or Megatron provider
+    fields (e.g. ``should_pad_vocab``, which changes the Megatron layout but not the HF side)."""
+
+    hf: Mapping[str, Any] = field(default_factory=dict)
+    provider: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family the harness knows how to build tiny.
 
@@ -42,8 +51,8 @@ class Family:
     config: Mapping[str, Any]
     description: str = ""
     provider: Mapping[str, Any] = field(default_factory=dict)
-    # Named config overrides, addressed as "<family>@<variant>" in case files and IDs.
-    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Named variants, addressed as "<family>@<variant>" in case files and IDs.
+    variants: Mapping[str, Variant] = field(default_factory=dict)
     # Why the family cannot run a given stage on CPU; empty means it can.
     cpu_convert_blocker: str = ""
     cpu_forward_blocker: str = ""
@@ -96,8 +105,12 @@ register(
             mlp_bias=False,
             hidden_act="silu",
         ),
-        # 4 layers: enough for PP2 x VPP2 (one layer per virtual stage) and PP4.
-        variants={"deep": {"num_hidden_layers": 4}},
+        variants={
+            # 4 layers: enough for PP2 x VPP2 (one layer per virtual stage) and PP4.
+            "deep": Variant(hf={"num_hidden_layers": 4}),
+            # Megatron pads the vocab (250 -> 128 x TP multiple); export must cut the padding off.
+            "padded": Variant(provider={"should_pad_vocab": True}),
+        },
     )
 )
 
@@ -108,7 +121,7 @@ register(
         hf_config_class="Qwen2Config",
         description="QKV bias (interleaved per query group like the weights)",
         config=dict(_COMMON, intermediate_size=96, rope_parameters=rope(1000000.0), hidden_act="silu"),
-        variants={"tied": {"tie_word_embeddings": True}},
+        variants={"tied": Variant(hf={"tie_word_embeddings": True})},
     )
 )
 
@@ -248,16 +261,29 @@ class ModelSpec:
     def id(self) -> str:
         return f"{self.family}@{self.variant}" if self.variant else self.family
 
+    def _variant(self) -> Variant:
+        family = get_family(self.family)
+        if not self.variant:
+            return Variant()
+        if self.variant not in family.variants:
+            raise KeyError(f"family {self.family!r} has no variant {self.variant!r} (has: {sorted(family.variants)})")
+        return family.variants[self.variant]
+
     @property
     def hf_config(self) -> dict[str, Any]:
-        family = get_family(self.family)
-        cfg = dict(family.config)
-        if self.variant:
-            if self.variant not in family.variants:
-                raise KeyError(f"family {self.family!r} has no variant {self.variant!r} (has: {sorted(family.variants)})")
-            cfg.update(family.variants[self.variant])
+        cfg = dict(get_family(self.family).config)
+        cfg.update(self._variant().hf)
         cfg.update(dict(self.overrides))
         return cfg
+
+    @property
+    def provider_overrides(self) -> dict[str, Any]:
+        """Megatron provider fields this model needs on every lane (family, then variant)."""
+        return {**get_family(self.family).provider, **self._variant().provider}
+
+    @property
+    def vocab_padded(self) -> bool:
+        return bool(self.provider_overrides.get("should_pad_vocab", False))
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
@@ -271,6 +297,7 @@ class ModelSpec:
     @property
     def digest(self) -> str:
         blob = json.dumps(
+            # Only what determines the HF files: provider-only variants share a checkpoint.
             {"family": self.family, "config": self.hf_config, "seed": self.seed, "std": INIT_STD},
             sort_keys=True,
         )

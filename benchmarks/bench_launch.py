@@ -1,0 +1,89 @@
+"""Launch amortisation benchmark (issue: the matrix on the CPU lane).
+
+Measures, in one run:
+  1. the default CPU matrix, as `harness matrix` runs it (grouped launches);
+  2. the world-size-1 cases of that set in one launch: amortised seconds per case;
+  3. the same world-size-1 cases the naive way, one `torchrun --nproc_per_node=1` per case
+     (how Megatron-Bridge's functional tests launch each conversion).
+Writes reports/<stamp>-bench-launch/bench.json and prints a table.
+
+    .venv/bin/python benchmarks/bench_launch.py [--naive-limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from tabulate import tabulate
+
+from harness import launch, report
+from harness.cases import load_cases
+
+
+def timed(fn):
+    start = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - start
+
+
+def naive_one(case, run_dir) -> tuple[str, float]:
+    """One torchrun per case, exactly one case in its plan."""
+    group = f"naive-{report.slug(case.id)}"
+    plan = run_dir / "plans" / f"{group}.json"
+    report.atomic_write_json(plan, {
+        "run_dir": str(run_dir), "group": group, "lane": "cpu", "cases": [case.id],
+        "cases_dir": str(launch.paths.CASES_DIR), "faults": [], "collective_timeout_s": case.timeout_s + 60,
+    })
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={launch.free_port()}", "-m", "harness.worker", "--plan", str(plan)]
+    start = time.monotonic()
+    subprocess.run(cmd, check=False, capture_output=True, cwd=launch.paths.REPO_ROOT)
+    elapsed = time.monotonic() - start
+    result = report.read_case_result(run_dir, case.id)
+    return (result.status if result else "missing"), elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--naive-limit", type=int, default=0, help="time only the first N cases the naive way (0 = all)")
+    args = parser.parse_args()
+    cases = load_cases().select(set_name="default", lane="cpu")
+    ws1 = [c for c in cases if c.world_size == 1]
+    run_dir = report.new_run_dir("bench-launch")
+    opts = launch.LaunchOptions(lane="cpu")
+
+    matrix, matrix_s = timed(lambda: launch.run_cases(cases, run_dir / "matrix", opts))
+    grouped, grouped_s = timed(lambda: launch.run_cases(ws1, run_dir / "ws1-grouped", opts))
+    naive_cases = ws1[: args.naive_limit] if args.naive_limit else ws1
+    naive = [naive_one(c, run_dir / "ws1-naive") for c in naive_cases]
+    naive_s = sum(t for _, t in naive)
+
+    per_grouped = grouped_s / len(ws1)
+    per_naive = naive_s / len(naive)
+    doc = {
+        "default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
+                               "passed": sum(r.status == "pass" for r in matrix)},
+        "ws1_grouped": {"cases": len(ws1), "wall_s": round(grouped_s, 1), "per_case_s": round(per_grouped, 2),
+                        "passed": sum(r.status == "pass" for r in grouped)},
+        "ws1_naive_one_torchrun_per_case": {"cases": len(naive), "wall_s": round(naive_s, 1),
+                                            "per_case_s": round(per_naive, 2),
+                                            "passed": sum(s == "pass" for s, _ in naive)},
+        "speedup": round(per_naive / per_grouped, 1),
+    }
+    report.atomic_write_json(run_dir / "bench.json", doc)
+    rows = [
+        ["default CPU matrix (grouped)", len(cases), f"{matrix_s:.1f}", f"{matrix_s / len(cases):.2f}"],
+        ["world size 1, one launch", len(ws1), f"{grouped_s:.1f}", f"{per_grouped:.2f}"],
+        ["world size 1, one torchrun per case", len(naive), f"{naive_s:.1f}", f"{per_naive:.2f}"],
+    ]
+    print(tabulate(rows, headers=["what", "cases", "wall s", "s / case"], tablefmt="simple"))
+    print(f"\namortised speed-up at world size 1: {doc['speedup']}x   ({run_dir / 'bench.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
