@@ -88,3 +88,35 @@ def test_unknown_case_id_names_the_closest(case_set):
 )
 def test_k_expressions(expr, hit):
     assert matches("llama/tp1/memory/roundtrip", expr) is hit
+
+
+@pytest.mark.parametrize(
+    "family,layout,rule",
+    [
+        ("llama", "tp8", "attention heads 4 not divisible by tp8"),
+        ("llama", "tp1-pp4", "layers 2 not divisible by pp4"),
+        ("qwen2", "tp4", "vocab 250 not divisible by tp4"),
+        ("llama", "tp1-ep2", "has no experts"),
+        ("qwen3-moe", "tp1-ep8", "experts 4 not divisible by ep8"),
+    ],
+)
+def test_invalid_layouts_are_refused_up_front_naming_the_rule(tmp_path, family, layout, rule):
+    d = write(tmp_path, f"matrix:\n  - families: [{family}]\n    layouts: [{layout}]\n    paths: [memory/roundtrip]\n")
+    with pytest.raises(CaseFileError) as err:
+        load_cases(d)
+    assert "matrix[0].layouts" in str(err.value) and rule in str(err.value)
+
+
+def test_padded_vocab_lifts_the_vocab_rule(tmp_path):
+    d = write(tmp_path, "matrix:\n  - families: [llama@padded]\n    layouts: [tp4]\n    paths: [memory/roundtrip]\n")
+    assert load_cases(d).ids() == ["llama@padded/tp4/memory/roundtrip"]
+
+
+def test_every_family_has_cases_and_cpu_blocked_ones_say_why(case_set):
+    from harness import zoo
+
+    families = {c.model.family for c in case_set.cases}
+    assert families == set(zoo.FAMILIES), "a family without cases was silently dropped"
+    for case in case_set.cases:
+        if "cpu" not in case.lanes:
+            assert case.cpu_blocker and case.note("cpu").startswith("GPU only: ")
