@@ -133,6 +133,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness import diff as diff_mod
+    from harness.formats.detect import open_checkpoint
+
+    a, b = open_checkpoint(Path(args.a)), open_checkpoint(Path(args.b))
+    started = time.monotonic()
+    result, stats = diff_mod.diff(a, b)
+    elapsed = time.monotonic() - started
+    print(f"A: {a.path} ({a.format})\nB: {b.path} ({b.format})")
+    rows = [[r["key"], r["status"], f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else ""] for r in result.details]
+    rows += [[k, "only in A", ""] for k in result.metrics["only_in_a"]]
+    rows += [[k, "only in B", ""] for k in result.metrics["only_in_b"]]
+    if rows:
+        shown = rows[: args.max_rows]
+        print(tabulate(shown, headers=["key", "problem", "max|d|"], tablefmt="simple"))
+        if len(rows) > len(shown):
+            print(f"... {len(rows) - len(shown)} more (--max-rows)")
+    print(f"{'EQUAL' if result.passed else 'DIFFERENT'}: {result.summary}  "
+          f"[{stats.bytes_compared / 1e6:.0f} MB compared in {elapsed:.1f}s]")
+    if args.json:
+        report.atomic_write_json(Path(args.json), result.to_dict())
+    return EXIT_OK if result.passed else EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -155,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_matrix)
 
+    p = sub.add_parser("diff", help="compare two checkpoints (HF, torch_dist, fsdp_dtensor) tensor by tensor")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
+    p.set_defaults(func=cmd_diff)
+
     p = sub.add_parser("list", help="list cases")
     p.add_argument("-k", default=None, metavar="EXPR")
     p.add_argument("--lane", default=None, choices=cases_mod.LANES)
@@ -167,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from harness.formats.base import InputError
+
     try:
         return args.func(args)
-    except UsageError as err:
+    except (UsageError, InputError) as err:
         if args.debug:
             raise
         print(f"harness: error: {err}", file=sys.stderr)

@@ -1,47 +1,160 @@
-"""Hugging Face safetensors checkpoints (single file or sharded with an index), streamed."""
+"""Hugging Face safetensors checkpoints (one file, or shards with an index), streamed.
+
+The safetensors header is parsed here (8-byte length + JSON) rather than through ``safe_open``
+so that (a) a truncated file or corrupt header is reported as such before any data is read, and
+(b) tensor bytes can be read with ``os.pread`` in bounded chunks: comparing two multi-GB
+checkpoints then costs two small buffers, not two models (mmap would count every touched page
+towards the process RSS).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-import torch
+from harness.formats.base import InputError, TensorSpec
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    spec: TensorSpec
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
 
 
 def shard_files(hf_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint, in a stable order."""
+    if hf_dir.is_file():
+        return [hf_dir]
     index = hf_dir / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [hf_dir / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise InputError(f"{index}: not a valid safetensors index ({err}); re-export the checkpoint") from None
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise InputError(f"{hf_dir}: the index names shards that are missing: {', '.join(missing[:3])}")
+        return files
     single = hf_dir / SINGLE_NAME
     if single.exists():
         return [single]
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{hf_dir}: no *.safetensors files")
+        raise InputError(f"{hf_dir}: no *.safetensors files")
     return files
 
 
-def iter_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, sorted by key within each shard, one at a time."""
-    from safetensors import safe_open
+def read_header(file: Path) -> dict[str, Entry]:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{file}: truncated safetensors file ({size} bytes, no header); re-copy or re-export it")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER or 8 + length > size:
+            raise InputError(f"{file}: corrupt safetensors header (claims {length} bytes, file has {size}); re-copy or re-export it")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{file}: corrupt safetensors header (not JSON); re-copy or re-export it") from None
+    base = 8 + length
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            spec = TensorSpec(tuple(int(d) for d in info["shape"]), dtype)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{file}: corrupt safetensors header entry {key!r}; re-copy or re-export it") from None
+        if base + end > size:
+            raise InputError(
+                f"{file}: truncated safetensors file: {key!r} ends at byte {base + end}, file has {size}; "
+                "re-copy or re-export it"
+            )
+        if end - begin != spec.nbytes:
+            raise InputError(f"{file}: corrupt safetensors header: {key!r} has {end - begin} bytes for {spec}")
+        entries[key] = Entry(spec=spec, file=file, start=base + begin, end=base + end)
+    return entries
 
-    for file in shard_files(hf_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in sorted(handle.keys()):
-                yield key, handle.get_tensor(key)
+
+class HfCheckpoint:
+    format = "hf"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, Entry] = {}
+        for file in shard_files(self.path):
+            for key, entry in read_header(file).items():
+                if key in self._entries:
+                    raise InputError(f"{self.path}: tensor {key!r} appears in two shards")
+                self._entries[key] = entry
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {k: e.spec for k, e in sorted(self._entries.items())}
+
+    def entry(self, key: str) -> Entry:
+        return self._entries[key]
+
+    def chunks(self, key: str, chunk_bytes: int, buffer: bytearray | None = None) -> Iterator[memoryview]:
+        """The tensor's raw bytes in chunks of at most ``chunk_bytes`` (reusing ``buffer``)."""
+        entry = self._entries[key]
+        buf = buffer if buffer is not None and len(buffer) >= chunk_bytes else bytearray(chunk_bytes)
+        view = memoryview(buf)
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            pos = entry.start
+            while pos < entry.end:
+                n = min(chunk_bytes, entry.end - pos)
+                got = os.preadv(fd, [view[:n]], pos)
+                if got != n:
+                    raise InputError(f"{entry.file}: short read at byte {pos}; the file changed or is truncated")
+                yield view[:n]
+                pos += n
+        finally:
+            os.close(fd)
+
+    def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, "object"]]:
+        import torch
+
+        for key in keys:
+            entry = self._entries[key]
+            data = bytearray(entry.end - entry.start)
+            if data:
+                fd = os.open(entry.file, os.O_RDONLY)
+                try:
+                    if os.preadv(fd, [memoryview(data)], entry.start) != len(data):
+                        raise InputError(f"{entry.file}: short read for {key!r}")
+                finally:
+                    os.close(fd)
+            dtype = getattr(torch, entry.spec.dtype)
+            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            yield key, tensor.reshape(entry.spec.shape)
+
+
+def iter_tensors(hf_dir: Path) -> Iterator[tuple[str, "object"]]:
+    """Every tensor of the checkpoint, sorted by key, one at a time."""
+    ckpt = HfCheckpoint(hf_dir)
+    return ckpt.tensors(ckpt.specs())
 
 
 def keys(hf_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
-    out: list[str] = []
-    for file in shard_files(hf_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            out.extend(handle.keys())
-    return sorted(out)
+    return list(HfCheckpoint(hf_dir).specs())
