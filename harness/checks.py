@@ -185,17 +185,19 @@ def tied_embeddings(
 class LogitTolerance:
     """Bounds for fp32 logit parity between two implementations of the same weights.
 
-    Noise floor (measured on this stack, fp32, CPU, tiny zoo models, batch 3x24): HF vs Megatron
-    max |dlogit| ~1e-7 (9e-8 dense, 1.2e-7 MoE), which is a few ulps at the logit magnitude (~1)
-    after a few hundred fp32 accumulations in a different order. We allow 1e-5, ~100x that floor:
-    wide enough that re-ordered accumulation never trips it, yet far below the smallest seeded
-    corruption the tests use (a +1e-3 change to one weight element shifts logits by >=1e-5,
-    see tests/test_checks_seeded.py). KL is reported in nats, mean over tokens; the floor is
-    ~1e-14, and 1e-9 leaves the same two orders of magnitude of margin in squared-diff units.
+    Measured noise floor (this stack, fp32, CPU/gloo, zoo models, batch 3 x 24, 41 forward-pass
+    cases of the full CPU set): max |d logit| is exactly 0 at TP1 dense (same accumulation order
+    as HF), 1.2e-6 for MoE, and up to 2.5e-6 at TP>1 (partial sums reduced across ranks in a
+    different order), i.e. ~10 fp32 ulps at logit magnitude ~2. KL(HF || Megatron) (nats, mean
+    over tokens) stays <= 1.0e-13.
+
+    Tolerances: max |d| <= 1e-5 (4x the worst floor) and KL <= 1e-11 (100x the worst floor).
+    A +1e-3 change to a single weight element moves the logits by ~4e-4 (40x the tolerance) and
+    KL to ~9e-10 (90x), see tests/test_seeded_faults.py.
     """
 
     max_abs: float = 1e-5
-    kl: float = 1e-9
+    kl: float = 1e-11
 
 
 FP32_LOGITS = LogitTolerance()

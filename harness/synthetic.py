@@ -30,7 +30,7 @@ class Conventions:
     model_prefix: str = "model.module."
     optimizer_wrappers: int = 3  # "module." repeated: FSDP adapter -> MegatronFSDP -> Float16Module
     split_swiglu: bool = True
-    expert_offset: int = 0  # subtract from every expert index (a wrong, "local" numbering if > 0)
+    local_experts: int = 0  # > 0: number experts e % local_experts, as one EP rank sees them (wrong)
     with_optimizer: bool = True
 
 
@@ -59,16 +59,18 @@ def fsdp_keys(key: str, tensor: torch.Tensor, conv: Conventions, gdn_sizes=None)
             if name.endswith(s):
                 base, suffix = name[: -len(s)], s
         if m := _EXPERT.match(base):
-            base = f"{m['pre']}.{m['fc']}.{m['kind']}{int(m['e']) - conv.expert_offset}"
+            index = int(m["e"]) % conv.local_experts if conv.local_experts else int(m["e"])
+            base = f"{m['pre']}.{m['fc']}.{m['kind']}{index}"
         out[base + suffix] = t.contiguous()
     return out
 
 
 def write_fsdp_dtensor(path: Path, state: Mapping[str, torch.Tensor], conv: Conventions = Conventions(),
-                       hf_config: Mapping | None = None) -> Path:
+                       hf_config: Mapping | None = None, gdn_sizes: tuple[list[int], list[int]] | None = None) -> Path:
+    """``gdn_sizes`` overrides the in_proj / conv1d split (tests write wrong splits with it)."""
     import torch.distributed.checkpoint as dcp
 
-    gdn = gdn_split_sizes(hf_config) if hf_config and "linear_num_key_heads" in hf_config else None
+    gdn = gdn_sizes or (gdn_split_sizes(hf_config) if hf_config and "linear_num_key_heads" in hf_config else None)
     flat: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         for stored, t in fsdp_keys(key, tensor, conv, gdn).items():

@@ -73,6 +73,7 @@ def test_megatron_weight_perturbed_before_forward(case_set, cpu_runtime):
     assert result.check("tensors").passed
     assert not logits.passed
     assert logits.metrics["max_abs_diff"] > 10 * logits.metrics["tolerance"]["max_abs"]
+    assert logits.metrics["kl"] > 10 * logits.metrics["tolerance"]["kl"]
 
 
 def test_partial_load_is_flagged(case_set, cpu_runtime, monkeypatch):
