@@ -18,7 +18,7 @@ import re
 from collections import defaultdict
 from typing import Any, Mapping
 
-from harness.checks import CheckResult
+from harness.results import CheckResult
 from harness.formats import canonical
 from harness.formats.megatron import FsdpDtensorCheckpoint
 

@@ -32,6 +32,9 @@ PATHS: dict[str, str] = {
     "memory/roundtrip": "HF -> Megatron (in memory, load_hf_weights) -> HF (export_hf_weights)",
     "torch_dist/roundtrip": "HF -> Megatron -> torch_dist (save_megatron_model) -> Megatron (load_megatron_model) -> HF",
     "torch_dist/reshard": "HF -> Megatron at A -> torch_dist -> Megatron at B -> HF",
+    "fsdp_dtensor/roundtrip": "HF -> Megatron-FSDP -> fsdp_dtensor -> Megatron-FSDP (other seed, strict load) -> HF",
+    "fsdp_dtensor/reshard": "HF -> Megatron-FSDP at A -> fsdp_dtensor -> Megatron-FSDP at B (strict load) -> HF",
+    "fsdp_dtensor/from-torch_dist": "HF -> Megatron -> torch_dist -> Megatron -> HF -> Megatron-FSDP -> fsdp_dtensor -> HF",
 }
 SETS = ("default", "full")
 LANES = ("cpu", "gpu")
@@ -106,7 +109,7 @@ class Case:
         """Why this case cannot run on the CPU lane at all ('' if it can)."""
         if self.format == "fsdp_dtensor":
             return "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
-        return self.family.cpu_convert_blocker
+        return self.family.cpu_convert_blocker or self.model.cpu_blocker
 
     @property
     def lanes(self) -> tuple[str, ...]:

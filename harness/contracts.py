@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from harness.checks import CheckResult
+from harness.results import CheckResult
 
 
 class MegatronFSDPStandIn(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from harness.checks import CheckResult
+from harness.results import CheckResult
 from harness.layouts import Layout
 from harness.zoo import ModelSpec
 
@@ -49,9 +49,10 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def open_bridge(hf_dir: Path):
+    """The bridge for a checkpoint, loading its weights in the dtype they are stored in."""
     from megatron.bridge import AutoBridge
 
-    return AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype=torch.float32)
+    return AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype="auto")
 
 
 def is_moe(hf_config: dict[str, Any]) -> bool:
@@ -68,6 +69,8 @@ def make_provider(bridge, spec: ModelSpec, layout: Layout, runtime):
     # Megatron refuses MoE + TP without sequence parallelism (moe_layer.py raises in forward).
     provider.sequence_parallel = layout.tp > 1 and is_moe(hf_config)
     for key, value in spec.provider_overrides.items():
+        if key.endswith("_dtype") and isinstance(value, str):
+            value = getattr(torch, value)  # zoo variants name dtypes as strings
         setattr(provider, key, value)
     runtime.configure_provider(provider, is_moe=is_moe(hf_config))
     provider.finalize()

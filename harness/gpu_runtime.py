@@ -32,6 +32,9 @@ class GpuRuntime:
         if not torch.cuda.is_available():
             raise RuntimeError("the GPU lane needs CUDA, and torch.cuda.is_available() is False")
         torch.cuda.set_device(self.device)
+        # Logit parity is judged in fp32: TF32 matmuls would add ~1e-3 relative noise.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -46,6 +49,8 @@ class GpuRuntime:
         model_parallel_cuda_manual_seed(self.seed)
 
     def forward_blocker(self, layout: Layout, moe: bool) -> str:
+        if layout.cp > 1:
+            return "CP > 1 needs the load-balanced sequence split in the forward pass; logits are checked at CP1"
         return ""
 
     def configure_provider(self, provider, *, is_moe: bool) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 from harness import paths, report
 from harness.cases import Case
-from harness.runner import ERROR, TIMEOUT, CaseResult
+from harness.results import ERROR, TIMEOUT, CaseResult
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5

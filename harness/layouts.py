@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-_ORDER = ("tp", "pp", "vpp", "ep", "etp", "cp")
-_TOKEN = re.compile(r"^(tp|pp|vpp|ep|etp|cp)(\d+)$")
+_ORDER = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp")
+_TOKEN = re.compile(r"^(tp|pp|vpp|ep|etp|cp|dp)(\d+)$")
 
 
 class LayoutError(ValueError):
@@ -29,6 +29,7 @@ class Layout:
     ep: int = 1
     etp: int | None = None  # expert TP; None = same as tp (Megatron's default)
     cp: int = 1
+    dp: int = 1  # data-parallel replicas (Megatron-FSDP shards across them); Megatron infers it
 
     def __post_init__(self) -> None:
         for name in _ORDER:
@@ -75,7 +76,7 @@ class Layout:
     @property
     def world_size(self) -> int:
         """Smallest world both decompositions fit: dense TPxPPxCP and expert ETPxEPxPP ranks."""
-        return math.lcm(self.tp * self.pp * self.cp, self.expert_tp * self.ep * self.pp)
+        return math.lcm(self.tp * self.pp * self.cp, self.expert_tp * self.ep * self.pp) * self.dp
 
     def megatron_kwargs(self) -> dict[str, Any]:
         return dict(

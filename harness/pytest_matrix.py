@@ -16,7 +16,7 @@ import pytest
 
 from harness import launch, report
 from harness.cases import Case, CaseSet, load_cases
-from harness.runner import CaseResult
+from harness.results import CaseResult
 
 PARAM = "matrix_case"
 

@@ -74,7 +74,7 @@ def write_rank_error(run_dir: Path, case_id: str, rank: int, text: str) -> None:
 
 
 def read_case_result(run_dir: Path, case_id: str):
-    from harness.runner import CaseResult
+    from harness.results import CaseResult
 
     file = run_dir / "cases" / f"{slug(case_id)}.json"
     if not file.exists():

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from harness import checks, convert, forward, zoo
 from harness.cases import Case
-from harness.checks import CheckResult
+from harness.results import CheckResult
 from harness.formats import hf as hf_format
 from harness.layouts import Layout
 
@@ -132,7 +132,10 @@ def logits_vs_hf(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Co
     logits = gather_logits(forward.megatron_logits(model.chunks, batch, vocab, ctx.runtime.device))
     if rank() != 0:
         return []
-    return [checks.logit_parity(forward.hf_logits(hf_dir, batch), logits, name=name)]
+    tolerance = checks.logit_tolerance(
+        gpu=ctx.runtime.backend != "gloo", bf16=bool(case.model.provider_overrides.get("bf16"))
+    )
+    return [checks.logit_parity(forward.hf_logits(hf_dir, batch), logits, name=name, tolerance=tolerance)]
 
 
 def shared_dir(ctx: Context, name: str) -> Path:
@@ -168,8 +171,57 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     return results
 
 
+def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[CheckResult]:
+    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP -> HF + logits."""
+    from harness import fsdp_lane
+
+    model = fsdp_lane.build_fsdp_model(bridge, case.model, case.layout, ctx.runtime)
+    convert.fill_sentinel(model)
+    convert.load_hf(model, hf_dir)
+    results = [merge_over_ranks(convert.check_fully_loaded(model))]
+    saved = shared_dir(ctx, "fsdp_dtensor")
+    fsdp_lane.save_fsdp_dtensor(model, saved)
+    bf16 = bool(case.model.provider_overrides.get("bf16"))
+    if rank() == 0:
+        results.append(fsdp_lane.audit_saved(saved, case.model, bf16))
+    del model
+    loaded = fsdp_lane.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime, saved)
+    results.append(merge_over_ranks(convert.check_fully_loaded(loaded)))
+    results[-1].name = "reload-coverage"
+    results += export_and_compare(case, loaded, hf_dir, ctx)
+    results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    return results
+
+
+def fsdp_dtensor_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    hf_dir = materialize_model(case.model)
+    return _fsdp_save_reload(case, ctx, hf_dir, convert.open_bridge(hf_dir))
+
+
+def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
+    """torch_dist first (plain Megatron), then its export goes through the fsdp_dtensor leg."""
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    ckpt = shared_dir(ctx, "torch_dist")
+    convert.save_torch_dist(model, ckpt)
+    bridge = model.bridge
+    del model
+    loaded = convert.load_torch_dist(bridge, ckpt, case.layout, ctx.runtime)
+    via = shared_dir(ctx, "hf_from_torch_dist")
+    bridge.save_hf_pretrained(loaded.chunks, str(via))
+    del loaded
+    results += _fsdp_save_reload(case, ctx, via, bridge)
+    # The checks above compare against `via`; it must itself equal the original HF checkpoint.
+    if rank() == 0:
+        exported = dict(hf_format.iter_tensors(via))
+        results.append(checks.compare_tensors(hf_format.iter_tensors(hf_dir), exported, name="torch_dist-export"))
+    return results
+
+
 ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "memory/roundtrip": memory_roundtrip,
     "torch_dist/roundtrip": torch_dist_roundtrip,
     "torch_dist/reshard": torch_dist_roundtrip,
+    "fsdp_dtensor/roundtrip": fsdp_dtensor_roundtrip,
+    "fsdp_dtensor/reshard": fsdp_dtensor_roundtrip,
+    "fsdp_dtensor/from-torch_dist": fsdp_dtensor_from_torch_dist,
 }

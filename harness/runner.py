@@ -13,52 +13,15 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from harness import routes
 from harness.cases import Case
-from harness.checks import CheckResult
+from harness.results import ERROR, FAIL, PASS, SKIP, TIMEOUT, CaseResult
 from harness.routes import Hooks  # re-exported: tests inject faults through runner.Hooks
 
-PASS, FAIL, ERROR, TIMEOUT, SKIP = "pass", "fail", "error", "timeout", "skip"
-
 __all__ = ["CaseResult", "Hooks", "run_case", "error_result", "PASS", "FAIL", "ERROR", "TIMEOUT", "SKIP"]
-
-
-@dataclass
-class CaseResult:
-    case_id: str
-    status: str
-    checks: list[CheckResult] = field(default_factory=list)
-    duration_s: float = 0.0
-    error: str = ""
-    world_size: int = 1
-    lane: str = "cpu"
-
-    @property
-    def failed_checks(self) -> list[str]:
-        return [c.name for c in self.checks if not c.passed]
-
-    def check(self, name: str) -> CheckResult:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(f"{self.case_id}: no check named {name!r} (have {[c.name for c in self.checks]})")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["checks"] = [c.to_dict() for c in self.checks]
-        out["failed_checks"] = self.failed_checks
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CaseResult":
-        data = dict(data)
-        data.pop("failed_checks", None)
-        data["checks"] = [CheckResult(**c) for c in data.get("checks", [])]
-        return cls(**data)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,15 @@ class Variant:
 
     hf: Mapping[str, Any] = field(default_factory=dict)
     provider: Mapping[str, Any] = field(default_factory=dict)
+    cpu_blocker: str = ""
+
+
+# bf16 end to end: HF weights saved in bf16, Megatron in bf16 (Float16Module where it applies).
+BF16 = Variant(
+    hf={"dtype": "bfloat16"},
+    provider={"bf16": True, "params_dtype": "bfloat16", "pipeline_dtype": "bfloat16"},
+    cpu_blocker="bf16 variants exercise the GPU lane's mixed-precision path; the CPU lane is fp32",
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ register(
             "deep": Variant(hf={"num_hidden_layers": 4}),
             # Megatron pads the vocab (250 -> 128 x TP multiple); export must cut the padding off.
             "padded": Variant(provider={"should_pad_vocab": True}),
+            "bf16": BF16,
         },
     )
 )
@@ -149,6 +159,7 @@ register(
             num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
             rope_parameters=rope(1000000.0), attention_bias=False, hidden_act="silu",
         ),
+        variants={"bf16": BF16},
     )
 )
 
@@ -190,6 +201,7 @@ register(
             rope_parameters=dict(rope(1000000.0), partial_rotary_factor=0.25),
             attention_bias=False, hidden_act="silu",
         ),
+        variants={"bf16": BF16},
     )
 )
 
@@ -282,6 +294,10 @@ class ModelSpec:
         return {**get_family(self.family).provider, **self._variant().provider}
 
     @property
+    def cpu_blocker(self) -> str:
+        return self._variant().cpu_blocker
+
+    @property
     def vocab_padded(self) -> bool:
         return bool(self.provider_overrides.get("should_pad_vocab", False))
 
@@ -338,11 +354,14 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     family = get_family(spec.family)
     config_cls = getattr(transformers, family.hf_config_class)
     model_cls = getattr(transformers, family.hf_architecture)
-    config = config_cls(**spec.hf_config)
+    cfg = dict(spec.hf_config)
+    dtype = getattr(torch, cfg.pop("dtype", "float32"))
+    config = config_cls(**cfg)
     config.architectures = [family.hf_architecture]
     torch.manual_seed(spec.seed)
     model = model_cls(config).to(torch.float32)
-    redraw_parameters(model, spec.seed)
+    redraw_parameters(model, spec.seed)  # drawn in fp32, then cast: bf16 = rounded fp32 draws
+    model = model.to(dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -275,3 +275,21 @@ def _truncated_distcp(tmp, td):
     path = _copy(td, tmp / "iter_0000003")
     truncate(next(path.glob("*.distcp")), 200)
     return path
+
+
+def test_raw_diff_decodes_bf16_and_counts_elements(tmp_path):
+    a = zoo.build(zoo.ModelSpec.parse("llama@bf16"), tmp_path / "a")
+    b = zoo.build(zoo.ModelSpec.parse("llama@bf16"), tmp_path / "b")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(b / "model.safetensors")
+    assert sd["lm_head.weight"].dtype == torch.bfloat16
+    before = sd["lm_head.weight"][5, 6].float().item()
+    sd["lm_head.weight"][5, 6] += 0.25
+    sd["lm_head.weight"][9, 1] += 0.25
+    after = sd["lm_head.weight"][5, 6].float().item()
+    save_file(sd, b / "model.safetensors", metadata={"format": "pt"})
+    result, _ = diff.diff(open_checkpoint(a), open_checkpoint(b))
+    (row,) = result.details
+    assert row["key"] == "lm_head.weight" and row["status"].startswith("values differ in 2/")
+    assert row["max_abs_diff"] >= abs(after - before) - 1e-6

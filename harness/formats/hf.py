@@ -2,14 +2,17 @@
 
 The safetensors header is parsed here (8-byte length + JSON) rather than through ``safe_open``
 so that (a) a truncated file or corrupt header is reported as such before any data is read, and
-(b) tensor bytes can be read with ``os.pread`` in bounded chunks: comparing two multi-GB
-checkpoints then costs two small buffers, not two models (mmap would count every touched page
+(b) tensor bytes can be visited in bounded windows: ``windows()`` maps one window of the file at
+a time (zero-copy from the page cache) and unmaps it before the next, so comparing two multi-GB
+checkpoints holds two windows, not two models (a whole-file mmap would count every touched page
 towards the process RSS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -114,23 +117,30 @@ class HfCheckpoint:
     def entry(self, key: str) -> Entry:
         return self._entries[key]
 
-    def chunks(self, key: str, chunk_bytes: int, buffer: bytearray | None = None) -> Iterator[memoryview]:
-        """The tensor's raw bytes in chunks of at most ``chunk_bytes`` (reusing ``buffer``)."""
+    def windows(self, key: str, window_bytes: int) -> Iterator[memoryview]:
+        """The tensor's raw bytes as consecutive read-only views of at most ``window_bytes``.
+
+        Each view is a fresh mapping that is released and unmapped when the caller asks for the
+        next one: callers must not keep references (e.g. numpy arrays) across iterations.
+        """
         entry = self._entries[key]
-        buf = buffer if buffer is not None and len(buffer) >= chunk_bytes else bytearray(chunk_bytes)
-        view = memoryview(buf)
-        fd = os.open(entry.file, os.O_RDONLY)
-        try:
+        gran = mmap.ALLOCATIONGRANULARITY
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        with open(entry.file, "rb") as fh:
             pos = entry.start
             while pos < entry.end:
-                n = min(chunk_bytes, entry.end - pos)
-                got = os.preadv(fd, [view[:n]], pos)
-                if got != n:
-                    raise InputError(f"{entry.file}: short read at byte {pos}; the file changed or is truncated")
-                yield view[:n]
+                n = min(window_bytes, entry.end - pos)
+                base = pos - pos % gran
+                mapped = mmap.mmap(fh.fileno(), pos - base + n, offset=base, flags=mmap.MAP_SHARED | populate,
+                                   prot=mmap.PROT_READ)
+                view = memoryview(mapped)[pos - base: pos - base + n]
+                try:
+                    yield view
+                finally:
+                    view.release()
+                    with contextlib.suppress(BufferError):  # a caller kept a reference: let GC unmap
+                        mapped.close()
                 pos += n
-        finally:
-            os.close(fd)
 
     def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, "object"]]:
         import torch
