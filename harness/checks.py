@@ -161,6 +161,19 @@ def tied_embeddings(
     )
 
 
+def tensor_digest(tensor: torch.Tensor) -> list[Any]:
+    """``[shape, dtype, sha256]`` of a tensor's bytes: the golden fingerprint of one tensor."""
+    import hashlib
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return [list(tensor.shape), str(tensor.dtype).removeprefix("torch."), hashlib.sha256(data).hexdigest()]
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list[Any]]:
+    return {key: tensor_digest(t) for key, t in sorted(tensors, key=lambda kv: kv[0])}
+
+
 # --------------------------------------------------------------------------- logit parity
 
 

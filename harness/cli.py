@@ -39,8 +39,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_meta(args: argparse.Namespace, label: str) -> dict[str, Any]:
+def source_trees(args: argparse.Namespace) -> list:
+    from harness import sourcetree
+
+    return sourcetree.resolve(getattr(args, "megatron_lm", None), getattr(args, "megatron_bridge", None))
+
+
+def run_meta(args: argparse.Namespace, label: str, trees: list | None = None) -> dict[str, Any]:
     return {
+        "source_trees": [t.to_dict() for t in trees or []],
         "label": label,
         "command": " ".join(sys.argv),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -59,16 +66,21 @@ def _load(args: argparse.Namespace) -> cases_mod.CaseSet:
         raise UsageError(str(err)) from err
 
 
-def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str) -> int:
-    """Run ``selected`` into a new run folder, print the table, return the exit code."""
+def run_selected(selected: list[cases_mod.Case], args: argparse.Namespace, label: str, trees: list | None = None):
+    """Run ``selected`` into a new run folder; returns (run_dir, results, meta)."""
+    trees = source_trees(args) if trees is None else trees
     run_dir = report.new_run_dir(label)
-    meta = run_meta(args, label)
+    meta = run_meta(args, label, trees)
     print(f"harness: {len(selected)} case(s) -> {run_dir}", file=sys.stderr, flush=True)
+    for tree in trees:
+        print(f"harness: using {tree.kind} {tree.path} @ {tree.sha[:12]}{' (dirty)' if tree.dirty else ''}",
+              file=sys.stderr, flush=True)
     progress = launch.Progress(len(selected))
     options = launch.LaunchOptions(
         lane=args.lane,
         cases_dir=Path(args.cases_dir) if args.cases_dir else paths.CASES_DIR,
         faults=list(getattr(args, "inject", None) or []),
+        source_trees=trees,
     )
     if options.faults:
         print(f"harness: INJECTING seeded faults {options.faults}: results do not describe the real stack",
@@ -76,7 +88,14 @@ def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str
     started = time.monotonic()
     results = launch.run_cases(selected, run_dir, options, on_result=progress.update)
     meta["wall_s"] = round(time.monotonic() - started, 2)
-    target = report.write_run(run_dir, results, meta)
+    report.write_run(run_dir, results, meta)
+    return run_dir, results, meta
+
+
+def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str) -> int:
+    """Run ``selected``, print the table, return the exit code."""
+    run_dir, results, meta = run_selected(selected, args, label)
+    target = run_dir / report.RESULTS_NAME
     print(report.table(results))
     if len(results) == 1:
         print()
@@ -98,15 +117,17 @@ def _check_faults(specs: list[str] | None) -> None:
             raise UsageError(f"--inject: {err.args[0]}") from None
 
 
+def _case(args: argparse.Namespace, case_id: str, case_set: cases_mod.CaseSet | None = None) -> cases_mod.Case:
+    try:
+        return (case_set or _load(args)).get(case_id)
+    except cases_mod.UnknownCaseError as err:
+        raise UsageError(str(err)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _check_faults(args.inject)
     case_set = _load(args)
-    selected = []
-    for case_id in args.case_ids:
-        try:
-            selected.append(case_set.get(case_id))
-        except cases_mod.UnknownCaseError as err:
-            raise UsageError(str(err)) from err
+    selected = [_case(args, case_id, case_set) for case_id in args.case_ids]
     return execute(selected, args, args.label or selected[0].id.replace("/", "_"))
 
 
@@ -159,6 +180,134 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_FAIL
 
 
+def cmd_golden(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness import golden
+
+    try:
+        doc, results = report.load_run(args.run)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    chosen = [r for cid, r in results.items() if not args.k or cases_mod.matches(cid, args.k)]
+    if not chosen:
+        raise UsageError(f"run {args.run} has no case matching -k {args.k!r}")
+    rows, bad = [], 0
+    for r in chosen:
+        kind, diffs = golden.changes(r)
+        if args.action == "check":
+            ok = kind == "same"
+            bad += not ok
+            label = "match" if ok else ("NO GOLDEN" if kind == "new" else "MISMATCH")
+            rows.append([label, r.case_id, "; ".join(diffs)[:150]])
+        elif kind != "same":
+            rows.append([kind, r.case_id, "; ".join(diffs)[:150]])
+    print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple") if rows else "no changes")
+    if args.action == "check":
+        print(f"\n{len(chosen) - bad}/{len(chosen)} match golden/ (run {doc['run']})")
+        if bad:
+            print("to accept a change on purpose: harness golden update --run RUN -k EXPR", file=sys.stderr)
+        return EXIT_FAIL if bad else EXIT_OK
+    if args.dry_run:
+        return EXIT_OK
+    provenance = {"run": doc["run"], "versions": doc["meta"].get("versions"),
+                  "source_trees": doc["meta"].get("source_trees", []), "harness": __import__("harness").__version__}
+    for kind, case_id, _ in rows:
+        golden.write(results[case_id], provenance)
+    print(f"\nwrote {len(rows)} golden file(s) under {paths.GOLDEN_DIR}")
+    return EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness import gate
+
+    trees = source_trees(args)
+    if not any(t.kind == "megatron-lm" for t in trees) and not any(t.kind == "megatron-bridge" for t in trees):
+        raise UsageError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
+    selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
+    if not selected:
+        raise UsageError(f"no {args.lane} cases in set {args.set!r} match -k {args.k!r}")
+    baseline = None
+    if args.baseline:
+        baseline = _baseline(args, selected, trees)
+    sha = trees[0].sha[:12]
+    run_dir, results, meta = run_selected(selected, args, args.label or f"gate-{sha}", trees)
+    verdicts = gate.judge_all(results, baseline)
+    by_case = {v.case_id: v.verdict for v in verdicts}
+    summary = report.summary_markdown(results, meta, run_dir.name, verdicts=by_case)
+    report.atomic_write_text(run_dir / "summary.md", summary)
+    rows = [[v.verdict, v.case_id, "; ".join(v.reasons)[:110]] for v in verdicts]
+    order = {gate.REGRESSED: 0, gate.STILL_FAILING: 1, gate.FIXED: 2, gate.PASS: 3}
+    print(tabulate(sorted(rows, key=lambda r: (order[r[0]], r[1])), headers=["verdict", "case", "why"], tablefmt="simple"))
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in order}
+    print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()) + f"; PR comment: {run_dir / 'summary.md'}")
+    return EXIT_FAIL if counts[gate.REGRESSED] else EXIT_OK
+
+
+def _baseline(args: argparse.Namespace, selected, trees) -> dict:
+    """A finished run (path, name or 'latest'), or a git ref of the candidate Megatron-LM repo."""
+    from harness import gate, sourcetree
+
+    try:
+        return report.load_run(args.baseline)[1]
+    except FileNotFoundError:
+        pass
+    repo = next((t for t in trees if t.kind == "megatron-lm"), None)
+    if repo is None:
+        raise UsageError(f"--baseline {args.baseline}: no such run, and no --megatron-lm repo to resolve it as a git ref")
+    with gate.worktree(Path(repo.path), args.baseline) as tree:
+        base_trees = [sourcetree.validate("megatron-lm", tree)] + [t for t in trees if t.kind != "megatron-lm"]
+        _, results, _ = run_selected(selected, args, f"baseline-{args.baseline}", base_trees)
+    return {r.case_id: r for r in results}
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from harness import bisect, sourcetree
+
+    tree = sourcetree.validate("megatron-lm", args.megatron_lm)
+    _case(args, args.case)
+    log = report.new_run_dir(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
+    extra = ["--cases-dir", args.cases_dir] if args.cases_dir else []
+    print(f"harness: bisecting {args.case} in a worktree of {tree.path} ({args.good[:12]}..{args.bad[:12]})", file=sys.stderr)
+    outcome = bisect.run_bisect(Path(tree.path), args.good, args.bad, args.case, args.lane, log, extra)
+    if outcome.first_bad is None:
+        print(outcome.transcript[-3000:])
+        print("harness: bisect did not name a first bad commit (see the transcript above)", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"first bad commit: {outcome.subject} ({outcome.first_bad})")
+    print(f"failing check:    {outcome.failing}")
+    print(f"steps log:        {log}")
+    return EXIT_OK
+
+
+def cmd_bisect_step(args: argparse.Namespace) -> int:
+    """One `git bisect run` step: 0 good, 1 bad, 125 skip (see harness.bisect)."""
+    import json
+
+    from harness import bisect, sourcetree
+
+    tree = sourcetree.validate("megatron-lm", args.megatron_lm)
+    case = _case(args, args.case)
+    _, results, _ = run_selected([case], args, f"bisect-step-{tree.sha[:12]}", [tree])
+    result = results[0]
+    code = bisect.step_exit_code(result.status, result.error)
+    first = next((c for c in result.checks if not c.passed), None)
+    failing = f"{first.name}: {first.summary}" if first else (result.error.strip().splitlines() or [""])[0]
+    with open(args.log, "a") as fh:
+        fh.write(json.dumps({"sha": tree.sha, "status": result.status, "exit": code, "failing": failing}) + "\n")
+    print(f"bisect-step {tree.sha[:12]}: {result.status} -> exit {code} {failing}")
+    return code
+
+
+def _add_trees(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--megatron-lm", default=None, metavar="PATH",
+                   help="Megatron-LM source tree to test instead of the installed megatron-core (env HARNESS_MEGATRON_LM)")
+    p.add_argument("--megatron-bridge", default=None, metavar="PATH",
+                   help="Megatron-Bridge source tree (env HARNESS_MEGATRON_BRIDGE)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -171,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]",
                    help="apply a seeded fault from harness.faults (for testing the harness)")
+    _add_trees(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("matrix", help="run a case set (the main CPU job)")
@@ -179,7 +329,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default=None, metavar="EXPR", help="substring/glob filter on case IDs")
     p.add_argument("--label", default=None)
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]", help=argparse.SUPPRESS)
+    _add_trees(p)
     p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("golden", help="compare a run with golden/ expectations, or update them explicitly")
+    p.add_argument("action", choices=["check", "update"])
+    p.add_argument("--run", default="latest", help="run folder, its name under reports/, or 'latest'")
+    p.add_argument("-k", default=None, metavar="EXPR")
+    p.add_argument("--dry-run", action="store_true", help="update: only print what would change")
+    p.set_defaults(func=cmd_golden)
+
+    p = sub.add_parser("gate", help="run the matrix against a candidate tree; verdicts vs golden/ and a baseline")
+    _add_trees(p)
+    p.add_argument("--baseline", default=None, metavar="RUN_OR_REF", help="a finished run, or a git ref of --megatron-lm")
+    p.add_argument("--set", default="default", choices=cases_mod.SETS)
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
+    p.add_argument("-k", default=None, metavar="EXPR")
+    p.add_argument("--label", default=None)
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("bisect", help="find the first Megatron-LM commit that breaks a case (git bisect run)")
+    p.add_argument("--megatron-lm", required=True, metavar="PATH")
+    p.add_argument("--good", required=True, metavar="SHA")
+    p.add_argument("--bad", required=True, metavar="SHA")
+    p.add_argument("--case", required=True, metavar="ID")
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
+    p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("bisect-step", help="(internal) one `git bisect run` step: exit 0 good, 1 bad, 125 skip")
+    p.add_argument("--megatron-lm", required=True)
+    p.add_argument("--case", required=True)
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
+    p.add_argument("--log", required=True, type=Path)
+    p.set_defaults(func=cmd_bisect_step)
 
     p = sub.add_parser("diff", help="compare two checkpoints (HF, torch_dist, fsdp_dtensor) tensor by tensor")
     p.add_argument("a", metavar="A")
@@ -203,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.formats.base import InputError
 
     try:
+        if getattr(args, "lane", None) is None:
+            args.lane = "cpu"
         return args.func(args)
     except (UsageError, InputError) as err:
         if args.debug:

@@ -39,6 +39,7 @@ class LaunchOptions:
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
     faults: list[str] = field(default_factory=list)  # seeded regressions (harness.faults), tests only
+    source_trees: list = field(default_factory=list)  # harness.sourcetree.SourceTree, ahead of the wheels
     cases_dir: Path = paths.CASES_DIR
 
 
@@ -104,17 +105,15 @@ def _run_group(cases, ws, run_dir, options, on_result) -> list[CaseResult]:
     while pending:
         attempt += 1
         group = f"ws{ws}-{attempt}"
-        finished = _launch_once(pending, ws, group, run_dir, options)
-        for result in finished:
-            results.append(result)
-            if on_result:
-                on_result(result)
+        finished = _launch_once(pending, ws, group, run_dir, options, on_result)
+        results.extend(finished)
         done_ids = {r.case_id for r in finished}
         pending = [c for c in pending if c.id not in done_ids]
     return results
 
 
-def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options: LaunchOptions) -> list[CaseResult]:
+def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options: LaunchOptions,
+                 on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     plan_file = run_dir / "plans" / f"{group}.json"
     report.atomic_write_json(
         plan_file,
@@ -125,6 +124,7 @@ def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options:
             "cases": [c.id for c in cases],
             "cases_dir": str(options.cases_dir),
             "faults": list(options.faults),
+            "source_trees": [t.to_dict() for t in options.source_trees],
             # Gloo/NCCL collectives give up a little after the longest case would be killed.
             "collective_timeout_s": max(c.timeout_s for c in cases) + 60,
         },
@@ -142,18 +142,35 @@ def _launch_once(cases: list[Case], ws: int, group: str, run_dir: Path, options:
     env = dict(os.environ)
     env.update(options.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env.get("PYTHONPATH", "")]))
+    from harness.sourcetree import pythonpath
+
+    env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env.get("PYTHONPATH", "")])))
     if ws == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     log_dir = run_dir / "logs" / group
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "launcher.log", "ab") as launcher_log:
         proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
-        return _watch(proc, cases, ws, group, run_dir, options.lane)
+        return _watch(proc, cases, ws, group, run_dir, options.lane, on_result)
 
 
-def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_dir: Path, lane: str) -> list[CaseResult]:
-    finished: dict[str, CaseResult] = {}
+class _Finished(dict):
+    """Results by case ID; reports each one (progress line) the moment it is first recorded."""
+
+    def __init__(self, on_result):
+        super().__init__()
+        self.on_result = on_result
+
+    def __setitem__(self, key, value):
+        first = key not in self
+        super().__setitem__(key, value)
+        if first and self.on_result:
+            self.on_result(value)
+
+
+def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run_dir: Path, lane: str,
+           on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    finished: dict[str, CaseResult] = _Finished(on_result)
     launched = time.monotonic()
     by_id = {c.id: c for c in cases}
     while True:

@@ -37,6 +37,8 @@ class CaseResult:
     error: str = ""
     world_size: int = 1
     lane: str = "cpu"
+    # format -> {key: [shape, dtype, sha256 of the bytes]}, plus "logits" -> metrics; for golden/
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed_checks(self) -> list[str]:

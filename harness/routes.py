@@ -35,11 +35,13 @@ class Hooks:
 
 @dataclass
 class Context:
-    """What a route needs besides the case: the lane's runtime, hooks and a scratch folder."""
+    """What a route needs besides the case: the lane's runtime, hooks and a scratch folder.
+    Routes fill ``fingerprint`` (rank 0) with what golden/ pins: per-format tensor digests."""
 
     runtime: Any
     workdir: Path
     hooks: Hooks = field(default_factory=Hooks)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------- rank helpers
@@ -112,6 +114,7 @@ def export_and_compare(case: Case, model: convert.MegatronModel, hf_dir: Path, c
     if rank() != 0:
         return []
     tied = bool(case.model.hf_config.get("tie_word_embeddings", False))
+    ctx.fingerprint["hf-export"] = checks.fingerprint(exported.tensors.items())
     return [
         checks.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates),
         checks.tied_embeddings(tied, model.shares_embeddings, exported.tensors),
@@ -135,7 +138,20 @@ def logits_vs_hf(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Co
     tolerance = checks.logit_tolerance(
         gpu=ctx.runtime.backend != "gloo", bf16=bool(case.model.provider_overrides.get("bf16"))
     )
-    return [checks.logit_parity(forward.hf_logits(hf_dir, batch), logits, name=name, tolerance=tolerance)]
+    result = checks.logit_parity(forward.hf_logits(hf_dir, batch), logits, name=name, tolerance=tolerance)
+    ctx.fingerprint["logits"] = result.metrics
+    return [result]
+
+
+def fingerprint_saved(ctx: Context, fmt: str, folder: Path) -> None:
+    """Digest every canonical tensor of a checkpoint this case wrote (rank 0, streamed)."""
+    if rank() != 0:
+        return
+    from harness.formats import dcp
+    from harness.formats.detect import open_checkpoint
+
+    ckpt = open_checkpoint(dcp.newest_complete_iter(folder) or folder)
+    ctx.fingerprint[fmt] = checks.fingerprint(ckpt.tensors(list(ckpt.specs())))
 
 
 def shared_dir(ctx: Context, name: str) -> Path:
@@ -165,6 +181,7 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     convert.save_torch_dist(model, ckpt)
     bridge = model.bridge
     del model
+    fingerprint_saved(ctx, "torch_dist", ckpt)
     loaded = convert.load_torch_dist(bridge, ckpt, case.load_layout or case.layout, ctx.runtime)
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
@@ -181,6 +198,7 @@ def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[Ch
     results = [merge_over_ranks(convert.check_fully_loaded(model))]
     saved = shared_dir(ctx, "fsdp_dtensor")
     fsdp_lane.save_fsdp_dtensor(model, saved)
+    fingerprint_saved(ctx, "fsdp_dtensor", saved)
     bf16 = bool(case.model.provider_overrides.get("bf16"))
     if rank() == 0:
         results.append(fsdp_lane.audit_saved(saved, case.model, bf16))

@@ -60,6 +60,7 @@ def run_case(case: Case, runtime, hooks: Hooks | None = None, workdir: Path | No
         duration_s=round(time.monotonic() - start, 3),
         world_size=routes.world(),
         lane=lane or ("cpu" if runtime.backend == "gloo" else "gpu"),
+        fingerprint=ctx.fingerprint,
     )
 
 

@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only here, after the log redirect, so their warnings land in the rank log.
     import torch.distributed as dist
 
-    from harness import faults, report, runner
+    from harness import faults, report, runner, sourcetree
     from harness.cases import load_cases
+
+    trees = plan.get("source_trees", [])
+    imported = sourcetree.verify_imports(trees)  # raises (-> every case errors) on a wrong import
+    if rank == 0:
+        report.write_provenance(run_dir, plan["group"], imported)
 
     runtime = _make_runtime(plan["lane"])
     dist.init_process_group(backend=runtime.backend, timeout=timedelta(seconds=float(plan["collective_timeout_s"])))

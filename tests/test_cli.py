@@ -22,7 +22,7 @@ def harness(*args, tmp_path, check=False):
 
 
 def only_run_dir(tmp_path):
-    runs = [p for p in (tmp_path / "reports").iterdir() if p.is_dir()]
+    runs = [p for p in (tmp_path / "reports").iterdir() if p.is_dir() and not p.is_symlink()]
     assert len(runs) == 1
     return runs[0]
 
@@ -51,7 +51,7 @@ def test_run_passes_prints_a_table_and_writes_result_json(tmp_path):
     r = harness("run", CASE, tmp_path=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and CASE in r.stdout and "tensors" in r.stdout
-    doc = json.loads((only_run_dir(tmp_path) / "result.json").read_text())
+    doc = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
     assert doc["schema_version"] == 1 and doc["counts"] == {"pass": 1}
     (case,) = doc["cases"]
     assert case["case_id"] == CASE and case["status"] == "pass"
@@ -64,7 +64,7 @@ def test_run_with_a_seeded_fault_exits_1_and_names_the_check(tmp_path):
     r = harness("run", CASE, "--inject", "export-drops-final-norm", tmp_path=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout and "model.norm.weight" in r.stdout
-    doc = json.loads((only_run_dir(tmp_path) / "result.json").read_text())
+    doc = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
     assert doc["meta"]["injected_faults"] == ["export-drops-final-norm"]
     assert doc["cases"][0]["failed_checks"] == ["tensors"]
 

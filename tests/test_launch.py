@@ -40,7 +40,7 @@ def run_matrix(tmp_path, fault):
         capture_output=True, text=True, env=env, cwd=paths.REPO_ROOT, timeout=600,
     )
     elapsed = time.monotonic() - start
-    run_dir = next((tmp_path / "reports").iterdir())
+    run_dir = next(p for p in (tmp_path / "reports").iterdir() if not p.is_symlink())
     doc = json.loads((run_dir / "result.json").read_text())
     return r, {c["case_id"]: c for c in doc["cases"]}, elapsed, run_dir
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from harness import golden
 from harness.pytest_matrix import explain, gpu_skip_reason
 
 
@@ -17,3 +18,7 @@ def test_case(matrix_case, matrix_runner, record_property):
         if "max_abs_diff" in check.metrics:
             record_property(f"{check.name}.max_abs_diff", check.metrics["max_abs_diff"])
     assert result.status == "pass", explain(result)
+    entry = golden.load(lane, case_id)
+    if entry is not None:  # the outcome is right; it must also be the same bytes as golden/ pins
+        differences = golden.compare(entry.doc, result)
+        assert not differences, f"{case_id} differs from {entry.path}: " + "; ".join(differences)
