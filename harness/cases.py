@@ -35,6 +35,7 @@ PATHS: dict[str, str] = {
     "fsdp_dtensor/roundtrip": "HF -> Megatron-FSDP -> fsdp_dtensor -> Megatron-FSDP (other seed, strict load) -> HF",
     "fsdp_dtensor/reshard": "HF -> Megatron-FSDP at A -> fsdp_dtensor -> Megatron-FSDP at B (strict load) -> HF",
     "fsdp_dtensor/from-torch_dist": "HF -> Megatron -> torch_dist -> Megatron -> HF -> Megatron-FSDP -> fsdp_dtensor -> HF",
+    "fsdp_dtensor/key-contract": "the imported SwiGLU/GDN fsdp_dtensor handlers resolve every key to its own parameter (CPU)",
 }
 SETS = ("default", "full")
 LANES = ("cpu", "gpu")
@@ -70,6 +71,7 @@ class Case:
     timeout_s: float = DEFAULT_TIMEOUT_S
     source: str = ""  # file the case came from, for error messages
     load_layout: Layout | None = None  # reshard target
+    tag: str = ""  # "+<tag>" suffix: a variant of the case, e.g. with a seeded fault (selftest)
 
     @property
     def model_id(self) -> str:
@@ -83,7 +85,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.model_id}/{self.layout_id}/{self.path}"
+        base = f"{self.model_id}/{self.layout_id}/{self.path}"
+        return f"{base}+{self.tag}" if self.tag else base
 
     @property
     def format(self) -> str:
@@ -92,6 +95,11 @@ class Case:
     @property
     def kind(self) -> str:
         return self.path.split("/")[1]
+
+    def tagged(self, tag: str) -> "Case":
+        from dataclasses import replace
+
+        return replace(self, tag=tag)
 
     @property
     def world_size(self) -> int:
@@ -107,6 +115,8 @@ class Case:
     @property
     def cpu_blocker(self) -> str:
         """Why this case cannot run on the CPU lane at all ('' if it can)."""
+        if self.kind == "key-contract":
+            return ""  # key resolution only; DTensor construction is stubbed (harness.contracts)
         if self.format == "fsdp_dtensor":
             return "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
         return self.family.cpu_convert_blocker or self.model.cpu_blocker
@@ -133,9 +143,10 @@ class CaseSet:
         return [c.id for c in self.cases]
 
     def get(self, case_id: str) -> Case:
+        base, _, tag = case_id.partition("+")
         for case in self.cases:
-            if case.id == case_id:
-                return case
+            if case.id == base:
+                return case.tagged(tag) if tag else case
         raise UnknownCaseError(case_id, self.ids())
 
     def select(self, *, expr: str | None = None, lane: str | None = None, set_name: str | None = None) -> list[Case]:

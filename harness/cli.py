@@ -301,6 +301,34 @@ def cmd_bisect_step(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import json
+
+    from harness import selftest
+
+    if args.lane == "gpu":
+        from harness.pytest_matrix import gpu_skip_reason
+
+        reason = gpu_skip_reason(1)
+        if reason:
+            print(f"harness selftest: {reason}; nothing run", file=sys.stderr)
+            return EXIT_OK
+    case_set = _load(args)
+    only = args.only or None
+    selected, specs = selftest.plan(case_set, args.lane, only)
+    args.inject = specs
+    run_dir, results, _ = run_selected(selected, args, args.label or f"selftest-{args.lane}")
+    rows, clean_bad = selftest.evaluate({r.case_id: r for r in results}, args.lane, only)
+    report.atomic_write_json(run_dir / "selftest.json", selftest.document(rows, clean_bad, args.lane))
+    report.atomic_write_text(run_dir / "selftest.md", selftest.markdown(rows, clean_bad, args.lane))
+    print(selftest.table(rows))
+    missed = [r.regression for r in rows if r.detected != "yes"]
+    detected = len(rows) - len(missed)
+    print(f"\n{detected}/{len(rows)} regressions detected; {len(clean_bad)} false positive(s) on the clean stack"
+          f"{': ' + ', '.join(clean_bad) if clean_bad else ''}; report: {run_dir / 'selftest.md'}")
+    return EXIT_FAIL if missed or clean_bad else EXIT_OK
+
+
 def _add_trees(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megatron-lm", default=None, metavar="PATH",
                    help="Megatron-LM source tree to test instead of the installed megatron-core (env HARNESS_MEGATRON_LM)")
@@ -355,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", required=True, metavar="ID")
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("selftest", help="seed realistic regressions into the real stack; report what the checks catch")
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
+    p.add_argument("--only", action="append", metavar="FAULT", help="run only these regressions")
+    p.add_argument("--label", default=None)
+    _add_trees(p)
+    p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser("bisect-step", help="(internal) one `git bisect run` step: exit 0 good, 1 bad, 125 skip")
     p.add_argument("--megatron-lm", required=True)

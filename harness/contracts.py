@@ -265,3 +265,19 @@ class GdnModelShape(nn.Module):
             layer = nn.Module()
             layer.self_attention = GatedDeltaNetShape(**gdn)
             self.decoder.layers.append(layer)
+
+
+def gdn_stack_from_config(cfg) -> Stack:
+    """The bf16 save-path stack around a GDN-shaped model sized from an HF config."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.module import Float16Module
+
+    model = GdnModelShape(
+        layers=2, hidden=cfg["hidden_size"], qk_heads=cfg["linear_num_key_heads"],
+        qk_head_dim=cfg["linear_key_head_dim"], v_heads=cfg["linear_num_value_heads"],
+        v_head_dim=cfg["linear_value_head_dim"], kernel=cfg.get("linear_conv_kernel_dim", 4),
+    )
+    config = SimpleNamespace(bf16=True, fp16=False, virtual_pipeline_model_parallel_size=None)
+    fsdp = MegatronFSDPStandIn(Float16Module(config, model))
+    return Stack("bf16", fsdp, FsdpAdapterStandIn(fsdp))

@@ -223,6 +223,8 @@ def key_numbers(result) -> str:
         m = check.metrics
         if check.name == "tensors" and "compared" in m:
             bits.append(f"{m['compared'] - m['mismatched']}/{m['compared']} equal")
+        elif check.name.endswith("key-contract") and "model_keys" in m:
+            bits.append(f"{check.name.removesuffix('-key-contract')} {m['model_keys']}+{m['optimizer_keys']} keys")
         elif check.name.startswith("logits") and "max_abs_diff" in m:
             bits.append(f"{check.name.removeprefix('logits-')} max|d|={m['max_abs_diff']:.1e}")
     return ", ".join(bits)

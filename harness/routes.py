@@ -235,6 +235,28 @@ def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     return results
 
 
+def fsdp_key_contract(case: Case, ctx: Context) -> list[CheckResult]:
+    """The wrapped-key contract (harness.contracts) for this family's fsdp_dtensor handlers."""
+    import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
+
+    from harness import contracts
+
+    cfg = case.model.hf_config
+    blocker = case.family.cpu_convert_blocker if ctx.runtime.backend == "gloo" else ""
+    results = []
+    if cfg.get("hidden_act", cfg.get("hidden_activation", "silu")) == "silu" and not blocker:
+        hf_dir = materialize_model(case.model)
+        model = convert.build_model(convert.open_bridge(hf_dir), case.model, case.layout, ctx.runtime)
+        stack = contracts.save_path_stack(model.chunks[0], bf16=True)
+        results.append(contracts.check_handler(handlers.handle_swiglu_in_state_dict, stack, name="swiglu-key-contract"))
+    elif blocker:
+        results.append(CheckResult.skip("swiglu-key-contract", f"the model cannot be built on CPU: {blocker}"))
+    if "linear_num_key_heads" in cfg:
+        stack = contracts.gdn_stack_from_config(cfg)
+        results.append(contracts.check_handler(handlers.handle_gdn_in_state_dict, stack, name="gdn-key-contract"))
+    return results if rank() == 0 else []
+
+
 ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "memory/roundtrip": memory_roundtrip,
     "torch_dist/roundtrip": torch_dist_roundtrip,
@@ -242,4 +264,5 @@ ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "fsdp_dtensor/roundtrip": fsdp_dtensor_roundtrip,
     "fsdp_dtensor/reshard": fsdp_dtensor_roundtrip,
     "fsdp_dtensor/from-torch_dist": fsdp_dtensor_from_torch_dist,
+    "fsdp_dtensor/key-contract": fsdp_key_contract,
 }
