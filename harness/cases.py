@@ -8,10 +8,13 @@ Schema of one file (unknown keys are errors that name the file and the field)::
 
     description: free text
     matrix:
-      - families: [llama, qwen2]          # zoo family names
+      - families: [llama, qwen2]          # zoo family names, or family@variant (zoo variants)
+        variants:                         # optional: named per-case overrides of the tiny config;
+          mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
         paths: [memory/roundtrip, torch_dist/roundtrip]
         sets: [default]                   # default (CI; implies full) or full (nightly only)
+        expect: invalid                   # optional: the layouts must be refused (shown, not run)
         timeout_s: 300                    # optional, per case
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -41,7 +45,8 @@ SETS = ("default", "full")
 LANES = ("cpu", "gpu")
 DEFAULT_TIMEOUT_S = 300.0
 
-_ENTRY_FIELDS = {"families", "layouts", "paths", "sets", "timeout_s"}
+_VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_ENTRY_FIELDS = {"families", "variants", "layouts", "paths", "sets", "timeout_s", "expect"}
 _FILE_FIELDS = {"description", "matrix"}
 
 
@@ -72,6 +77,7 @@ class Case:
     source: str = ""  # file the case came from, for error messages
     load_layout: Layout | None = None  # reshard target
     tag: str = ""  # "+<tag>" suffix: a variant of the case, e.g. with a seeded fault (selftest)
+    invalid_reason: str = ""  # declared `expect: invalid`: the rule the layout breaks; never run
 
     @property
     def model_id(self) -> str:
@@ -128,6 +134,8 @@ class Case:
 
     def note(self, lane: str) -> str:
         """What a reader of ``harness list`` should know about running this case on ``lane``."""
+        if self.invalid_reason:
+            return f"invalid (expected, not run): {self.invalid_reason}"
         if lane == "cpu" and self.cpu_blocker:
             return f"GPU only: {self.cpu_blocker}"
         if lane == "cpu" and self.family.cpu_forward_blocker:
@@ -218,6 +226,11 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
             models.append(zoo.ModelSpec.parse(str(name)))
         except KeyError as err:
             raise _field_error(source, f"{where}.families", str(err).strip('"')) from None
+    if "variants" in entry:
+        models = _with_variants(models, entry["variants"], source, f"{where}.variants")
+    expect = entry.get("expect")
+    if expect not in (None, "invalid"):
+        raise _field_error(source, f"{where}.expect", f"unknown value {expect!r} (the only one is 'invalid')")
     path_names = _as_list(entry["paths"], source, f"{where}.paths")
     for p in path_names:
         if p not in PATHS:
@@ -237,13 +250,16 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
         for layout_text in layouts:
             for path in path_names:
                 layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
-                for each in filter(None, (layout, load_layout)):
-                    problems = each.violations(model.hf_config, vocab_padded=model.vocab_padded)
-                    if problems:
-                        raise _field_error(
-                            source, f"{where}.layouts",
-                            f"{model.id} cannot be split as {each.id}: {'; '.join(problems)}",
-                        )
+                problems = [
+                    f"{model.id} cannot be split as {each.id}: {'; '.join(p)}"
+                    for each in filter(None, (layout, load_layout))
+                    if (p := each.violations(model.hf_config, vocab_padded=model.vocab_padded))
+                ]
+                if problems and expect != "invalid":
+                    raise _field_error(source, f"{where}.layouts", problems[0])
+                if expect == "invalid" and not problems:
+                    raise _field_error(source, f"{where}.expect",
+                                       f"{model.id} at {layout_text} is valid, but the entry expects it to be refused")
                 cases.append(
                     Case(
                         model=model,
@@ -253,9 +269,33 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                         sets=set_names,
                         timeout_s=float(timeout),
                         source=source,
+                        invalid_reason="; ".join(problems),
                     )
                 )
     return cases
+
+
+def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, where: str) -> list[zoo.ModelSpec]:
+    """family x named override sets -> ModelSpecs ``family@name``, each validated against the
+    family's HF config class (an unknown field or a rejected value names file and field)."""
+    if not isinstance(variants, dict) or not variants:
+        raise _field_error(source, where, "expected a mapping of variant name -> {field: value}")
+    out = []
+    for model in models:
+        if model.variant:
+            raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
+        for name, overrides in variants.items():
+            if not isinstance(overrides, dict) or not _VARIANT_NAME.match(str(name)):
+                raise _field_error(source, f"{where}.{name}", "expected a name [a-z0-9_-]+ mapping to {field: value}")
+            if str(name) in zoo.get_family(model.family).variants:
+                raise _field_error(source, f"{where}.{name}", f"clashes with the zoo variant {model.family}@{name}")
+            spec = zoo.ModelSpec(family=model.family, variant=str(name), overrides=tuple(sorted(overrides.items())))
+            try:
+                zoo.validate_overrides(spec)
+            except ValueError as err:
+                raise _field_error(source, f"{where}.{name}", str(err)) from None
+            out.append(spec)
+    return out
 
 
 def load_file(path: Path) -> list[Case]:

@@ -102,7 +102,9 @@ def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str
         print(report.check_table(results[0]))
         if results[0].error:
             print(results[0].error.rstrip())
-    bad = [r for r in results if r.status not in ("pass", "skip")]
+    from harness.results import OK_STATUSES
+
+    bad = [r for r in results if r.status not in OK_STATUSES]
     print(f"\n{len(results) - len(bad)}/{len(results)} passed in {meta['wall_s']:.1f}s; report: {target}")
     return EXIT_FAIL if bad else EXIT_OK
 

@@ -50,9 +50,12 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def open_bridge(hf_dir: Path):
     """The bridge for a checkpoint, loading its weights in the dtype they are stored in."""
+    import json
+
     from megatron.bridge import AutoBridge
 
-    return AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype="auto")
+    stored = json.loads((Path(hf_dir) / "config.json").read_text()).get("dtype") or "float32"
+    return AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype=getattr(torch, stored))
 
 
 def is_moe(hf_config: dict[str, Any]) -> bool:

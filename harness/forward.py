@@ -98,3 +98,30 @@ def _hidden_shape(chunk: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int, 
 
 def _global_rank(group, group_rank: int) -> int:
     return torch.distributed.get_global_rank(group, group_rank)
+
+
+NEW_TOKENS = 8
+
+
+def greedy_tokens(model_dir: Path, prompts: tuple[str, ...], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    """Greedy-decode ``new_tokens`` after each prompt, loading model *and tokenizer* from disk.
+
+    Uses AutoTokenizer, as a deployment would: the family's tokenizer class reads the files.
+    The prompt's own ids lead each returned sequence, so a tokenizer that encodes the prompt
+    differently shows up as a difference too.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", attn_implementation="eager")
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=None)
+            if ids.shape[1] == 0:
+                raise ValueError(f"{model_dir}: the tokenizer encodes {prompt!r} to no tokens")
+            out.append(gen[0].tolist())
+    return out

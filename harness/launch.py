@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 from harness import paths, report
 from harness.cases import Case
-from harness.results import ERROR, TIMEOUT, CaseResult
+from harness.results import ERROR, INVALID, TIMEOUT, CaseResult
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
@@ -90,9 +90,16 @@ def run_cases(
     options: LaunchOptions,
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Run every case; returns results in the order given."""
+    """Run every case; returns results in the order given. Declared-invalid cases are not run:
+    their result says which layout rule they break."""
     by_id: dict[str, CaseResult] = {}
-    for ws, group in group_by_world_size(cases).items():
+    for case in cases:
+        if case.invalid_reason:
+            by_id[case.id] = CaseResult(case_id=case.id, status=INVALID, error=case.invalid_reason, lane=options.lane)
+            if on_result:
+                on_result(by_id[case.id])
+    runnable = [c for c in cases if not c.invalid_reason]
+    for ws, group in group_by_world_size(runnable).items():
         for result in _run_group(group, ws, run_dir, options, on_result):
             by_id[result.case_id] = result
     return [by_id[c.id] for c in cases]

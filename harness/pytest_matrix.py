@@ -71,7 +71,8 @@ class MatrixRunner:
         group: list[Case] = []
         for sel_lane, case_id in self.selected():
             case = self.case_set.get(case_id)
-            if sel_lane == lane and case.world_size == world_size and (lane, case_id) not in self.results:
+            if (sel_lane == lane and case.world_size == world_size and not case.invalid_reason
+                    and (lane, case_id) not in self.results):
                 group.append(case)
         run_dir = report.new_run_dir(f"pytest-{lane}-ws{world_size}")
         self.run_dirs[(lane, world_size)] = run_dir

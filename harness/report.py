@@ -239,7 +239,7 @@ def table(results: Iterable) -> str:
         failing = ""
         if first_bad is not None:
             failing = f"{first_bad.name}: {first_bad.summary}"
-        elif r.status in ("error", "timeout"):
+        elif r.status in ("error", "timeout", "invalid"):
             failing = (r.error.strip().splitlines() or [""])[-1]
         rows.append([r.status.upper(), r.case_id, _clip(failing, 90), key_numbers(r), f"{r.duration_s:.1f}s"])
     return tabulate(rows, headers=["status", "case", "failing check", "key numbers", "time"], tablefmt="simple")

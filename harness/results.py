@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PASS, FAIL, ERROR, TIMEOUT, SKIP = "pass", "fail", "error", "timeout", "skip"
+INVALID = "invalid"  # a layout the case file declares impossible: refused up front, never run
+OK_STATUSES = (PASS, SKIP, INVALID)
 
 
 @dataclass

@@ -31,6 +31,7 @@ class Hooks:
 
     after_export: Callable[[convert.Export], None] | None = None
     before_forward: Callable[[convert.MegatronModel], None] | None = None
+    after_hf_save: Callable[[Path], None] | None = None  # the exported HF folder, before reloading
 
 
 @dataclass
@@ -154,6 +155,22 @@ def fingerprint_saved(ctx: Context, fmt: str, folder: Path) -> None:
     ctx.fingerprint[fmt] = checks.fingerprint(ckpt.tensors(list(ckpt.specs())))
 
 
+def generation_vs_original(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    """save_hf_pretrained to disk, reload it with from_pretrained (config.json + tokenizer too),
+    greedy-decode, compare with the original checkpoint's tokens."""
+    out = shared_dir(ctx, "hf_export")
+    model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
+    barrier()
+    if rank() != 0:
+        return []
+    if ctx.hooks.after_hf_save:
+        ctx.hooks.after_hf_save(out)
+    from harness.tokenizer import PROMPTS
+
+    prompts = PROMPTS[case.family.tokenizer]
+    return [checks.generation_parity(forward.greedy_tokens(hf_dir, prompts), forward.greedy_tokens(out, prompts))]
+
+
 def shared_dir(ctx: Context, name: str) -> Path:
     """A scratch folder every rank agrees on (rank 0 creates it fresh)."""
     path = ctx.workdir / name
@@ -171,6 +188,7 @@ def memory_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     hf_dir, model, results = import_hf(case, ctx, case.layout)
     results += export_and_compare(case, model, hf_dir, ctx)
     results += logits_vs_hf(case, model, hf_dir, ctx)
+    results += generation_vs_original(case, model, hf_dir, ctx)
     return results
 
 
@@ -185,6 +203,7 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     loaded = convert.load_torch_dist(bridge, ckpt, case.load_layout or case.layout, ctx.runtime)
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    results += generation_vs_original(case, loaded, hf_dir, ctx)
     return results
 
 

@@ -62,6 +62,7 @@ class Family:
     provider: Mapping[str, Any] = field(default_factory=dict)
     # Named variants, addressed as "<family>@<variant>" in case files and IDs.
     variants: Mapping[str, Variant] = field(default_factory=dict)
+    tokenizer: str = "wordlevel"  # harness.tokenizer.KINDS: the kind the family's tokenizer class reads
     # Why the family cannot run a given stage on CPU; empty means it can.
     cpu_convert_blocker: str = ""
     cpu_forward_blocker: str = ""
@@ -127,6 +128,7 @@ register(
 register(
     Family(
         name="qwen2",
+        tokenizer="bytelevel-bpe",
         hf_architecture="Qwen2ForCausalLM",
         hf_config_class="Qwen2Config",
         description="QKV bias (interleaved per query group like the weights)",
@@ -138,6 +140,7 @@ register(
 register(
     Family(
         name="qwen3",
+        tokenizer="bytelevel-bpe",
         hf_architecture="Qwen3ForCausalLM",
         hf_config_class="Qwen3Config",
         description="per-head q/k RMSNorm, head_dim decoupled from hidden/heads",
@@ -151,6 +154,7 @@ register(
 register(
     Family(
         name="qwen3-moe",
+        tokenizer="bytelevel-bpe",
         hf_architecture="Qwen3MoeForCausalLM",
         hf_config_class="Qwen3MoeConfig",
         description="4 experts, top-2 router, q/k norm",
@@ -185,6 +189,7 @@ register(
 register(
     Family(
         name="qwen3-next",
+        tokenizer="bytelevel-bpe",
         hf_architecture="Qwen3NextForCausalLM",
         hf_config_class="Qwen3NextConfig",
         description="Gated DeltaNet + gated full attention (1:1), MoE with shared expert",
@@ -275,8 +280,8 @@ class ModelSpec:
 
     def _variant(self) -> Variant:
         family = get_family(self.family)
-        if not self.variant:
-            return Variant()
+        if not self.variant or (self.overrides and self.variant not in family.variants):
+            return Variant()  # plain family, or a case-file variant (its fields are `overrides`)
         if self.variant not in family.variants:
             raise KeyError(f"family {self.family!r} has no variant {self.variant!r} (has: {sorted(family.variants)})")
         return family.variants[self.variant]
@@ -314,7 +319,8 @@ class ModelSpec:
     def digest(self) -> str:
         blob = json.dumps(
             # Only what determines the HF files: provider-only variants share a checkpoint.
-            {"family": self.family, "config": self.hf_config, "seed": self.seed, "std": INIT_STD},
+            {"family": self.family, "config": self.hf_config, "seed": self.seed, "std": INIT_STD,
+             "tokenizer": get_family(self.family).tokenizer},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -326,6 +332,40 @@ def get_family(name: str) -> Family:
     except KeyError:
         known = ", ".join(sorted(FAMILIES))
         raise KeyError(f"unknown family {name!r} (known: {known})") from None
+
+
+# Shape relations a family's tiny config must keep (HF config classes do not check all of them).
+def validate_overrides(spec: ModelSpec) -> None:
+    """Raise ValueError naming the field, for an unknown field or a value the family rejects."""
+    import inspect
+
+    import transformers
+
+    family = get_family(spec.family)
+    config_cls = getattr(transformers, family.hf_config_class)
+    known = set(inspect.signature(config_cls.__init__).parameters) | set(family.config)
+    for key, _ in spec.overrides:
+        if key not in known:
+            raise ValueError(f"{key}: not a field of {family.hf_config_class}")
+    cfg = dict(spec.hf_config)
+    cfg.pop("dtype", None)
+    for key, value in spec.overrides:
+        if key.endswith(("_size", "_heads", "_layers", "head_dim", "num_experts", "_per_tok")) and (
+            not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{key}: {value!r} must be a positive integer")
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ValueError(f"num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    if experts and cfg.get("num_experts_per_tok", 1) > experts:
+        raise ValueError(f"num_experts_per_tok: {cfg['num_experts_per_tok']} exceeds the {experts} experts")
+    if cfg.get("vocab_size", 5) <= 4:
+        raise ValueError(f"vocab_size: {cfg['vocab_size']} leaves no room for ordinary tokens")
+    try:
+        config_cls(**cfg)
+    except Exception as err:  # noqa: BLE001 - whatever the config class rejects
+        raise ValueError(f"{family.hf_config_class} rejects it: {err}") from None
 
 
 def redraw_parameters(model, seed: int) -> None:
@@ -365,7 +405,7 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
-    save_tokenizer(out_dir, vocab_size=config.vocab_size)
+    save_tokenizer(out_dir, vocab_size=config.vocab_size, kind=family.tokenizer)
     return out_dir
 
 

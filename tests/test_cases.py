@@ -120,3 +120,73 @@ def test_every_family_has_cases_and_cpu_blocked_ones_say_why(case_set):
     for case in case_set.cases:
         if "cpu" not in case.lanes:
             assert case.cpu_blocker and case.note("cpu").startswith("GPU only: ")
+
+
+VARIANT_ENTRY = """matrix:
+  - families: [llama]
+    variants:
+{variants}
+    layouts: [tp1]
+    paths: [memory/roundtrip]
+"""
+
+
+def test_case_file_variants_become_stable_readable_ids(tmp_path):
+    d = write(tmp_path, VARIANT_ENTRY.format(variants="      mqa: {num_key_value_heads: 1}\n      sq: {intermediate_size: 64}"))
+    cases = load_cases(d)
+    assert cases.ids() == ["llama@mqa/tp1/memory/roundtrip", "llama@sq/tp1/memory/roundtrip"]
+    mqa = cases.get("llama@mqa/tp1/memory/roundtrip")
+    assert mqa.model.hf_config["num_key_value_heads"] == 1
+    assert mqa.model.digest != cases.get("llama@sq/tp1/memory/roundtrip").model.digest
+
+
+@pytest.mark.parametrize(
+    "variants,field,words",
+    [
+        ("      x: {hiden_size: 96}", "matrix[0].variants.x", "hiden_size: not a field of LlamaConfig"),
+        ("      x: {num_key_value_heads: 3}", "matrix[0].variants.x", "does not divide num_attention_heads 4"),
+        ("      x: {intermediate_size: -8}", "matrix[0].variants.x", "must be a positive integer"),
+        ("      deep: {num_hidden_layers: 4}", "matrix[0].variants.deep", "clashes with the zoo variant"),
+        ("      Bad Name: {num_hidden_layers: 4}", "matrix[0].variants.Bad Name", "expected a name"),
+    ],
+)
+def test_bad_overrides_name_file_and_field(tmp_path, variants, field, words):
+    d = write(tmp_path, VARIANT_ENTRY.format(variants=variants), name="sweep.yaml")
+    with pytest.raises(CaseFileError) as err:
+        load_cases(d)
+    assert "sweep.yaml" in str(err.value) and field in str(err.value) and words in str(err.value)
+
+
+def test_expected_invalid_layouts_are_kept_with_their_rule_and_never_run(tmp_path, case_set):
+    d = write(tmp_path, "matrix:\n  - families: [llama]\n    layouts: [tp1-pp4]\n    paths: [memory/roundtrip]\n    expect: invalid\n")
+    (case,) = load_cases(d).cases
+    assert "layers 2 not divisible by pp4" in case.invalid_reason
+    (tmp_path / "b").mkdir()
+    d2 = write(tmp_path / "b", "matrix:\n  - families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip]\n    expect: invalid\n")
+    with pytest.raises(CaseFileError, match="is valid, but the entry expects it to be refused"):
+        load_cases(d2)
+    sweep = [c for c in case_set.cases if c.invalid_reason]
+    assert sweep and all("not divisible by pp" in c.invalid_reason for c in sweep)
+
+
+def test_invalid_cases_are_reported_not_launched(tmp_path):
+    from harness import launch
+    from harness.cases import load_cases as load
+
+    d = write(tmp_path, "matrix:\n  - families: [llama]\n    layouts: [tp1-pp4]\n    paths: [memory/roundtrip]\n    expect: invalid\n")
+    results = launch.run_cases(load(d).cases, tmp_path / "run", launch.LaunchOptions(cases_dir=d))
+    assert [r.status for r in results] == ["invalid"] and "pp4" in results[0].error
+    assert not (tmp_path / "run" / "logs").exists(), "nothing should have been launched"
+
+
+def test_the_sweep_covers_the_shape_classes(case_set):
+    cfgs = {c.model.id: c.model.hf_config for c in case_set.cases}
+    assert any(c["num_attention_heads"] == c["num_key_value_heads"] for c in cfgs.values())  # MHA
+    assert any(c["num_key_value_heads"] == 1 for c in cfgs.values())  # MQA
+    assert any(c["num_attention_heads"] > c["num_key_value_heads"] > 1 for c in cfgs.values())  # GQA
+    assert any(c.get("head_dim") and c["head_dim"] != c["hidden_size"] // c["num_attention_heads"] for c in cfgs.values())
+    assert any(c["vocab_size"] % 2 for c in cfgs.values())  # odd vocab
+    assert any(c.get("intermediate_size") == c["hidden_size"] for c in cfgs.values())  # square
+    assert any(c.get("intermediate_size") and 2 * c["intermediate_size"] == c["hidden_size"] for c in cfgs.values())
+    assert any(c.get("moe_intermediate_size") == c["hidden_size"] for c in cfgs.values())
+    assert any(c["num_hidden_layers"] == 1 for c in cfgs.values()) and any(c["num_hidden_layers"] > 2 for c in cfgs.values())

@@ -8,6 +8,10 @@ from harness.pytest_matrix import explain, gpu_skip_reason
 
 def test_case(matrix_case, matrix_runner, record_property):
     lane, case_id = matrix_case
+    case = matrix_runner.case_set.get(case_id)
+    if case.invalid_reason:  # declared impossible: the up-front check must refuse it, naming the rule
+        assert "cannot be split as" in case.invalid_reason and "divisible" in case.invalid_reason
+        return
     if lane == "gpu":
         reason = gpu_skip_reason(matrix_runner.case_set.get(case_id).world_size)
         if reason:

@@ -23,7 +23,8 @@ def run(case_set, cpu_runtime, **hooks):
 def test_clean_stack_passes_every_check(case_set, cpu_runtime):
     result = run(case_set, cpu_runtime)
     assert result.status == runner.PASS, [c.summary for c in result.checks]
-    assert [c.name for c in result.checks] == ["load-coverage", "tensors", "tied-embeddings", "logits-hf-vs-megatron"]
+    assert [c.name for c in result.checks] == [
+        "load-coverage", "tensors", "tied-embeddings", "logits-hf-vs-megatron", "generation"]
     assert result.check("tensors").metrics["compared"] == 21
 
 
@@ -93,3 +94,27 @@ def test_partial_load_is_flagged(case_set, cpu_runtime, monkeypatch):
     coverage = result.check("load-coverage")
     assert not coverage.passed
     assert coverage.metrics["unloaded"] == ["decoder.final_layernorm.weight"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("rope_theta", 10.0), ("rms_norm_eps", 0.5)],
+)
+def test_wrong_value_in_exported_config_json_fails_generation(case_set, cpu_runtime, field, value):
+    """The weights are bitwise fine; only the exported config.json is wrong (the way a dropped
+    rope_theta or a wrong epsilon reaches users), and only the generation check reloads it."""
+    import json
+
+    def corrupt_config(folder):
+        path = folder / "config.json"
+        cfg = json.loads(path.read_text())
+        if field == "rope_theta":
+            cfg["rope_parameters"]["rope_theta"] = value
+        else:
+            cfg[field] = value
+        path.write_text(json.dumps(cfg))
+
+    result = run(case_set, cpu_runtime, after_hf_save=corrupt_config)
+    assert result.check("tensors").passed and result.check("logits-hf-vs-megatron").passed
+    generation = result.check("generation")
+    assert not generation.passed and "diverge" in generation.summary
