@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from harness.results import CheckResult
+from harness.results import CheckResult, tensor_set_summary
 
 # How many per-tensor rows a CheckResult keeps in full; the rest are summarised in counts.
 MAX_DETAIL_ROWS = 2000
@@ -110,21 +110,7 @@ def compare_tensors(
     missing.sort()
     duplicates = sorted(set(duplicates))
     compared = len(seen) - len(missing)
-    passed = not missing and not extra and not duplicates and bad == 0
-    if passed:
-        summary = f"{compared}/{compared} tensors bitwise equal"
-    else:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_preview(missing)})")
-        if extra:
-            parts.append(f"{len(extra)} extra ({_preview(extra)})")
-        if duplicates:
-            parts.append(f"{len(duplicates)} produced twice ({_preview(duplicates)})")
-        if bad:
-            first = next(r for r in rows if r["status"] != "ok")
-            parts.append(f"{bad}/{compared} differ (first: {first['key']}: {first['status']})")
-        summary = "; ".join(parts)
+    passed, summary = tensor_set_summary(compared, [r for r in rows if r["status"] != "ok"], missing, extra, duplicates)
     return CheckResult(
         name=name,
         passed=passed,
@@ -141,11 +127,6 @@ def compare_tensors(
         },
         details=rows,
     )
-
-
-def _preview(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", +{len(keys) - n} more" if len(keys) > n else "")
 
 
 def tied_embeddings(

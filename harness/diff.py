@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.results import CheckResult
+from harness.results import CheckResult, tensor_set_summary
 from harness.formats.base import Checkpoint, InputError
 from harness.formats.hf import HfCheckpoint
 
@@ -127,16 +127,8 @@ def diff(a: Checkpoint, b: Checkpoint, *, name: str = "diff") -> tuple[CheckResu
             del ta, tb
 
     bad = len(stats.rows)
-    passed = not missing and not extra and bad == 0
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} only in A ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})")
-    if extra:
-        parts.append(f"{len(extra)} only in B ({', '.join(extra[:3])}{', …' if len(extra) > 3 else ''})")
-    if bad:
-        first = stats.rows[0]
-        parts.append(f"{bad}/{len(common)} differ (first: {first['key']}: {first['status']})")
-    summary = "; ".join(parts) if parts else f"{len(common)}/{len(common)} tensors bitwise equal"
+    passed, summary = tensor_set_summary(len(common), stats.rows, missing, extra,
+                                         missing_label="only in A", extra_label="only in B")
     worst = max((r.get("max_abs_diff", 0.0) for r in stats.rows), default=0.0)
     result = CheckResult(
         name=name, passed=passed, summary=summary,

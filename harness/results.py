@@ -64,3 +64,27 @@ class CaseResult:
         data.pop("failed_checks", None)
         data["checks"] = [CheckResult(**c) for c in data.get("checks", [])]
         return cls(**data)
+
+
+def _preview(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", +{len(keys) - n} more" if len(keys) > n else "")
+
+
+def tensor_set_summary(compared: int, bad_rows: list[dict[str, Any]], missing: list[str], extra: list[str],
+                       duplicates: list[str] = (), *, missing_label: str = "missing",
+                       extra_label: str = "extra") -> tuple[bool, str]:
+    """(passed, one-line summary) of a key-by-key comparison; shared by checks and diff."""
+    if not (missing or extra or duplicates or bad_rows):
+        return True, f"{compared}/{compared} tensors bitwise equal"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} {missing_label} ({_preview(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} {extra_label} ({_preview(extra)})")
+    if duplicates:
+        parts.append(f"{len(duplicates)} produced twice ({_preview(list(duplicates))})")
+    if bad_rows:
+        first = bad_rows[0]
+        parts.append(f"{len(bad_rows)}/{compared} differ (first: {first['key']}: {first['status']})")
+    return False, "; ".join(parts)

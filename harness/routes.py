@@ -168,7 +168,13 @@ def generation_vs_original(case: Case, model: convert.MegatronModel, hf_dir: Pat
     from harness.tokenizer import PROMPTS
 
     prompts = PROMPTS[case.family.tokenizer]
-    return [checks.generation_parity(forward.greedy_tokens(hf_dir, prompts), forward.greedy_tokens(out, prompts))]
+    reference = forward.greedy_tokens(hf_dir, prompts)
+    try:
+        exported = forward.greedy_tokens(out, prompts)
+    except Exception as err:  # noqa: BLE001 - an export that does not reload is a failed check
+        last = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return [CheckResult("generation", False, f"the exported checkpoint does not reload: {type(err).__name__}: {last}")]
+    return [checks.generation_parity(reference, exported)]
 
 
 def shared_dir(ctx: Context, name: str) -> Path:
@@ -192,15 +198,21 @@ def memory_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     return results
 
 
-def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
-    """Save at the case layout, load at ``load_layout`` (the same one unless resharding)."""
-    hf_dir, model, results = import_hf(case, ctx, case.layout)
+def through_torch_dist(model: convert.MegatronModel, layout: Layout, ctx: Context) -> convert.MegatronModel:
+    """save_megatron_model (torch_dist), fingerprint it, load_megatron_model at ``layout``."""
     ckpt = shared_dir(ctx, "torch_dist")
     convert.save_torch_dist(model, ckpt)
     bridge = model.bridge
     del model
     fingerprint_saved(ctx, "torch_dist", ckpt)
-    loaded = convert.load_torch_dist(bridge, ckpt, case.load_layout or case.layout, ctx.runtime)
+    return convert.load_torch_dist(bridge, ckpt, layout, ctx.runtime)
+
+
+def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    """Save at the case layout, load at ``load_layout`` (the same one unless resharding)."""
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    loaded = through_torch_dist(model, case.load_layout or case.layout, ctx)
+    del model
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
     results += generation_vs_original(case, loaded, hf_dir, ctx)
@@ -238,11 +250,9 @@ def fsdp_dtensor_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
 def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     """torch_dist first (plain Megatron), then its export goes through the fsdp_dtensor leg."""
     hf_dir, model, results = import_hf(case, ctx, case.layout)
-    ckpt = shared_dir(ctx, "torch_dist")
-    convert.save_torch_dist(model, ckpt)
-    bridge = model.bridge
+    loaded = through_torch_dist(model, case.layout, ctx)
+    bridge = loaded.bridge
     del model
-    loaded = convert.load_torch_dist(bridge, ckpt, case.layout, ctx.runtime)
     via = shared_dir(ctx, "hf_from_torch_dist")
     bridge.save_hf_pretrained(loaded.chunks, str(via))
     del loaded
