@@ -11,32 +11,18 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+import harness
 from harness import cases as cases_mod
 from harness import launch, paths, report
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-STACK_PACKAGES = (
-    "torch", "megatron-core", "megatron-bridge", "megatron-fsdp", "transformers",
-    "transformer-engine", "transformer-engine-torch", "safetensors",
-)
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in STACK_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def source_trees(args: argparse.Namespace) -> list:
@@ -55,7 +41,7 @@ def run_meta(args: argparse.Namespace, label: str, trees: list | None = None) ->
         "python": platform.python_version(),
         "lane": getattr(args, "lane", None) or "cpu",
         "injected_faults": list(getattr(args, "inject", None) or []),
-        "versions": package_versions(),
+        "versions": report.package_versions(),
     }
 
 
@@ -213,7 +199,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
     if args.dry_run:
         return EXIT_OK
     provenance = {"run": doc["run"], "versions": doc["meta"].get("versions"),
-                  "source_trees": doc["meta"].get("source_trees", []), "harness": __import__("harness").__version__}
+                  "source_trees": doc["meta"].get("source_trees", []), "harness": harness.__version__}
     for kind, case_id, _ in rows:
         golden.write(results[case_id], provenance)
     print(f"\nwrote {len(rows)} golden file(s) under {paths.GOLDEN_DIR}")

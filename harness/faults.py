@@ -14,6 +14,7 @@ import contextlib
 import fnmatch
 import importlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -124,8 +125,8 @@ def _gate_up_swapped():
 
     def megatron_to_hf(self, megatron_weights, megatron_module):
         out = exp(self, megatron_weights, megatron_module)
-        swap = lambda k: k.replace("gate_proj", "\0").replace("up_proj", "gate_proj").replace("\0", "up_proj")  # noqa: E731
-        return {swap(k): v for k, v in out.items()}
+        renamed = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+        return {re.sub(r"gate_proj|up_proj", lambda m: renamed[m.group(0)], k): v for k, v in out.items()}
 
     with patched(f"{_MAPPING}:GatedMLPMapping", "hf_to_megatron", hf_to_megatron), \
          patched(f"{_MAPPING}:GatedMLPMapping", "megatron_to_hf", megatron_to_hf):
@@ -151,8 +152,6 @@ def _qkv_naive():
 
 @fault("expert-offset-local", "under EP > 1, local expert numbers are used as global ones (no EP-rank offset)")
 def _expert_offset():
-    import re
-
     from megatron.bridge.models.conversion import model_bridge
 
     original = model_bridge._megatron_local_name_to_global
@@ -237,8 +236,6 @@ def _partial():
 
 @fault("pp-layer-offset", "under PP > 1, global layer numbers of later stages are off by one")
 def _layer_offset():
-    import re
-
     from megatron.bridge.models.conversion import model_bridge
     from megatron.core import parallel_state
 

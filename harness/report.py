@@ -72,16 +72,27 @@ def new_run_dir(label: str, root: Path | None = None) -> Path:
     raise RuntimeError(f"could not create a run folder under {root}")
 
 
-def write_provenance(run_dir: Path, group: str, imported: dict[str, str]) -> None:
-    """Where each rank group imported Megatron from (and the versions it saw)."""
+STACK_PACKAGES = (
+    "torch", "megatron-core", "megatron-bridge", "megatron-fsdp", "transformers",
+    "transformer-engine", "transformer-engine-torch", "safetensors",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack under test (from metadata: no imports)."""
     from importlib import metadata
 
-    versions = {}
-    for name in ("torch", "megatron-core", "megatron-bridge", "transformers"):
+    out = {}
+    for name in STACK_PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            out[name] = "not installed"
+    return out
+
+
+def write_provenance(run_dir: Path, group: str, imported: dict[str, str]) -> None:
+    """Where each rank group imported Megatron from (and the versions it saw)."""
     import megatron.core
     from megatron.core import package_info
 
@@ -89,7 +100,7 @@ def write_provenance(run_dir: Path, group: str, imported: dict[str, str]) -> Non
         "megatron.core": str(Path(megatron.core.__file__).parent),
         "megatron.core.version": getattr(package_info, "__version__", "?"),
         "imported_from_trees": imported,
-        "installed": versions,
+        "installed": package_versions(),
     })
 
 

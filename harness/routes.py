@@ -159,10 +159,16 @@ def generation_vs_original(case: Case, model: convert.MegatronModel, hf_dir: Pat
     """save_hf_pretrained to disk, reload it with from_pretrained (config.json + tokenizer too),
     greedy-decode, compare with the original checkpoint's tokens."""
     out = shared_dir(ctx, "hf_export")
-    model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
+    try:
+        model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
+        saved = None
+    except Exception as err:  # noqa: BLE001 - e.g. a strict save refusing an incomplete export
+        saved = f"save_hf_pretrained failed: {_one_line(err)}"
     barrier()
     if rank() != 0:
         return []
+    if saved is not None:
+        return [CheckResult("generation", False, saved)]
     if ctx.hooks.after_hf_save:
         ctx.hooks.after_hf_save(out)
     from harness.tokenizer import PROMPTS
@@ -172,9 +178,12 @@ def generation_vs_original(case: Case, model: convert.MegatronModel, hf_dir: Pat
     try:
         exported = forward.greedy_tokens(out, prompts)
     except Exception as err:  # noqa: BLE001 - an export that does not reload is a failed check
-        last = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return [CheckResult("generation", False, f"the exported checkpoint does not reload: {type(err).__name__}: {last}")]
+        return [CheckResult("generation", False, f"the exported checkpoint does not reload: {_one_line(err)}")]
     return [checks.generation_parity(reference, exported)]
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def shared_dir(ctx: Context, name: str) -> Path:

@@ -108,3 +108,36 @@ def test_bisect_step_exit_codes():
     assert step_exit_code("error", "Traceback ... SyntaxError: invalid syntax") == EXIT_SKIP
     assert step_exit_code("error", "process group exited with code 1 before running any case") == EXIT_SKIP
     assert step_exit_code("error", "RuntimeError: boom in the middle of a case") == EXIT_BAD
+
+
+def test_gate_against_a_candidate_tree(fake_megatron_lm, tmp_path):
+    """gate: the good tree passes (exit 0, verdict PASS, SHA recorded); the tree with the seeded
+    regression is REGRESSED against golden/ and the baseline run (exit 1, summary.md says so)."""
+    import json
+    import os
+
+    from harness.gate import worktree
+
+    repo, shas = fake_megatron_lm
+    env = dict(os.environ, HARNESS_REPORTS=str(tmp_path / "reports"))
+
+    def gate(tree, *extra):
+        return subprocess.run([sys.executable, "-m", "harness", "gate", "--megatron-lm", str(tree), "-k", CASE, *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    with worktree(repo, shas["good"]) as good:
+        ok = gate(good, "--label", "good")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "PASS" in ok.stdout and "REGRESSED" not in ok.stdout.split("\n\n")[0]
+    good_run = next(p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-good"))
+    trees = json.loads((good_run / "results.json").read_text())["meta"]["source_trees"]
+    assert trees[0]["sha"] == shas["good"] and trees[0]["kind"] == "megatron-lm"
+    provenance = json.loads(next((good_run / "provenance").iterdir()).read_text())
+    assert provenance["megatron.core"].startswith(str(tmp_path.parent)) or "harness-worktree" in provenance["megatron.core"]
+
+    with worktree(repo, shas["regression"]) as bad:
+        r = gate(bad, "--baseline", good_run.name, "--label", "bad")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "REGRESSED" in r.stdout and CASE in r.stdout
+    bad_run = next(p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-bad"))
+    assert "| REGRESSED | `llama/tp1/torch_dist/roundtrip` |" in (bad_run / "summary.md").read_text()
