@@ -202,7 +202,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
                   "source_trees": doc["meta"].get("source_trees", []), "harness": harness.__version__}
     for kind, case_id, _ in rows:
         golden.write(results[case_id], provenance)
-    print(f"\nwrote {len(rows)} golden file(s) under {paths.GOLDEN_DIR}")
+    print(f"\nwrote {len(rows)} golden file(s) under {paths.golden_root()}")
     return EXIT_OK
 
 

@@ -26,7 +26,7 @@ class GoldenEntry:
 
 
 def golden_path(lane: str, case_id: str, root: Path | None = None) -> Path:
-    return (root or paths.GOLDEN_DIR) / lane / f"{report.slug(case_id)}.json"
+    return (root or paths.golden_root()) / lane / f"{report.slug(case_id)}.json"
 
 
 def load(lane: str, case_id: str, root: Path | None = None) -> GoldenEntry | None:

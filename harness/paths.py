@@ -13,7 +13,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CASES_DIR = REPO_ROOT / "cases"
-GOLDEN_DIR = REPO_ROOT / "golden"
 
 
 def reports_root() -> Path:
@@ -27,3 +26,8 @@ def cache_root() -> Path:
 def zoo_root() -> Path:
     """Tiny seeded HF checkpoints, keyed by a hash of their full spec (safe to share across runs)."""
     return cache_root() / "zoo"
+
+
+def golden_root() -> Path:
+    """Golden expectations; ``HARNESS_GOLDEN`` points elsewhere (tests, or a team's own set)."""
+    return Path(os.environ.get("HARNESS_GOLDEN", REPO_ROOT / "golden"))

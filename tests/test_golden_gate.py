@@ -109,18 +109,17 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-def test_golden_cli_check_and_update(tmp_path, monkeypatch):
+def test_golden_cli_check_and_update(tmp_path):
     run = report.new_run_dir("g", root=tmp_path / "reports")
     report.write_run(run, [make_result()], {"label": "g", "versions": {}})
-    env = {"HARNESS_REPORTS": str(tmp_path / "reports")}
     gold = tmp_path / "golden"
-    monkeypatch.setattr(paths, "GOLDEN_DIR", gold)
-    code = f"import sys; import harness.paths as p; p.GOLDEN_DIR = __import__('pathlib').Path({str(gold)!r}); from harness.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {"HARNESS_REPORTS": str(tmp_path / "reports"), "HARNESS_GOLDEN": str(gold)}
 
     def cli(*args):
         import os
 
-        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=dict(os.environ, **env))
+        return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                              env=dict(os.environ, **env), cwd=paths.REPO_ROOT)
 
     r = cli("golden", "check", "--run", "latest")
     assert r.returncode == 1 and "NO GOLDEN" in r.stdout
