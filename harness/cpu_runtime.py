@@ -161,8 +161,10 @@ class CpuRuntime:
             self._allowlisted.clear()
             _ACTIVE_LOCK.release()
 
-    def forward_blocker(self, layout: Layout, moe: bool) -> str:
-        """Why a Megatron forward pass cannot run on CPU at ``layout`` ('' if it can)."""
+    def forward_blocker(self, layout: Layout, family, moe: bool) -> str:
+        """Why a Megatron forward pass of ``family`` cannot run on CPU at ``layout`` ('' if it can)."""
+        if family.cpu_forward_blocker:
+            return family.cpu_forward_blocker
         if moe and layout.tp > 1:
             return (
                 "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py "

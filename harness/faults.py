@@ -266,9 +266,9 @@ def _handed_model(handler_name: str, rewrap):
 
 
 def _innermost(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    from harness.convert import unwrap
+
+    return unwrap(model)
 
 
 def _one_more_wrapper(model):

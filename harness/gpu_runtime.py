@@ -48,7 +48,7 @@ class GpuRuntime:
         parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
         model_parallel_cuda_manual_seed(self.seed)
 
-    def forward_blocker(self, layout: Layout, moe: bool) -> str:
+    def forward_blocker(self, layout: Layout, family, moe: bool) -> str:
         if layout.cp > 1:
             return "CP > 1 needs the load-balanced sequence split in the forward pass; logits are checked at CP1"
         return ""

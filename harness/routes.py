@@ -124,11 +124,10 @@ def export_and_compare(case: Case, model: convert.MegatronModel, hf_dir: Path, c
 
 def logits_vs_hf(case: Case, model: convert.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
     name = "logits-hf-vs-megatron"
-    blocker = ctx.runtime.forward_blocker(model.layout, convert.is_moe(case.model.hf_config))
-    if ctx.runtime.backend == "gloo" and case.family.cpu_forward_blocker:
-        blocker = case.family.cpu_forward_blocker
+    blocker = ctx.runtime.forward_blocker(model.layout, case.family, convert.is_moe(case.model.hf_config))
     if blocker:
-        return [CheckResult.skip(name, f"no Megatron forward on CPU: {blocker}")] if rank() == 0 else []
+        lane = "CPU" if ctx.runtime.backend == "gloo" else "this lane"
+        return [CheckResult.skip(name, f"no Megatron forward on {lane}: {blocker}")] if rank() == 0 else []
     if ctx.hooks.before_forward:
         ctx.hooks.before_forward(model)
     vocab = case.model.hf_config["vocab_size"]
@@ -211,10 +210,8 @@ def through_torch_dist(model: convert.MegatronModel, layout: Layout, ctx: Contex
     """save_megatron_model (torch_dist), fingerprint it, load_megatron_model at ``layout``."""
     ckpt = shared_dir(ctx, "torch_dist")
     convert.save_torch_dist(model, ckpt)
-    bridge = model.bridge
-    del model
     fingerprint_saved(ctx, "torch_dist", ckpt)
-    return convert.load_torch_dist(bridge, ckpt, layout, ctx.runtime)
+    return convert.load_torch_dist(model.bridge, ckpt, layout, ctx.runtime)
 
 
 def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
