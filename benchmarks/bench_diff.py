@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import paths, report
+from harness import workspace
+from harness.execution.run_dir import RunDir
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -77,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=2.0, help="size of each checkpoint")
     parser.add_argument("--tensor-mib", type=int, default=64)
-    parser.add_argument("--dir", type=Path, default=paths.cache_root() / "bench-diff")
+    parser.add_argument("--dir", type=Path, default=workspace.cache_root() / "bench-diff")
     args = parser.parse_args()
     a, b = generate(args.dir, args.gib, args.tensor_mib)
     total = sum(os.path.getsize(f) for f in files(a, b))
@@ -100,8 +101,8 @@ def main() -> int:
         "throughput_vs_cat": round(cat_s / diff_s, 2), "peak_rss_mb": round(rss_mb),
         "rss_budget_mb": round(3 * largest_mb + 500), "diff_verdict": proc.stdout.strip().splitlines()[-1],
     }
-    run_dir = report.new_run_dir("bench-diff")
-    report.atomic_write_json(run_dir / "bench.json", doc)
+    run_dir = RunDir.create("bench-diff")
+    workspace.atomic_write_json(run_dir / "bench.json", doc)
     print(json.dumps(doc, indent=2))
     ok = doc["throughput_vs_cat"] >= 0.5 and doc["peak_rss_mb"] <= doc["rss_budget_mb"]
     print(f"targets {'met' if ok else 'NOT met'}: throughput {doc['throughput_vs_cat']:.0%} of cat (>= 50%), "

@@ -20,8 +20,10 @@ import time
 
 from tabulate import tabulate
 
-from harness import launch, report
-from harness.cases import load_cases
+from harness import workspace
+from harness.execution import launch
+from harness.execution.run_dir import Plan, RunDir
+from harness.matrix.cases import load_cases
 
 
 def timed(fn):
@@ -30,20 +32,17 @@ def timed(fn):
     return out, time.monotonic() - start
 
 
-def naive_one(case, run_dir) -> tuple[str, float]:
+def naive_one(case, run: RunDir) -> tuple[str, float]:
     """One torchrun per case, exactly one case in its plan."""
-    group = f"naive-{report.slug(case.id)}"
-    plan = run_dir / "plans" / f"{group}.json"
-    report.atomic_write_json(plan, {
-        "run_dir": str(run_dir), "group": group, "lane": "cpu", "cases": [case.id],
-        "cases_dir": str(launch.paths.CASES_DIR), "faults": [], "collective_timeout_s": case.timeout_s + 60,
-    })
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={launch.free_port()}", "-m", "harness.worker", "--plan", str(plan)]
+    group = f"naive-{workspace.slug(case.id)}"
+    plan = run.write_plan(Plan(run_dir=str(run.path), group=group, lane="cpu", cases=[case.id],
+                               cases_dir=str(workspace.CASES_DIR), collective_timeout_s=case.timeout_s + 60))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "-m", "harness.execution.worker", "--plan", str(plan)]
     start = time.monotonic()
-    subprocess.run(cmd, check=False, capture_output=True, cwd=launch.paths.REPO_ROOT)
+    subprocess.run(cmd, check=False, capture_output=True, cwd=workspace.REPO_ROOT)
     elapsed = time.monotonic() - start
-    result = report.read_case_result(run_dir, case.id)
+    result = run.read_case_result(case.id)
     return (result.status if result else "missing"), elapsed
 
 
@@ -53,13 +52,13 @@ def main() -> int:
     args = parser.parse_args()
     cases = load_cases().select(set_name="default", lane="cpu")
     ws1 = [c for c in cases if c.world_size == 1]
-    run_dir = report.new_run_dir("bench-launch")
+    run = RunDir.create("bench-launch")
     opts = launch.LaunchOptions(lane="cpu")
 
-    matrix, matrix_s = timed(lambda: launch.run_cases(cases, run_dir / "matrix", opts))
-    grouped, grouped_s = timed(lambda: launch.run_cases(ws1, run_dir / "ws1-grouped", opts))
+    matrix, matrix_s = timed(lambda: launch.run_cases(cases, RunDir(run / "matrix"), opts))
+    grouped, grouped_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-grouped"), opts))
     naive_cases = ws1[: args.naive_limit] if args.naive_limit else ws1
-    naive = [naive_one(c, run_dir / "ws1-naive") for c in naive_cases]
+    naive = [naive_one(c, RunDir(run / "ws1-naive")) for c in naive_cases]
     naive_s = sum(t for _, t in naive)
 
     per_grouped = grouped_s / len(ws1)
@@ -74,14 +73,14 @@ def main() -> int:
                                             "passed": sum(s == "pass" for s, _ in naive)},
         "speedup": round(per_naive / per_grouped, 1),
     }
-    report.atomic_write_json(run_dir / "bench.json", doc)
+    workspace.atomic_write_json(run / "bench.json", doc)
     rows = [
         ["default CPU matrix (grouped)", len(cases), f"{matrix_s:.1f}", f"{matrix_s / len(cases):.2f}"],
         ["world size 1, one launch", len(ws1), f"{grouped_s:.1f}", f"{per_grouped:.2f}"],
         ["world size 1, one torchrun per case", len(naive), f"{naive_s:.1f}", f"{per_naive:.2f}"],
     ]
     print(tabulate(rows, headers=["what", "cases", "wall s", "s / case"], tablefmt="simple"))
-    print(f"\namortised speed-up at world size 1: {doc['speedup']}x   ({run_dir / 'bench.json'})")
+    print(f"\namortised speed-up at world size 1: {doc['speedup']}x   ({run / 'bench.json'})")
     return 0
 
 

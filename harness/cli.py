@@ -1,5 +1,7 @@
-"""``harness`` command line. Exit codes: 0 pass, 1 a check failed (or a case crashed), 2 usage
-or input error (one line on stderr; ``--debug`` adds the traceback).
+"""``harness`` command line: parsing and printing only; the work is done by the services it calls.
+
+Exit codes: 0 pass, 1 a check failed (or a case crashed), 2 usage or input error (one line on
+stderr; ``--debug`` adds the traceback, the exit code stays 2).
 
 The CLI process stays light (no torch, no Megatron): cases run in worker process groups.
 """
@@ -7,135 +9,101 @@ The CLI process stays light (no torch, no Megatron): cases run in worker process
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import harness
-from harness import cases as cases_mod
-from harness import launch, paths, report
+from harness import workspace
+from harness.errors import InputError
+from harness.execution import service
+from harness.execution.source_trees import SourceTree
+from harness.matrix import cases as cases_mod
+from harness.reporting import run_report
+from harness.results import OK_STATUSES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+def _source_trees(args: argparse.Namespace) -> list[SourceTree]:
+    from harness.execution import source_trees
+
+    return source_trees.resolve(getattr(args, "megatron_lm", None), getattr(args, "megatron_bridge", None))
 
 
-def source_trees(args: argparse.Namespace) -> list:
-    from harness import sourcetree
-
-    return sourcetree.resolve(getattr(args, "megatron_lm", None), getattr(args, "megatron_bridge", None))
-
-
-def run_meta(args: argparse.Namespace, label: str, trees: list | None = None) -> dict[str, Any]:
-    return {
-        "source_trees": [t.to_dict() for t in trees or []],
-        "label": label,
-        "command": " ".join(sys.argv),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "lane": getattr(args, "lane", None) or "cpu",
-        "injected_faults": list(getattr(args, "inject", None) or []),
-        "versions": report.package_versions(),
-    }
+def _cases_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cases_dir) if args.cases_dir else workspace.CASES_DIR
 
 
 def _load(args: argparse.Namespace) -> cases_mod.CaseSet:
-    try:
-        return cases_mod.load_cases(Path(args.cases_dir) if args.cases_dir else None)
-    except cases_mod.CaseFileError as err:
-        raise UsageError(str(err)) from err
+    return cases_mod.load_cases(_cases_dir(args))
 
 
-def run_selected(selected: list[cases_mod.Case], args: argparse.Namespace, label: str, trees: list | None = None):
-    """Run ``selected`` into a new run folder; returns (run_dir, results, meta)."""
-    trees = source_trees(args) if trees is None else trees
-    run_dir = report.new_run_dir(label)
-    meta = run_meta(args, label, trees)
-    print(f"harness: {len(selected)} case(s) -> {run_dir}", file=sys.stderr, flush=True)
-    for tree in trees:
-        print(f"harness: using {tree.kind} {tree.path} @ {tree.sha[:12]}{' (dirty)' if tree.dirty else ''}",
-              file=sys.stderr, flush=True)
-    progress = launch.Progress(len(selected))
-    options = launch.LaunchOptions(
-        lane=args.lane,
-        cases_dir=Path(args.cases_dir) if args.cases_dir else paths.CASES_DIR,
-        faults=list(getattr(args, "inject", None) or []),
-        source_trees=trees,
-    )
-    if options.faults:
-        print(f"harness: INJECTING seeded faults {options.faults}: results do not describe the real stack",
-              file=sys.stderr)
-    started = time.monotonic()
-    results = launch.run_cases(selected, run_dir, options, on_result=progress.update)
-    meta["wall_s"] = round(time.monotonic() - started, 2)
-    report.write_run(run_dir, results, meta)
-    return run_dir, results, meta
+def _select(args: argparse.Namespace) -> list[cases_mod.Case]:
+    selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
+    if not selected:
+        raise InputError(f"no {args.lane} cases in set {args.set!r} match -k {args.k!r}")
+    return selected
 
 
-def execute(selected: list[cases_mod.Case], args: argparse.Namespace, label: str) -> int:
-    """Run ``selected``, print the table, return the exit code."""
-    run_dir, results, meta = run_selected(selected, args, label)
-    target = run_dir / report.RESULTS_NAME
-    print(report.table(results))
-    if len(results) == 1:
-        print()
-        print(report.check_table(results[0]))
-        if results[0].error:
-            print(results[0].error.rstrip())
-    from harness.results import OK_STATUSES
-
-    bad = [r for r in results if r.status not in OK_STATUSES]
-    print(f"\n{len(results) - len(bad)}/{len(results)} passed in {meta['wall_s']:.1f}s; report: {target}")
-    return EXIT_FAIL if bad else EXIT_OK
-
-
-def _check_faults(specs: list[str] | None) -> None:
-    from harness import faults
+def _check_faults(specs: list[str] | None) -> list[str]:
+    from harness.regression import faults
 
     for spec in specs or []:
         try:
             faults.parse(spec)
         except KeyError as err:
-            raise UsageError(f"--inject: {err.args[0]}") from None
+            raise InputError(f"--inject: {err.args[0]}") from None
+    return list(specs or [])
 
 
-def _case(args: argparse.Namespace, case_id: str, case_set: cases_mod.CaseSet | None = None) -> cases_mod.Case:
-    try:
-        return (case_set or _load(args)).get(case_id)
-    except cases_mod.UnknownCaseError as err:
-        raise UsageError(str(err)) from None
+def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
+             trees: list[SourceTree] | None = None) -> service.RunRequest:
+    return service.RunRequest(
+        cases=selected, lane=args.lane, label=label, faults=_check_faults(getattr(args, "inject", None)),
+        source_trees=_source_trees(args) if trees is None else trees, cases_dir=_cases_dir(args),
+    )
+
+
+def _execute(request: service.RunRequest) -> int:
+    """Run a request, print the table, return the exit code."""
+    outcome = service.run_selection(request)
+    results = outcome.results
+    print(run_report.table(results))
+    if len(results) == 1:
+        print()
+        print(run_report.check_table(results[0]))
+        if results[0].error:
+            print(results[0].error.rstrip())
+    bad = [r for r in results if r.status not in OK_STATUSES]
+    print(f"\n{len(results) - len(bad)}/{len(results)} passed in {outcome.meta.wall_s:.1f}s; "
+          f"report: {outcome.run.results_file}")
+    return EXIT_FAIL if bad else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_faults(args.inject)
     case_set = _load(args)
-    selected = [_case(args, case_id, case_set) for case_id in args.case_ids]
-    return execute(selected, args, args.label or selected[0].id.replace("/", "_"))
+    selected = [case_set.get(case_id) for case_id in args.case_ids]
+    return _execute(_request(args, selected, args.label or selected[0].id.replace("/", "_")))
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    _check_faults(args.inject)
-    selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
-    if not selected:
-        raise UsageError(f"no {args.lane} cases in set {args.set!r} match -k {args.k!r}")
-    return execute(selected, args, args.label or f"matrix-{args.set}-{args.lane}")
+    return _execute(_request(args, _select(args), args.label or f"matrix-{args.set}-{args.lane}"))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
+
+    from harness.runtimes import lanes
 
     selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
     if args.ids_only:
         for case in selected:
             print(case.id)
         return EXIT_OK
-    rows = [[c.id, ",".join(c.lanes), c.world_size, ",".join(sorted(c.sets)), c.note(args.lane or "cpu")] for c in selected]
+    rows = [[c.id, ",".join(c.lanes), c.world_size, ",".join(sorted(c.sets)), lanes.note(c, args.lane or lanes.CPU)]
+            for c in selected]
     print(tabulate(rows, headers=["case", "lanes", "ranks", "sets", "note"], tablefmt="simple",
                    maxcolwidths=[None, None, None, None, 70]))
     print(f"\n{len(selected)} case(s)")
@@ -145,17 +113,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness import diff as diff_mod
+    from harness.checks import checkpoint_diff
     from harness.formats.detect import open_checkpoint
 
     a, b = open_checkpoint(Path(args.a)), open_checkpoint(Path(args.b))
     started = time.monotonic()
-    result, stats = diff_mod.diff(a, b)
+    result, stats = checkpoint_diff.diff(a, b)
     elapsed = time.monotonic() - started
     print(f"A: {a.path} ({a.format})\nB: {b.path} ({b.format})")
     rows = [[r["key"], r["status"], f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else ""] for r in result.details]
-    rows += [[k, "only in A", ""] for k in result.metrics["only_in_a"]]
-    rows += [[k, "only in B", ""] for k in result.metrics["only_in_b"]]
+    rows += [[k, "only in A", ""] for k in result.metrics["missing"]]
+    rows += [[k, "only in B", ""] for k in result.metrics["extra"]]
     if rows:
         shown = rows[: args.max_rows]
         print(tabulate(shown, headers=["key", "problem", "max|d|"], tablefmt="simple"))
@@ -164,99 +132,65 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(f"{'EQUAL' if result.passed else 'DIFFERENT'}: {result.summary}  "
           f"[{stats.bytes_compared / 1e6:.0f} MB compared in {elapsed:.1f}s]")
     if args.json:
-        report.atomic_write_json(Path(args.json), result.to_dict())
+        workspace.atomic_write_json(Path(args.json), result.to_dict())
     return EXIT_OK if result.passed else EXIT_FAIL
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness import golden
+    from harness.regression import golden
 
     try:
-        doc, results = report.load_run(args.run)
+        doc, results = run_report.load_run(args.run)
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    chosen = [r for cid, r in results.items() if not args.k or cases_mod.matches(cid, args.k)]
-    if not chosen:
-        raise UsageError(f"run {args.run} has no case matching -k {args.k!r}")
-    rows, bad = [], 0
-    for r in chosen:
-        kind, diffs = golden.changes(r)
-        if args.action == "check":
-            ok = kind == "same"
-            bad += not ok
-            label = "match" if ok else ("NO GOLDEN" if kind == "new" else "MISMATCH")
-            rows.append([label, r.case_id, "; ".join(diffs)[:150]])
-        elif kind != "same":
-            rows.append([kind, r.case_id, "; ".join(diffs)[:150]])
-    print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple") if rows else "no changes")
+        raise InputError(str(err)) from None
+    reviews = golden.review_run(results, args.k)
+    if not reviews:
+        raise InputError(f"run {args.run} has no case matching -k {args.k!r}")
     if args.action == "check":
-        print(f"\n{len(chosen) - bad}/{len(chosen)} match golden/ (run {doc['run']})")
+        rows = [[r.label, r.case_id, "; ".join(r.differences)[:150]] for r in reviews]
+        print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple"))
+        bad = sum(r.kind != golden.SAME for r in reviews)
+        print(f"\n{len(reviews) - bad}/{len(reviews)} match golden/ (run {doc['run']})")
         if bad:
             print("to accept a change on purpose: harness golden update --run RUN -k EXPR", file=sys.stderr)
         return EXIT_FAIL if bad else EXIT_OK
+    changed = [r for r in reviews if r.kind != golden.SAME]
+    rows = [[r.kind, r.case_id, "; ".join(r.differences)[:150]] for r in changed]
+    print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple") if rows else "no changes")
     if args.dry_run:
         return EXIT_OK
-    provenance = {"run": doc["run"], "versions": doc["meta"].get("versions"),
-                  "source_trees": doc["meta"].get("source_trees", []), "harness": harness.__version__}
-    for kind, case_id, _ in rows:
-        golden.write(results[case_id], provenance)
-    print(f"\nwrote {len(rows)} golden file(s) under {paths.golden_root()}")
+    written = golden.update_from_run(doc, results, changed)
+    print(f"\nwrote {len(written)} golden file(s) under {workspace.golden_root()}")
     return EXIT_OK
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness import gate
+    from harness.regression import gate
 
-    trees = source_trees(args)
-    if not any(t.kind == "megatron-lm" for t in trees) and not any(t.kind == "megatron-bridge" for t in trees):
-        raise UsageError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
-    selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
-    if not selected:
-        raise UsageError(f"no {args.lane} cases in set {args.set!r} match -k {args.k!r}")
-    baseline = None
-    if args.baseline:
-        baseline = _baseline(args, selected, trees)
-    sha = trees[0].sha[:12]
-    run_dir, results, meta = run_selected(selected, args, args.label or f"gate-{sha}", trees)
-    verdicts = gate.judge_all(results, baseline)
-    by_case = {v.case_id: v.verdict for v in verdicts}
-    summary = report.summary_markdown(results, meta, run_dir.name, verdicts=by_case)
-    report.atomic_write_text(run_dir / "summary.md", summary)
-    rows = [[v.verdict, v.case_id, "; ".join(v.reasons)[:110]] for v in verdicts]
-    order = {gate.REGRESSED: 0, gate.STILL_FAILING: 1, gate.FIXED: 2, gate.PASS: 3}
-    print(tabulate(sorted(rows, key=lambda r: (order[r[0]], r[1])), headers=["verdict", "case", "why"], tablefmt="simple"))
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in order}
-    print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()) + f"; PR comment: {run_dir / 'summary.md'}")
-    return EXIT_FAIL if counts[gate.REGRESSED] else EXIT_OK
-
-
-def _baseline(args: argparse.Namespace, selected, trees) -> dict:
-    """A finished run (path, name or 'latest'), or a git ref of the candidate Megatron-LM repo."""
-    from harness import gate, sourcetree
-
-    try:
-        return report.load_run(args.baseline)[1]
-    except FileNotFoundError:
-        pass
-    repo = next((t for t in trees if t.kind == "megatron-lm"), None)
-    if repo is None:
-        raise UsageError(f"--baseline {args.baseline}: no such run, and no --megatron-lm repo to resolve it as a git ref")
-    with gate.worktree(Path(repo.path), args.baseline) as tree:
-        base_trees = [sourcetree.validate("megatron-lm", tree)] + [t for t in trees if t.kind != "megatron-lm"]
-        _, results, _ = run_selected(selected, args, f"baseline-{args.baseline}", base_trees)
-    return {r.case_id: r for r in results}
+    trees = _source_trees(args)
+    label = args.label or (f"gate-{trees[0].sha[:12]}" if trees else "gate")
+    outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr)
+    rows = [[v.verdict, v.case_id, "; ".join(v.reasons)[:110]] for v in outcome.verdicts]
+    print(tabulate(sorted(rows, key=lambda r: (gate.ORDER[r[0]], r[1])), headers=["verdict", "case", "why"],
+                   tablefmt="simple"))
+    counts = outcome.counts()
+    print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
+          + f"; PR comment: {outcome.candidate.run.summary_file}")
+    return EXIT_FAIL if outcome.regressed else EXIT_OK
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
-    from harness import bisect, sourcetree
+    from harness.execution import source_trees
+    from harness.execution.run_dir import RunDir
+    from harness.regression import bisect
 
-    tree = sourcetree.validate("megatron-lm", args.megatron_lm)
-    _case(args, args.case)
-    log = report.new_run_dir(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
+    tree = source_trees.validate("megatron-lm", args.megatron_lm)
+    _load(args).get(args.case)
+    log = RunDir.create(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
     extra = ["--cases-dir", args.cases_dir] if args.cases_dir else []
     print(f"harness: bisecting {args.case} in a worktree of {tree.path} ({args.good[:12]}..{args.bad[:12]})", file=sys.stderr)
     outcome = bisect.run_bisect(Path(tree.path), args.good, args.bad, args.case, args.lane, log, extra)
@@ -271,50 +205,30 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect_step(args: argparse.Namespace) -> int:
-    """One `git bisect run` step: 0 good, 1 bad, 125 skip (see harness.bisect)."""
-    import json
+    """One `git bisect run` step: 0 good, 1 bad, 125 skip (see harness.regression.bisect)."""
+    from harness.execution import source_trees
+    from harness.regression import bisect
 
-    from harness import bisect, sourcetree
-
-    tree = sourcetree.validate("megatron-lm", args.megatron_lm)
-    case = _case(args, args.case)
-    _, results, _ = run_selected([case], args, f"bisect-step-{tree.sha[:12]}", [tree])
-    result = results[0]
-    code = bisect.step_exit_code(result.status, result.error)
-    first = next((c for c in result.checks if not c.passed), None)
-    failing = f"{first.name}: {first.summary}" if first else (result.error.strip().splitlines() or [""])[0]
-    with open(args.log, "a") as fh:
-        fh.write(json.dumps({"sha": tree.sha, "status": result.status, "exit": code, "failing": failing}) + "\n")
-    print(f"bisect-step {tree.sha[:12]}: {result.status} -> exit {code} {failing}")
-    return code
+    tree = source_trees.validate("megatron-lm", args.megatron_lm)
+    step = bisect.run_step(_load(args).get(args.case), args.lane, tree, args.log, _cases_dir(args))
+    print(f"bisect-step {tree.sha[:12]}: {step.status} -> exit {step.exit} {step.failing}")
+    return step.exit
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    import json
+    from harness.regression import selftest
 
-    from harness import selftest
-
-    if args.lane == "gpu":
-        from harness.pytest_matrix import gpu_skip_reason
-
-        reason = gpu_skip_reason(1)
-        if reason:
-            print(f"harness selftest: {reason}; nothing run", file=sys.stderr)
-            return EXIT_OK
-    case_set = _load(args)
-    only = args.only or None
-    selected, specs = selftest.plan(case_set, args.lane, only)
-    args.inject = specs
-    run_dir, results, _ = run_selected(selected, args, args.label or f"selftest-{args.lane}")
-    rows, clean_bad = selftest.evaluate({r.case_id: r for r in results}, args.lane, only)
-    report.atomic_write_json(run_dir / "selftest.json", selftest.document(rows, clean_bad, args.lane))
-    report.atomic_write_text(run_dir / "selftest.md", selftest.markdown(rows, clean_bad, args.lane))
-    print(selftest.table(rows))
-    missed = [r.regression for r in rows if r.detected != "yes"]
-    detected = len(rows) - len(missed)
-    print(f"\n{detected}/{len(rows)} regressions detected; {len(clean_bad)} false positive(s) on the clean stack"
-          f"{': ' + ', '.join(clean_bad) if clean_bad else ''}; report: {run_dir / 'selftest.md'}")
-    return EXIT_FAIL if missed or clean_bad else EXIT_OK
+    outcome = selftest.run_selftest(_load(args), args.lane, args.only or None, _source_trees(args), args.label,
+                                    cases_dir=_cases_dir(args), stream=sys.stderr)
+    print(selftest.table(outcome.rows))
+    fps = outcome.false_positives
+    detected = sum(r.detected == selftest.YES for r in outcome.rows)
+    not_run = [r for r in outcome.rows if r.detected not in (selftest.YES, selftest.NO)]
+    print(f"\n{detected}/{len(outcome.rows)} regressions detected"
+          f"{f', {len(not_run)} not run on this machine' if not_run else ''}; "
+          f"{len(fps)} false positive(s) on the clean stack{': ' + ', '.join(fps) if fps else ''}; "
+          f"report: {outcome.run.run / 'selftest.md'}")
+    return EXIT_OK if outcome.passed else EXIT_FAIL
 
 
 def _add_trees(p: argparse.ArgumentParser) -> None:
@@ -335,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None, help="suffix of the run folder name")
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]",
-                   help="apply a seeded fault from harness.faults (for testing the harness)")
+                   help="apply a seeded fault from harness.regression.faults (for testing the harness)")
     _add_trees(p)
     p.set_defaults(func=cmd_run)
 
@@ -405,15 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from harness.formats.base import InputError
-
     try:
-        if getattr(args, "lane", None) is None:
+        if getattr(args, "lane", None) is None and args.command != "list":
             args.lane = "cpu"
         return args.func(args)
-    except (UsageError, InputError) as err:
+    except InputError as err:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"harness: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,14 +1,23 @@
-"""Result records shared by the worker, the launcher, reports and pytest (no torch import:
-the launcher and ``harness diff`` stay light)."""
+"""The result vocabulary every part of the harness speaks: statuses, check and case results.
+
+No torch import: the launcher, reports, golden, gate and ``harness diff`` stay light. These
+dataclasses cross the process boundary as JSON (``to_dict`` / ``from_dict``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
+# Case statuses. A case PASSes when every check passed; FAIL when a check failed; ERROR when it
+# crashed; TIMEOUT when the launcher killed it; SKIP when it could not run here (the reason is in
+# ``error``); INVALID when its layout is declared impossible (refused up front, never run).
 PASS, FAIL, ERROR, TIMEOUT, SKIP = "pass", "fail", "error", "timeout", "skip"
-INVALID = "invalid"  # a layout the case file declares impossible: refused up front, never run
+INVALID = "invalid"
 OK_STATUSES = (PASS, SKIP, INVALID)
+CRASHED = (ERROR, TIMEOUT)
+
+_LOG_TAIL_MARK = "\n--- "  # the launcher appends rank log tails after this marker
 
 
 @dataclass
@@ -30,6 +39,22 @@ class CheckResult:
         return cls(name=name, passed=True, summary=f"skipped: {reason}", skipped=True)
 
 
+def error_headline(error: str) -> str:
+    """The line of an error text that says what went wrong.
+
+    For a Python traceback that is its last line (the exception, after any chained ones), not
+    ``Traceback (most recent call last):``; for the launcher's own messages the first line. Rank
+    log tails the launcher appends are never the headline.
+    """
+    block = error.split(_LOG_TAIL_MARK, 1)[0]
+    lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[-1]
+    return lines[0]
+
+
 @dataclass
 class CaseResult:
     case_id: str
@@ -45,6 +70,19 @@ class CaseResult:
     @property
     def failed_checks(self) -> list[str]:
         return [c.name for c in self.checks if not c.passed]
+
+    @property
+    def first_failing_check(self) -> CheckResult | None:
+        return next((c for c in self.checks if not c.passed), None)
+
+    @property
+    def headline(self) -> str:
+        """Why this case did not pass, in one line: the first failing check, else the error's
+        headline (the exception line of a crash, the launcher's reason, a skip's reason)."""
+        bad = self.first_failing_check
+        if bad is not None:
+            return f"{bad.name}: {bad.summary}"
+        return error_headline(self.error)
 
     def check(self, name: str) -> CheckResult:
         for c in self.checks:
@@ -66,25 +104,85 @@ class CaseResult:
         return cls(**data)
 
 
+def status_counts(results: Iterable[CaseResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------- tensor-set comparisons
+
+
 def _preview(keys: list[str], n: int = 3) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", +{len(keys) - n} more" if len(keys) > n else "")
 
 
-def tensor_set_summary(compared: int, bad_rows: list[dict[str, Any]], missing: list[str], extra: list[str],
-                       duplicates: list[str] = (), *, missing_label: str = "missing",
-                       extra_label: str = "extra") -> tuple[bool, str]:
-    """(passed, one-line summary) of a key-by-key comparison; shared by checks and diff."""
-    if not (missing or extra or duplicates or bad_rows):
-        return True, f"{compared}/{compared} tensors bitwise equal"
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} {missing_label} ({_preview(missing)})")
-    if extra:
-        parts.append(f"{len(extra)} {extra_label} ({_preview(extra)})")
-    if duplicates:
-        parts.append(f"{len(duplicates)} produced twice ({_preview(list(duplicates))})")
-    if bad_rows:
-        first = bad_rows[0]
-        parts.append(f"{len(bad_rows)}/{compared} differ (first: {first['key']}: {first['status']})")
-    return False, "; ".join(parts)
+@dataclass
+class TensorSetComparison:
+    """A key-by-key comparison of a reference tensor set with a candidate one: the one result
+    shape of the ``tensors`` check and of ``harness diff``.
+
+    ``missing`` keys are in the reference only, ``extra`` keys in the candidate only; ``rows`` hold
+    one dict per compared tensor (``key``, ``shape``, ``dtype``, ``status`` = ``ok`` or what is
+    wrong, ``max_abs_diff``), the problem rows always and the ``ok`` rows up to a limit.
+    """
+
+    compared: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    missing_label: str = "missing"
+    extra_label: str = "extra"
+
+    @property
+    def bad_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+    @property
+    def passed(self) -> bool:
+        return not (self.missing or self.extra or self.duplicates or self.bad_rows)
+
+    @property
+    def max_abs_diff(self) -> float:
+        worst = 0.0
+        for row in self.rows:
+            diff = row.get("max_abs_diff")
+            if diff is not None:
+                worst = max(worst, diff if diff == diff else float("inf"))  # NaN counts as worst
+        return worst
+
+    @property
+    def summary(self) -> str:
+        if self.passed:
+            return f"{self.compared}/{self.compared} tensors bitwise equal"
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} {self.missing_label} ({_preview(self.missing)})")
+        if self.extra:
+            parts.append(f"{len(self.extra)} {self.extra_label} ({_preview(self.extra)})")
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} produced twice ({_preview(self.duplicates)})")
+        bad = self.bad_rows
+        if bad:
+            parts.append(f"{len(bad)}/{self.compared} differ (first: {bad[0]['key']}: {bad[0]['status']})")
+        return "; ".join(parts)
+
+    def check(self, name: str, **metrics: Any) -> CheckResult:
+        return CheckResult(
+            name=name,
+            passed=self.passed,
+            summary=self.summary,
+            metrics={
+                "compared": self.compared,
+                "mismatched": len(self.bad_rows),
+                "missing": self.missing,
+                "extra": self.extra,
+                "duplicates": self.duplicates,
+                "max_abs_diff": self.max_abs_diff,
+                **metrics,
+            },
+            details=self.rows,
+        )

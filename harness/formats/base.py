@@ -1,4 +1,4 @@
-"""What every checkpoint reader offers, and the error type for bad input.
+"""What every checkpoint reader offers.
 
 A reader exposes *canonical* keys (see ``harness.formats.canonical``) so that two checkpoints of
 different formats line up tensor by tensor, and yields tensors one at a time so that comparing
@@ -12,10 +12,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
-
-
-class InputError(Exception):
-    """Unusable input. ``str(err)`` is one line that says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)

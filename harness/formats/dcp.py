@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from harness.formats.base import InputError, TensorSpec
+from harness.errors import InputError
+from harness.formats.base import TensorSpec
 
 METADATA = ".metadata"
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from harness.formats import dcp
-from harness.formats.base import Checkpoint, InputError
+from harness.errors import InputError
+from harness.formats.base import Checkpoint
 from harness.formats.hf import HfCheckpoint
 from harness.formats.megatron import FsdpDtensorCheckpoint, TorchDistCheckpoint
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from harness.formats.base import InputError, TensorSpec
+from harness.errors import InputError
+from harness.formats.base import TensorSpec
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -164,7 +165,3 @@ def iter_tensors(hf_dir: Path) -> Iterator[tuple[str, "object"]]:
     """Every tensor of the checkpoint, sorted by key, one at a time."""
     ckpt = HfCheckpoint(hf_dir)
     return ckpt.tensors(ckpt.specs())
-
-
-def keys(hf_dir: Path) -> list[str]:
-    return list(HfCheckpoint(hf_dir).specs())

@@ -1,0 +1,117 @@
+"""Megatron-FSDP steps of the fsdp_dtensor routes (GPU lane only: Megatron-FSDP creates CUDA
+streams and a cuda DeviceMesh): build, save as fsdp_dtensor, audit, strict reload.
+
+The routes (``harness.conversion.routes``) follow Megatron-Bridge's own recipe
+(examples/conversion/mfsdp/convert_checkpoints_fsdp.py): ``provide_distributed_model(use_megatron_fsdp=True, data_parallel_sharding_strategy=
+"optim_grads_params")`` + ``load_hf_weights`` + ``save_megatron_model(ckpt_format="fsdp_dtensor")``;
+reload with ``training.checkpointing.load_checkpoint``. Two things the recipe does not do, on
+purpose:
+
+* the model that is loaded into is built from a *different seed* and then filled with the NaN
+  sentinel, so a key the load silently skipped cannot pass as loaded;
+* ``strict_fsdp_dtensor_load=True`` (the bridge default is False = partial load allowed).
+
+The on-disk layout is audited (``harness.checks.fsdp_layout``) before reloading. The torch_dist
+-> fsdp_dtensor step goes through the bridge (load torch_dist, export, import into
+Megatron-FSDP): Megatron-LM's offline converter (tools/checkpoint/checkpoint_inspector.py) is not
+in the pip package.
+
+Not run in the session that wrote it (no GPU was lent); see the issue notes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.checks import fsdp_layout
+from harness.conversion import bridge_calls
+from harness.formats import megatron_keys
+from harness.matrix.layouts import Layout
+from harness.matrix.zoo import ModelSpec
+from harness.results import CheckResult
+from harness.runtimes.base import Runtime
+
+RELOAD_SEED = 97531  # any seed other than the runtime's: the reload target starts different
+
+
+def _ddp_config():
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        use_distributed_optimizer=True, use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params"
+    )
+
+
+def build_fsdp_model(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, *,
+                     seed: int | None = None) -> bridge_calls.MegatronModel:
+    from megatron.core.transformer.module import Float16Module
+
+    runtime.init_model_parallel(layout, seed=seed)
+    provider = bridge_calls.make_provider(bridge, spec, layout, runtime)
+    bf16 = bool(getattr(provider, "bf16", False))
+    chunks = provider.provide_distributed_model(
+        ddp_config=_ddp_config(),
+        use_megatron_fsdp=True,
+        wrap_with_ddp=True,
+        mixed_precision_wrapper=Float16Module if bf16 else None,
+    )
+    return bridge_calls.MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)
+
+
+def save_fsdp_dtensor(model: bridge_calls.MegatronModel, path: Path) -> None:
+    from megatron.bridge.training.model_load_save import save_megatron_model
+
+    save_megatron_model(model.chunks, str(path), ckpt_format="fsdp_dtensor")
+
+
+def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path) -> None:
+    """``load_checkpoint`` with strict_fsdp_dtensor_load=True and no optimizer/RNG state."""
+    from megatron.bridge.training.checkpointing import load_checkpoint
+    from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig
+    from megatron.bridge.training.state import GlobalState
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.utils import get_model_config
+
+    state = GlobalState()
+    state.cfg = ConfigContainer(
+        model=get_model_config(model.chunks[0]),
+        train=None,
+        optimizer=OptimizerConfig(use_distributed_optimizer=True),
+        ddp=_ddp_config(),
+        scheduler=None,
+        dataset=None,
+        logger=LoggerConfig(),
+        tokenizer=None,
+        checkpoint=CheckpointConfig(
+            load=str(path), ckpt_format="fsdp_dtensor", strict_fsdp_dtensor_load=True,
+            load_optim=False, load_rng=False, finetune=False,
+        ),
+        dist=None,
+    )
+    load_checkpoint(state, model.chunks, optimizer=None, opt_param_scheduler=None, strict=True)
+
+
+def newest_iter(path: Path) -> Path:
+    from harness.formats.dcp import newest_complete_iter
+
+    found = newest_complete_iter(path)
+    if found is None:
+        raise RuntimeError(f"{path}: the fsdp_dtensor save left no complete iter_* folder")
+    return found
+
+
+def audit_saved(path: Path, spec: ModelSpec) -> CheckResult:
+    from harness.formats.megatron import FsdpDtensorCheckpoint
+
+    ckpt = FsdpDtensorCheckpoint(newest_iter(path))
+    # save_megatron_model writes no optimizer state, so only the model-side rules apply here.
+    depth = megatron_keys.OPTIMIZER_DEPTH["bf16" if spec.bf16 else "fp32"]
+    return fsdp_layout.audit_fsdp_dtensor(ckpt, spec.hf_config, optimizer_depth=depth)
+
+
+def reload_fresh(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, saved: Path) -> bridge_calls.MegatronModel:
+    """A Megatron-FSDP model from another seed, NaN-filled, then strictly loaded from ``saved``."""
+    model = build_fsdp_model(bridge, spec, layout, runtime, seed=RELOAD_SEED)
+    bridge_calls.fill_sentinel(model)
+    load_fsdp_dtensor_strict(model, saved)
+    return model

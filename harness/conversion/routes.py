@@ -1,0 +1,291 @@
+"""Conversion routes: what one case *does*, as a short sequence of real Megatron-Bridge calls.
+
+Each route returns the list of checks it ran. All of them are collective (every rank calls the
+same steps); comparisons happen on rank 0 only. ``ROUTES`` maps each path of
+``harness.matrix.cases.PATHS`` to its route:
+
+    memory/roundtrip              HF -> Megatron(A) -> HF                               (in memory)
+    torch_dist/roundtrip          HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF
+    torch_dist/reshard            HF -> Megatron(A) -> torch_dist -> Megatron(B) -> HF
+    fsdp_dtensor/roundtrip        HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF
+    fsdp_dtensor/reshard          HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(B) -> HF
+    fsdp_dtensor/from-torch_dist  HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF -> Megatron-FSDP
+                                  -> fsdp_dtensor -> fresh Megatron-FSDP -> HF
+    fsdp_dtensor/key-contract     the imported SwiGLU / GDN fsdp_dtensor handlers resolve every key to
+                                  its own parameter (CPU too: harness.checks.key_contract)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from harness.checks import coverage, generation, logits, tensors
+from harness.conversion import bridge_calls, forward
+from harness.formats import hf as hf_format
+from harness.matrix import zoo
+from harness.matrix.cases import Case
+from harness.matrix.layouts import Layout
+from harness.results import CheckResult
+from harness.runtimes import lanes
+from harness.runtimes.base import Runtime
+
+
+@dataclass
+class Hooks:
+    """Points where a test may inject a fault into a real run (all optional)."""
+
+    after_export: Callable[[bridge_calls.Export], None] | None = None
+    before_forward: Callable[[bridge_calls.MegatronModel], None] | None = None
+    after_hf_save: Callable[[Path], None] | None = None  # the exported HF folder, before reloading
+
+
+@dataclass
+class Context:
+    """What a route needs besides the case: the lane's runtime, hooks and a scratch folder.
+    Routes fill ``fingerprint`` (rank 0) with what golden/ pins: per-format tensor digests."""
+
+    runtime: Runtime
+    workdir: Path
+    hooks: Hooks = field(default_factory=Hooks)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------- rank helpers
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def materialize_model(spec: zoo.ModelSpec) -> Path:
+    """Rank 0 builds the tiny checkpoint (once, cached); the others wait for it."""
+    if rank() == 0:
+        zoo.materialize(spec)
+    barrier()
+    return zoo.materialize(spec)  # already built: returns the path
+
+
+def gather_logits(local: torch.Tensor | None) -> torch.Tensor:
+    """The logits live on the last pipeline stage; bring one copy to every rank."""
+    if world() == 1:
+        assert local is not None, "single rank produced no logits"
+        return local
+    gathered: list[torch.Tensor | None] = [None] * world()
+    dist.all_gather_object(gathered, local)
+    return next(t for t in gathered if t is not None)
+
+
+# ------------------------------------------------------------------------------- shared steps
+
+
+def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, bridge_calls.MegatronModel, list[CheckResult]]:
+    """HF -> Megatron at ``layout`` with load coverage checked."""
+    hf_dir = materialize_model(case.model)
+    bridge = bridge_calls.open_bridge(hf_dir)
+    model = bridge_calls.build_model(bridge, case.model, layout, ctx.runtime)
+    bridge_calls.load_hf(model)
+    return hf_dir, model, [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+
+
+def export_and_compare(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    """Megatron -> HF, then bitwise against the source safetensors (streamed), plus the tie."""
+    exported = bridge_calls.export_hf(model, keep=rank() == 0)
+    if ctx.hooks.after_export:
+        ctx.hooks.after_export(exported)
+    if rank() != 0:
+        return []
+    ctx.fingerprint["hf-export"] = tensors.fingerprint(exported.tensors.items())
+    return [
+        tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates),
+        tensors.tied_embeddings(case.model.tied_embeddings, model.shares_embeddings, exported.tensors),
+    ]
+
+
+def logits_vs_hf(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    name = "logits-hf-vs-megatron"
+    blocker = lanes.forward_blocker(case.model, model.layout, ctx.runtime.lane)
+    if blocker:
+        return [CheckResult.skip(name, f"no Megatron forward on the {ctx.runtime.lane} lane: {blocker}")] if rank() == 0 else []
+    if ctx.hooks.before_forward:
+        ctx.hooks.before_forward(model)
+    vocab = case.model.hf_config["vocab_size"]
+    batch = forward.fixed_batch(vocab)
+    megatron = gather_logits(forward.megatron_logits(model.chunks, batch, vocab, ctx.runtime.device))
+    if rank() != 0:
+        return []
+    tolerance = logits.logit_tolerance(gpu=ctx.runtime.lane == lanes.GPU, bf16=case.model.bf16)
+    result = logits.logit_parity(forward.hf_logits(hf_dir, batch), megatron, name=name, tolerance=tolerance)
+    ctx.fingerprint["logits"] = result.metrics
+    return [result]
+
+
+def fingerprint_saved(ctx: Context, fmt: str, folder: Path) -> None:
+    """Digest every canonical tensor of a checkpoint this case wrote (rank 0, streamed)."""
+    if rank() != 0:
+        return
+    from harness.formats import dcp
+    from harness.formats.detect import open_checkpoint
+
+    ckpt = open_checkpoint(dcp.newest_complete_iter(folder) or folder)
+    ctx.fingerprint[fmt] = tensors.fingerprint(ckpt.tensors(list(ckpt.specs())))
+
+
+def generation_vs_original(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
+    """save_hf_pretrained to disk, reload it with from_pretrained (config.json + tokenizer too),
+    greedy-decode, compare with the original checkpoint's tokens."""
+    out = shared_dir(ctx, "hf_export")
+    try:
+        model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
+        saved = None
+    except Exception as err:  # noqa: BLE001 - e.g. a strict save refusing an incomplete export
+        saved = f"save_hf_pretrained failed: {_one_line(err)}"
+    barrier()
+    if rank() != 0:
+        return []
+    if saved is not None:
+        return [CheckResult("generation", False, saved)]
+    if ctx.hooks.after_hf_save:
+        ctx.hooks.after_hf_save(out)
+    from harness.matrix.tokenizer import PROMPTS
+
+    prompts = PROMPTS[case.family.tokenizer]
+    reference = forward.greedy_tokens(hf_dir, prompts)
+    try:
+        exported = forward.greedy_tokens(out, prompts)
+    except Exception as err:  # noqa: BLE001 - an export that does not reload is a failed check
+        return [CheckResult("generation", False, f"the exported checkpoint does not reload: {_one_line(err)}")]
+    return [generation.generation_parity(reference, exported)]
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def shared_dir(ctx: Context, name: str) -> Path:
+    """A scratch folder every rank agrees on (rank 0 creates it fresh)."""
+    path = ctx.workdir / name
+    if rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    barrier()
+    return path
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def memory_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    results += export_and_compare(case, model, hf_dir, ctx)
+    results += logits_vs_hf(case, model, hf_dir, ctx)
+    results += generation_vs_original(case, model, hf_dir, ctx)
+    return results
+
+
+def through_torch_dist(model: bridge_calls.MegatronModel, layout: Layout, ctx: Context) -> bridge_calls.MegatronModel:
+    """save_megatron_model (torch_dist), fingerprint it, load_megatron_model at ``layout``."""
+    ckpt = shared_dir(ctx, "torch_dist")
+    bridge_calls.save_torch_dist(model, ckpt)
+    fingerprint_saved(ctx, "torch_dist", ckpt)
+    return bridge_calls.load_torch_dist(model.bridge, ckpt, layout, ctx.runtime)
+
+
+def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    """Save at the case layout, load at ``load_layout`` (the same one unless resharding)."""
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    loaded = through_torch_dist(model, case.load_layout or case.layout, ctx)
+    del model
+    results += export_and_compare(case, loaded, hf_dir, ctx)
+    results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    results += generation_vs_original(case, loaded, hf_dir, ctx)
+    return results
+
+
+def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[CheckResult]:
+    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP -> HF + logits."""
+    from harness.conversion import megatron_fsdp
+
+    model = megatron_fsdp.build_fsdp_model(bridge, case.model, case.layout, ctx.runtime)
+    bridge_calls.fill_sentinel(model)
+    bridge_calls.load_hf(model, hf_dir)
+    results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    saved = shared_dir(ctx, "fsdp_dtensor")
+    megatron_fsdp.save_fsdp_dtensor(model, saved)
+    fingerprint_saved(ctx, "fsdp_dtensor", saved)
+    if rank() == 0:
+        results.append(megatron_fsdp.audit_saved(saved, case.model))
+    del model
+    loaded = megatron_fsdp.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime, saved)
+    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
+    results += export_and_compare(case, loaded, hf_dir, ctx)
+    results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    return results
+
+
+def fsdp_dtensor_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
+    hf_dir = materialize_model(case.model)
+    return _fsdp_save_reload(case, ctx, hf_dir, bridge_calls.open_bridge(hf_dir))
+
+
+def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
+    """torch_dist first (plain Megatron), then its export goes through the fsdp_dtensor leg."""
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    loaded = through_torch_dist(model, case.layout, ctx)
+    bridge = loaded.bridge
+    del model
+    via = shared_dir(ctx, "hf_from_torch_dist")
+    bridge.save_hf_pretrained(loaded.chunks, str(via))
+    del loaded
+    results += _fsdp_save_reload(case, ctx, via, bridge)
+    # The checks above compare against `via`; it must itself equal the original HF checkpoint.
+    if rank() == 0:
+        exported = dict(hf_format.iter_tensors(via))
+        results.append(tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported, name="torch_dist-export"))
+    return results
+
+
+def fsdp_key_contract(case: Case, ctx: Context) -> list[CheckResult]:
+    """The wrapped-key contract (harness.checks.key_contract) for this family's fsdp_dtensor handlers."""
+    import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
+
+    from harness.checks import key_contract
+
+    results = []
+    blocker = lanes.model_blocker(case.model, ctx.runtime.lane)
+    if case.model.gated_mlp and not blocker:
+        hf_dir = materialize_model(case.model)
+        model = bridge_calls.build_model(bridge_calls.open_bridge(hf_dir), case.model, case.layout, ctx.runtime)
+        stack = key_contract.save_path_stack(model.chunks[0], bf16=True)
+        results.append(key_contract.check_handler(handlers.handle_swiglu_in_state_dict, stack, name="swiglu-key-contract"))
+    elif blocker:
+        results.append(CheckResult.skip("swiglu-key-contract", f"the model cannot be built on the {ctx.runtime.lane} lane: {blocker}"))
+    if case.model.has_gdn:
+        stack = key_contract.gdn_stack_from_config(case.model.hf_config)
+        results.append(key_contract.check_handler(handlers.handle_gdn_in_state_dict, stack, name="gdn-key-contract"))
+    return results if rank() == 0 else []
+
+
+ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
+    "memory/roundtrip": memory_roundtrip,
+    "torch_dist/roundtrip": torch_dist_roundtrip,
+    "torch_dist/reshard": torch_dist_roundtrip,
+    "fsdp_dtensor/roundtrip": fsdp_dtensor_roundtrip,
+    "fsdp_dtensor/reshard": fsdp_dtensor_roundtrip,
+    "fsdp_dtensor/from-torch_dist": fsdp_dtensor_from_torch_dist,
+    "fsdp_dtensor/key-contract": fsdp_key_contract,
+}

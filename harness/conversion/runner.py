@@ -1,0 +1,77 @@
+"""Run one case inside a rank and package the outcome as a ``CaseResult``.
+
+The route (``harness.conversion.routes``) does the work; this module adds what every case needs
+around it: a scratch folder, the environment restored afterwards (Megatron sets ``NVTE_*``
+variables while building a model, which would leak into the next case of the same process), and
+timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+from harness.conversion import routes
+from harness.conversion.routes import Hooks  # re-exported: tests inject faults through runner.Hooks
+from harness.matrix.cases import Case
+from harness.results import ERROR, FAIL, PASS, CaseResult
+from harness.runtimes.base import Runtime
+
+__all__ = ["CaseResult", "Hooks", "run_case", "error_result", "PASS", "FAIL", "ERROR"]
+
+
+@contextlib.contextmanager
+def restored_environ() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_case(case: Case, runtime: Runtime, hooks: Hooks | None = None, workdir: Path | None = None) -> CaseResult:
+    """Run ``case`` on this rank. Exceptions propagate (the worker decides what to do).
+
+    ``workdir`` holds the case's scratch checkpoints; it is removed when the case passes and kept
+    for debugging when it fails. Without one, a temporary folder is used.
+    """
+    start = time.monotonic()
+    own_tmp = workdir is None
+    if own_tmp:
+        if routes.world() > 1:
+            raise ValueError("run_case needs a shared workdir when there is more than one rank")
+        workdir = Path(tempfile.mkdtemp(prefix="harness-case-"))
+    ctx = routes.Context(runtime=runtime, workdir=workdir, hooks=hooks or Hooks())
+    with restored_environ():
+        results = routes.ROUTES[case.path](case, ctx)
+    status = PASS if all(r.passed for r in results) else FAIL
+    routes.barrier()
+    if routes.rank() == 0 and (status == PASS or own_tmp):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return CaseResult(
+        case_id=case.id,
+        status=status,
+        checks=results,
+        duration_s=round(time.monotonic() - start, 3),
+        world_size=routes.world(),
+        lane=runtime.lane,
+        fingerprint=ctx.fingerprint,
+    )
+
+
+def error_result(case: Case, exc: BaseException, started: float, lane: str) -> CaseResult:
+    return CaseResult(
+        case_id=case.id,
+        status=ERROR,
+        duration_s=round(time.monotonic() - started, 3),
+        error="".join(traceback.format_exception(exc)),
+        world_size=routes.world(),
+        lane=lane,
+    )

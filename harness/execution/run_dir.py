@@ -1,0 +1,229 @@
+"""One run folder under ``reports/``: its layout, and the typed records that cross the process
+boundary through it. This module is the only code that knows where a file of a run lives.
+
+Layout of one run (``reports/<UTC timestamp>-<label>/``)::
+
+    results.json             run summary + every case result (see harness.reporting.run_report)
+    junit.xml, summary.md    the same for CI test reporting and PR comments
+    plans/<group>.json       what one launch of a rank group runs (``Plan``), read by every rank
+    progress/rank<R>.jsonl   one ``ProgressEvent`` per line, so the launcher knows which case a
+                             hung or dead rank was in, and since when
+    cases/<slug>.json        one case result each, written atomically by rank 0 when the case ends
+    cases/<slug>.rank<R>.err a non-zero rank's traceback when it failed alone
+    logs/<group>/rank<R>.log this rank's stdout and stderr; launcher.log: torchrun's own output
+    provenance/<group>.json  where each rank group imported Megatron from, and the versions
+    scratch/<slug>/          the case's checkpoints (kept when it fails, for debugging)
+
+``reports/latest`` points at the newest finished run (a symlink, replaced atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness import workspace
+from harness.execution.source_trees import SourceTree
+from harness.results import CaseResult
+
+RESULTS_NAME = "results.json"
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one launch of a rank group runs: written by the launcher, read by every rank."""
+
+    run_dir: str
+    group: str  # "ws<world size>-<attempt>"
+    lane: str
+    cases: list[str]
+    cases_dir: str
+    faults: list[str] = field(default_factory=list)  # seeded regressions (harness.regression.faults)
+    source_trees: list[SourceTree] = field(default_factory=list)
+    collective_timeout_s: float = 360.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        data = dict(data)
+        data["source_trees"] = [SourceTree(**t) for t in data.get("source_trees", [])]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A rank started or ended a case (wall-clock ``t``)."""
+
+    case: str
+    event: str  # "start" | "end"
+    t: float
+    rank: int = 0
+
+    START, END = "start", "end"
+
+
+class RunDir:
+    """A run folder; every path inside it comes from here."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, label: str, root: Path | None = None) -> "RunDir":
+        """A fresh, never-reused run folder; an existing folder is never written into (two runs
+        on one machine get two folders, whatever their timing)."""
+        root = root or workspace.reports_root()
+        root.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        for n in range(1000):
+            name = f"{stamp}-{safe}" + (f"-{n}" if n else "")
+            try:
+                (root / name).mkdir()
+                return cls(root / name)
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"could not create a run folder under {root}")
+
+    def point_latest(self) -> None:
+        """``<root>/latest`` -> this run, replaced atomically (a reader sees the old or the new)."""
+        link = self.path.parent / LATEST
+        tmp = self.path.parent / f".{LATEST}-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.path.name)
+        os.replace(tmp, link)
+
+    # -- run-level files --------------------------------------------------------------------
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS_NAME
+
+    @property
+    def junit_file(self) -> Path:
+        return self.path / "junit.xml"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.md"
+
+    # -- plans ------------------------------------------------------------------------------
+
+    def plan_file(self, group: str) -> Path:
+        return self.path / "plans" / f"{group}.json"
+
+    def write_plan(self, plan: Plan) -> Path:
+        path = self.plan_file(plan.group)
+        workspace.atomic_write_json(path, plan.to_dict())
+        return path
+
+    @staticmethod
+    def read_plan(path: Path) -> Plan:
+        return Plan.from_dict(json.loads(Path(path).read_text()))
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def progress_file(self, rank: int) -> Path:
+        return self.path / "progress" / f"rank{rank}.jsonl"
+
+    def append_progress(self, event: ProgressEvent) -> None:
+        """One line, flushed and fsynced: the launcher reads it while the rank runs."""
+        file = self.progress_file(event.rank)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(file, "a") as fh:
+            fh.write(json.dumps(asdict(event)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def progress(self, ranks: int) -> Iterator[ProgressEvent]:
+        """Every complete progress line of ranks 0..ranks-1 (a line being written is skipped)."""
+        for rank in range(ranks):
+            file = self.progress_file(rank)
+            if not file.exists():
+                continue
+            for line in file.read_text().splitlines():
+                try:
+                    yield ProgressEvent(**json.loads(line))
+                except (json.JSONDecodeError, TypeError):
+                    continue
+
+    # -- case results -----------------------------------------------------------------------
+
+    def case_result_file(self, case_id: str) -> Path:
+        return self.path / "cases" / f"{workspace.slug(case_id)}.json"
+
+    def write_case_result(self, result: CaseResult) -> None:
+        workspace.atomic_write_json(self.case_result_file(result.case_id), result.to_dict())
+
+    def read_case_result(self, case_id: str) -> CaseResult | None:
+        file = self.case_result_file(case_id)
+        if not file.exists():
+            return None
+        return CaseResult.from_dict(json.loads(file.read_text()))
+
+    def write_rank_error(self, case_id: str, rank: int, text: str) -> None:
+        workspace.atomic_write_text(self.path / "cases" / f"{workspace.slug(case_id)}.rank{rank}.err", text)
+
+    def rank_errors(self, case_id: str) -> list[tuple[int, str]]:
+        """``(rank, traceback)`` of every non-zero rank that recorded its own error in a case."""
+        out = []
+        for file in sorted((self.path / "cases").glob(f"{workspace.slug(case_id)}.rank*.err")):
+            rank = int(file.name.rsplit(".rank", 1)[1].removesuffix(".err"))
+            out.append((rank, file.read_text()))
+        return out
+
+    # -- logs -------------------------------------------------------------------------------
+
+    def log_dir(self, group: str) -> Path:
+        return self.path / "logs" / group
+
+    def rank_log(self, group: str, rank: int) -> Path:
+        return self.log_dir(group) / f"rank{rank}.log"
+
+    def launcher_log(self, group: str) -> Path:
+        return self.log_dir(group) / "launcher.log"
+
+    def log_tail(self, group: str, lines: int = 40) -> str:
+        """The last ``lines`` of every log of a launch, each under its file name."""
+        chunks = []
+        for log in sorted(self.log_dir(group).glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()
+            if text:
+                chunks.append(f"==> {log.name} <==\n" + "\n".join(text[-lines:]))
+        return "\n".join(chunks)
+
+    # -- scratch and provenance -------------------------------------------------------------
+
+    def scratch(self, case_id: str) -> Path:
+        return self.path / "scratch" / workspace.slug(case_id)
+
+    def provenance_file(self, group: str) -> Path:
+        return self.path / "provenance" / f"{group}.json"
+
+    def write_provenance(self, group: str, doc: dict[str, Any]) -> None:
+        workspace.atomic_write_json(self.provenance_file(group), doc)
+
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """group -> provenance document, for every launch of this run."""
+        folder = self.path / "provenance"
+        return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}

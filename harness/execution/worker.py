@@ -1,0 +1,97 @@
+"""Rank entry point: run many cases in one process group so the ~12 s import is paid once.
+
+Launched by ``harness.execution.launch`` (under ``torch.distributed.run`` for world size > 1) with
+a ``Plan``. Everything it tells the launcher goes through the run folder (``RunDir``), so a
+crashed rank cannot corrupt it: progress events, case results (rank 0), a non-zero rank's own
+error, its log.
+
+A Python exception in a case is recorded as an ``error`` result. With one rank the worker goes on
+to the next case; with several it exits, because the other ranks may be stuck in a collective
+the failed rank will never join. The launcher then relaunches the group for the remaining cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from harness.execution.run_dir import Plan, ProgressEvent, RunDir
+
+EXIT_CASE_ERROR = 3
+
+
+def _redirect_output(log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harness.execution.worker")
+    parser.add_argument("--plan", type=Path, required=True)
+    args = parser.parse_args(argv)
+    plan: Plan = RunDir.read_plan(args.plan)
+    run = RunDir(plan.run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _redirect_output(run.rank_log(plan.group, rank))
+    print(f"[worker] rank {rank}/{world} lane={plan.lane} cases={len(plan.cases)}", flush=True)
+
+    # Heavy imports only here, after the log redirect, so their warnings land in the rank log.
+    import torch.distributed as dist
+
+    from harness.conversion import runner
+    from harness.execution import provenance, source_trees
+    from harness.matrix.cases import load_cases
+    from harness.regression import faults
+    from harness.runtimes import make_runtime
+
+    imported = source_trees.verify_imports(plan.source_trees)  # raises (-> every case errors) on a wrong import
+    runtime = make_runtime(plan.lane)
+    if rank == 0:
+        run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
+
+    dist.init_process_group(backend=runtime.backend, timeout=timedelta(seconds=plan.collective_timeout_s))
+    case_set = load_cases(Path(plan.cases_dir))
+    exit_code = 0
+    with runtime:
+        for case_id in plan.cases:
+            case = case_set.get(case_id)
+            run.append_progress(ProgressEvent(case_id, ProgressEvent.START, time.time(), rank))
+            started = time.monotonic()
+            try:
+                with faults.active(plan.faults, case_id):
+                    result = runner.run_case(case, runtime, workdir=run.scratch(case_id))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
+                result = runner.error_result(case, exc, started, lane=plan.lane)
+                print(result.error, file=sys.stderr, flush=True)
+                if rank == 0 or world == 1:
+                    run.write_case_result(result)
+                else:
+                    run.write_rank_error(case_id, rank, result.error)
+                run.append_progress(ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+                if world > 1:
+                    exit_code = EXIT_CASE_ERROR
+                    break
+                continue
+            if rank == 0:
+                run.write_case_result(result)
+            run.append_progress(ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+    if exit_code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)  # peers may be blocked in a collective; do not wait for teardown
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The Megatron key grammar, both directions, in one place.
+
+A *canonical* key names one logical tensor of the unwrapped, unsharded model:
+
+* per layer: ``decoder.layers.<i>.…``;
+* per expert, with *global* expert numbers: ``decoder.layers.<i>.mlp.experts.<e>.linear_fc1.weight``;
+* SwiGLU ``linear_fc1`` fused as ``[W; V]`` along dim 0;
+* GDN ``in_proj.weight`` fused as query|key|value|z|beta|alpha and ``conv1d`` as query|key|value;
+* no wrapper prefixes (``model.``, ``module.``); norms under the names torch_dist uses.
+
+How the two DCP formats store a canonical tensor:
+
+* **torch_dist** (MCore dist_checkpointing) stacks layers along dim 0
+  (``decoder.layers.mlp.linear_fc1.weight`` is ``[L, 2F, H]``) and experts along dim 1
+  (``decoder.layers.mlp.experts.experts.linear_fc1.weight`` is ``[L, E, 2F, H]``);
+* **fsdp_dtensor** (Megatron-FSDP) stores one entry per parameter under ``model.`` plus wrapper
+  prefixes; SwiGLU fc1 as ``<key>_w`` / ``<key>_v``; GDN projections as ``<key>.<part>``; experts
+  as GroupedMLP ``…experts.linear_fc1.weight<e>`` or SequentialMLP ``…experts.local_experts.<e>.…``
+  with global ``e``; optimizer moments under ``optimizer.state.<wrappers><param>.exp_avg``.
+
+Conventions follow ``megatron/core/transformer/fsdp_dtensor_checkpoint.py`` and
+``megatron/core/dist_checkpointing`` (megatron-core 0.19.2). The readers
+(``harness.formats.megatron``), the writer (``harness.formats.fsdp_writer``), the layout audit
+(``harness.checks.fsdp_layout``) and the key contract (``harness.checks.key_contract``) all speak
+through this module. No torch import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+WRAPPERS = ("model", "module")
+SWIGLU_PARTS = ("w", "v")  # fc1 = [W; V]: W the gate (activated) half, V the linear half
+GDN_IN_PROJ_PARTS = ("query", "key", "value", "z", "beta", "alpha")
+GDN_CONV1D_PARTS = ("query", "key", "value")
+GDN_PARTS = GDN_IN_PROJ_PARTS  # every GDN part name (conv1d uses the first three)
+
+# Local-spec norm names -> the fused (TE) names that torch_dist saves them under.
+NORM_ALIASES = {
+    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+}
+
+FSDP_MODEL_PREFIX = "model."
+FSDP_OPTIMIZER_PREFIX = "optimizer."
+FSDP_OPTIMIZER_STATE = "optimizer.state."
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+# Wrapper prefixes on optimizer keys (FSDP adapter -> MegatronFSDP [-> Float16Module]) -> param.
+OPTIMIZER_DEPTH = {"bf16": 3, "fp16": 3, "fp32": 2}
+
+# Stored expert naming (fsdp_dtensor) and canonical expert naming.
+_GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<e>\d+)$")
+_SEQUENTIAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$")
+_CANONICAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)$")
+_LAYER = re.compile(r"^(?P<layer>.*decoder\.layers\.\d+)\.")
+
+# SwiGLU fc1 parameters (weight or bias) in stored naming: dense, GroupedMLP / SequentialMLP expert
+# and shared expert, with the split part (the patterns of handle_swiglu_in_state_dict's
+# is_swiglu_key), and in canonical naming.
+_FC1 = re.compile(
+    r"^(?P<base>(?:.*\.)?mlp\.(?:experts\.linear_fc1\.(?:weight|bias)\d+|experts\.local_experts\.\d+\."
+    r"linear_fc1\.(?:weight|bias)|shared_experts\.linear_fc1\.(?:weight|bias)|linear_fc1\.(?:weight|bias)))"
+    r"(?:_(?P<part>[wv]))?$"
+)
+_CANONICAL_FC1 = re.compile(r"(?:^|\.)mlp\.(?:experts\.\d+\.|shared_experts\.)?linear_fc1\.(?:weight|bias)$")
+_GDN = re.compile(
+    r"^(?P<base>.*\.(?P<proj>in_proj|conv1d)\.(?:weight|bias))(?:\.(?P<part>" + "|".join(GDN_IN_PROJ_PARTS) + r"))?$"
+)
+
+# torch_dist: a stacked key has no layer number after ``decoder.layers``.
+_STACKED = re.compile(r"^(?P<pre>(?:.*\.)?decoder\.layers)\.(?P<rest>(?!\d+\.).+)$")
+_STACKED_EXPERTS = "mlp.experts.experts."
+
+
+# ------------------------------------------------------------------------------- canonical
+
+
+def strip_wrappers(key: str) -> tuple[str, int]:
+    """Drop leading ``model.``/``module.`` segments; returns the key and how many were dropped."""
+    parts = key.split(".")
+    depth = 0
+    while parts and parts[0] in WRAPPERS:
+        parts = parts[1:]
+        depth += 1
+    return ".".join(parts), depth
+
+
+def canonical_expert(key: str) -> str:
+    """GroupedMLP / SequentialMLP expert naming -> ``…mlp.experts.<e>.<module>.<param>``."""
+    m = _GROUPED_EXPERT.match(key)
+    if m:
+        return f"{m['pre']}.{m['e']}.{m['fc']}.{m['kind']}"
+    m = _SEQUENTIAL_EXPERT.match(key)
+    if m:
+        return f"{m['pre']}.{m['e']}.{m['rest']}"
+    return key
+
+
+def canonical_norm(key: str) -> str:
+    for local, fused in NORM_ALIASES.items():
+        if key.endswith(local):
+            return key[: -len(local)] + fused
+    return key
+
+
+def canonical(key: str) -> str:
+    """Wrapper-free stored naming -> canonical naming (experts and norms)."""
+    return canonical_norm(canonical_expert(key))
+
+
+def is_gated_fc1(canonical_key: str) -> bool:
+    """A SwiGLU fc1 weight or bias (dense, expert or shared expert) in canonical naming."""
+    return bool(_CANONICAL_FC1.search(canonical_key))
+
+
+# ------------------------------------------------------------------------------- torch_dist
+
+
+@dataclass(frozen=True)
+class Unstacked:
+    """One canonical tensor inside a stacked torch_dist tensor."""
+
+    key: str
+    index: tuple[int, ...]  # leading indices into the stored tensor
+    shape: tuple[int, ...]
+
+
+def unstack_torch_dist(stored: str, shape: tuple[int, ...]) -> list[Unstacked]:
+    """The canonical tensors a torch_dist entry holds (itself, if it is not stacked)."""
+    m = _STACKED.match(stored)
+    if not m:
+        return [Unstacked(stored, (), tuple(shape))]
+    pre, rest = m["pre"], m["rest"]
+    if rest.startswith(_STACKED_EXPERTS):
+        tail = rest[len(_STACKED_EXPERTS):]
+        return [
+            Unstacked(canonical_norm(f"{pre}.{i}.mlp.experts.{e}.{tail}"), (i, e), tuple(shape[2:]))
+            for i in range(shape[0]) for e in range(shape[1])
+        ]
+    return [Unstacked(canonical_norm(f"{pre}.{i}.{rest}"), (i,), tuple(shape[1:])) for i in range(shape[0])]
+
+
+# ------------------------------------------------------------------------------- fsdp_dtensor
+
+
+def part_suffix(part: str) -> str:
+    """How a split part is appended to its key: ``_w`` for SwiGLU, ``.query`` for GDN."""
+    return f"_{part}" if part in SWIGLU_PARTS else f".{part}"
+
+
+@dataclass(frozen=True)
+class FsdpKey:
+    """One fsdp_dtensor model key (``model.…``), parsed."""
+
+    stored: str
+    base: str  # wrappers and split part removed; stored expert naming
+    part: str  # "" (not split), "w" / "v" (SwiGLU), or a GDN part name
+    depth: int  # wrapper prefixes dropped
+
+    @property
+    def canonical(self) -> str:
+        return canonical(self.base)
+
+    @property
+    def projection(self) -> str:
+        """``fc1`` (a SwiGLU fc1 weight or bias), ``in_proj`` / ``conv1d`` (GDN), or ``''``."""
+        if _FC1.match(self.base):
+            return "fc1"
+        m = _GDN.match(self.base)
+        return m["proj"] if m else ""
+
+    @property
+    def fc1_kind(self) -> str:
+        """Which intermediate size an fc1 half has: ``dense``, ``expert`` or ``shared``."""
+        return "shared" if "shared_experts" in self.base else "expert" if ".experts." in self.base else "dense"
+
+    @property
+    def layer(self) -> str:
+        m = _LAYER.match(self.base)
+        return m["layer"] if m else ""
+
+    @property
+    def expert(self) -> int | None:
+        """The (global, as stored) expert number, or None for a non-expert key."""
+        m = _GROUPED_EXPERT.match(self.base) or _SEQUENTIAL_EXPERT.match(self.base)
+        return int(m["e"]) if m else None
+
+
+def parse_fsdp_key(stored: str) -> FsdpKey:
+    key, depth = strip_wrappers(stored)
+    if (m := _GDN.match(key)) and m["part"]:
+        return FsdpKey(stored, m["base"], m["part"], depth)
+    if (m := _FC1.match(key)) and m["part"]:
+        return FsdpKey(stored, m["base"], m["part"], depth)
+    return FsdpKey(stored, key, "", depth)
+
+
+def join_order(canonical_key: str) -> tuple[str, ...]:
+    """The order in which split parts are concatenated (dim 0) back into the canonical tensor."""
+    if ".in_proj." in canonical_key:
+        return GDN_IN_PROJ_PARTS
+    if ".conv1d." in canonical_key:
+        return GDN_CONV1D_PARTS
+    return SWIGLU_PARTS
+
+
+def gdn_split_sizes(hf_config: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """in_proj and conv1d part sizes along dim 0, as the GDN handler computes them (TP = 1)."""
+    qk = hf_config["linear_num_key_heads"] * hf_config["linear_key_head_dim"]
+    v = hf_config["linear_num_value_heads"] * hf_config["linear_value_head_dim"]
+    nvh = hf_config["linear_num_value_heads"]
+    return [qk, qk, v, v, nvh, nvh], [qk, qk, v]
+
+
+def fsdp_split_plan(canonical_key: str, rows: int, *, split_swiglu: bool = True,
+                    gdn_sizes: tuple[list[int], list[int]] | None = None) -> list[tuple[str, int]]:
+    """``(part, rows)`` along dim 0 in which fsdp_dtensor stores a canonical tensor of ``rows``
+    rows: ``[("", rows)]`` when it is not split."""
+    if gdn_sizes and (canonical_key.endswith(".in_proj.weight") or ".conv1d." in canonical_key):
+        in_proj = canonical_key.endswith(".in_proj.weight")
+        return list(zip(GDN_IN_PROJ_PARTS if in_proj else GDN_CONV1D_PARTS, gdn_sizes[0] if in_proj else gdn_sizes[1]))
+    if split_swiglu and is_gated_fc1(canonical_key):
+        return [(p, rows // 2) for p in SWIGLU_PARTS]
+    return [("", rows)]
+
+
+def fsdp_stored_name(canonical_key: str, part: str = "", *, local_experts: int = 0) -> str:
+    """The wrapper-free fsdp_dtensor name of one part of a canonical tensor, with GroupedMLP
+    expert naming. ``local_experts`` > 0 numbers experts ``e % local_experts``, as one EP rank
+    sees them (the *wrong* naming; tests write it to show the audit catching it)."""
+    base = canonical_key
+    if m := _CANONICAL_EXPERT.match(canonical_key):
+        index = int(m["e"]) % local_experts if local_experts else int(m["e"])
+        base = f"{m['pre']}.{m['fc']}.{m['kind']}{index}"
+    return base + (part_suffix(part) if part else "")
+
+
+def fsdp_optimizer_key(stored_param: str, depth: int, moment: str) -> str:
+    """``optimizer.state.<module. x depth><param>.<moment>`` for a wrapper-free param name."""
+    return f"{FSDP_OPTIMIZER_STATE}{'module.' * depth}{stored_param}.{moment}"
+
+
+def optimizer_key_depth(key: str) -> int | None:
+    """Wrapper depth of an ``optimizer.state.…`` key (None for other optimizer keys)."""
+    if not key.startswith(FSDP_OPTIMIZER_STATE):
+        return None
+    return strip_wrappers(key.removeprefix(FSDP_OPTIMIZER_STATE))[1]
+
+
+def source_param(split_key: str, params: Mapping[str, Any]) -> str:
+    """The parameter a split state-dict key (``X_w``, ``X.query``, ``X_v.exp_avg`` ...) was
+    derived from, among ``params`` (wrapper-free names)."""
+    key = split_key
+    for moment in sorted(OPTIMIZER_MOMENTS, key=len, reverse=True):
+        key = key.removesuffix(f".{moment}")
+    key = strip_wrappers(key)[0]
+    for part in (*SWIGLU_PARTS, *GDN_IN_PROJ_PARTS):
+        suffix = part_suffix(part)
+        if key.endswith(suffix) and key[: -len(suffix)] in params:
+            return key[: -len(suffix)]
+    return key

@@ -1,0 +1,125 @@
+"""Parallel layouts (TP/PP/EP/ETP/VPP/CP): parsing, naming and up-front validation.
+
+A layout is written the way people say it, ``tp2-pp2`` or ``tp1-ep2``, and that string is part of
+the case ID, so it must be canonical: sizes of 1 are omitted except ``tp1``, and the order is
+fixed. Validation against a model config happens *before* Megatron is touched so an impossible
+combination is a one-line message naming the rule, not an assertion deep inside Megatron.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from harness.matrix.zoo import config_num_experts
+
+_ORDER = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp")
+_TOKEN = re.compile(r"^(tp|pp|vpp|ep|etp|cp|dp)(\d+)$")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be parsed or that the model cannot be split into."""
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline chunks per PP rank; 1 = no interleaving
+    ep: int = 1
+    etp: int | None = None  # expert TP; None = same as tp (Megatron's default)
+    cp: int = 1
+    dp: int = 1  # data-parallel replicas (Megatron-FSDP shards across them); Megatron infers it
+
+    def __post_init__(self) -> None:
+        for name in _ORDER:
+            value = getattr(self, name)
+            if name == "etp" and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+        if self.vpp > 1 and self.pp == 1:
+            raise LayoutError(f"vpp{self.vpp} needs pp > 1 (virtual stages interleave real ones)")
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        sizes: dict[str, int] = {}
+        for token in text.strip().lower().split("-"):
+            match = _TOKEN.match(token)
+            if not match:
+                raise LayoutError(
+                    f"bad layout {text!r}: token {token!r} is not one of "
+                    f"{', '.join(n + '<N>' for n in _ORDER)}"
+                )
+            name, value = match.group(1), int(match.group(2))
+            if name in sizes:
+                raise LayoutError(f"bad layout {text!r}: {name} given twice")
+            sizes[name] = value
+        return cls(**sizes)
+
+    @property
+    def id(self) -> str:
+        parts = [f"tp{self.tp}"]
+        for name in _ORDER[1:]:
+            value = getattr(self, name)
+            if value is not None and (value != 1 or name == "etp"):  # etp1 differs from "etp = tp"
+                parts.append(f"{name}{value}")
+        return "-".join(parts)
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def world_size(self) -> int:
+        """Smallest world both decompositions fit: dense TPxPPxCP and expert ETPxEPxPP ranks."""
+        return math.lcm(self.tp * self.pp * self.cp, self.expert_tp * self.ep * self.pp) * self.dp
+
+    def megatron_kwargs(self) -> dict[str, Any]:
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+        )
+
+    def violations(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> list[str]:
+        """Rules this layout breaks for an HF config dict (empty list: the layout is valid).
+
+        ``vocab_padded``: the provider pads the vocab to a multiple of 128 x TP; without it (the
+        bridge's default) the embedding rows are split as they are and must divide by TP.
+        """
+        problems: list[str] = []
+        heads = cfg.get("num_attention_heads")
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        layers = cfg.get("num_hidden_layers")
+        experts = config_num_experts(cfg)
+
+        if heads is not None and heads % self.tp:
+            problems.append(f"attention heads {heads} not divisible by tp{self.tp}")
+        if kv_heads is not None and kv_heads % self.tp and self.tp % kv_heads:
+            problems.append(f"kv heads {kv_heads} and tp{self.tp}: neither divides the other")
+        vocab = cfg.get("vocab_size")
+        if vocab is not None and not vocab_padded and vocab % self.tp:
+            problems.append(f"vocab {vocab} not divisible by tp{self.tp} (the vocab is not padded)")
+        if layers is not None and layers % (self.pp * self.vpp):
+            what = f"pp{self.pp}" if self.vpp == 1 else f"pp{self.pp} x vpp{self.vpp}"
+            problems.append(f"layers {layers} not divisible by {what}")
+        if self.ep > 1 or self.etp is not None:
+            if not experts:
+                problems.append(f"{self.id} sets expert parallelism but the model has no experts")
+            elif experts % self.ep:
+                problems.append(f"experts {experts} not divisible by ep{self.ep}")
+        return problems
+
+    def validate(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> None:
+        problems = self.violations(cfg, vocab_padded=vocab_padded)
+        if problems:
+            raise LayoutError(f"invalid layout {self.id}: " + "; ".join(problems))

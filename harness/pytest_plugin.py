@@ -1,0 +1,82 @@
+"""The case matrix as pytest tests: one test ID per (lane, case), run in amortised groups.
+
+Collection parametrizes ``matrix_case`` from ``cases/*.yaml`` with marks ``cpu``/``gpu`` (lane)
+and ``slow`` (cases only in the full, nightly set). Running is lazy and grouped: the first test of
+a (lane, world size) group runs *every selected test of that group* through the same service as
+the CLI (``harness.execution.service``), so ``-k``/``-m`` selections still pay the import cost once
+per group and every group leaves a complete run folder. Under pytest-xdist, ``xdist_group`` marks
+keep a group on one worker (``--dist loadgroup``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from harness.execution import service
+from harness.matrix.cases import Case, CaseSet, load_cases
+from harness.reporting import run_report
+from harness.results import CaseResult
+
+PARAM = "matrix_case"
+
+
+def params(case_set: CaseSet) -> list:
+    out = []
+    for case in case_set.cases:
+        for lane in case.lanes:
+            marks = [getattr(pytest.mark, lane), pytest.mark.xdist_group(f"{lane}-ws{case.world_size}")]
+            if "default" not in case.sets:
+                marks.append(pytest.mark.slow)
+            out.append(pytest.param((lane, case.id), id=f"{lane}-{case.id}", marks=marks))
+    return out
+
+
+@dataclass
+class MatrixRunner:
+    """Runs selected matrix cases group by group and remembers the results."""
+
+    session: pytest.Session
+    case_set: CaseSet = field(default_factory=load_cases)
+    results: dict[tuple[str, str], CaseResult] = field(default_factory=dict)
+    runs: dict[tuple[str, int], service.RunOutcome] = field(default_factory=dict)
+
+    def selected(self) -> list[tuple[str, str]]:
+        out = []
+        for item in self.session.items:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and PARAM in callspec.params:
+                out.append(callspec.params[PARAM])
+        return out
+
+    def skip_reason(self, lane: str, case_id: str) -> str:
+        """Why this machine cannot run the case (e.g. the GPU lane without enough GPUs)."""
+        return service.not_runnable_here(self.case_set.get(case_id), lane)
+
+    def result(self, lane: str, case_id: str) -> CaseResult:
+        key = (lane, case_id)
+        if key not in self.results:
+            self._run_group(lane, self.case_set.get(case_id).world_size)
+        return self.results[key]
+
+    def _run_group(self, lane: str, world_size: int) -> None:
+        group: list[Case] = []
+        for sel_lane, case_id in self.selected():
+            case = self.case_set.get(case_id)
+            if (sel_lane == lane and case.world_size == world_size and not case.invalid_reason
+                    and (lane, case_id) not in self.results):
+                group.append(case)
+        request = service.RunRequest(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}")
+        outcome = service.run_selection(request, stream=None)
+        self.runs[(lane, world_size)] = outcome
+        for result in outcome.results:
+            self.results[(lane, result.case_id)] = result
+
+
+def explain(result: CaseResult) -> str:
+    """The failure message pytest shows: the check table plus any error text."""
+    lines = [f"{result.case_id}: {result.status.upper()}", run_report.check_table(result) if result.checks else ""]
+    if result.error:
+        lines.append(result.error.rstrip())
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,343 @@
+"""Seeded regressions, injected at run time by patching Megatron-Bridge / Megatron-Core functions.
+
+A fault is a named context manager. While it is active, one upstream function behaves the way a
+real regression would; on exit the original is restored. Faults are applied inside the worker
+processes (every rank) around each case, so they exercise the same code paths as a real bug.
+Installed files are never edited.
+
+``harness run CASE --inject NAME`` and ``harness selftest`` (``harness.regression.selftest``) use
+this registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str
+    apply: Callable[[], contextlib.AbstractContextManager]
+
+
+FAULTS: dict[str, Fault] = {}
+
+
+def fault(name: str, description: str):
+    def register(fn: Callable[[], Iterator[None]]):
+        FAULTS[name] = Fault(name=name, description=description, apply=contextlib.contextmanager(fn))
+        return fn
+
+    return register
+
+
+@contextlib.contextmanager
+def patched(target: str, attribute: str, replacement: Any) -> Iterator[Any]:
+    """Replace ``module_or_class.attribute`` for the block; yields the original."""
+    module_path, _, class_name = target.partition(":")
+    owner: Any = importlib.import_module(module_path)
+    if class_name:
+        owner = getattr(owner, class_name)
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
+    try:
+        yield original
+    finally:
+        setattr(owner, attribute, original)
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """``NAME`` or ``NAME@CASE_GLOB`` (the fault applies only to matching case IDs)."""
+    name, _, pattern = spec.partition("@")
+    if name not in FAULTS:
+        raise KeyError(f"unknown fault {name!r} (known: {', '.join(sorted(FAULTS))})")
+    return name, pattern or "*"
+
+
+@contextlib.contextmanager
+def active(specs: list[str], case_id: str = "") -> Iterator[None]:
+    """Apply every fault in ``specs`` whose case pattern matches ``case_id``."""
+    with contextlib.ExitStack() as stack:
+        for spec in specs:
+            name, pattern = parse(spec)
+            if fnmatch.fnmatchcase(case_id, pattern):
+                stack.enter_context(FAULTS[name].apply())
+        yield
+
+
+# ------------------------------------------------------------------ conversion regressions
+# Each one makes one upstream function behave the way a real, seen-in-the-wild regression did.
+_BRIDGE = "megatron.bridge.models.conversion.model_bridge:MegatronModelBridge"
+_MAPPING = "megatron.bridge.models.conversion.param_mapping"
+_MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
+_HANDLERS = "megatron.core.transformer.fsdp_dtensor_checkpoint"
+
+
+@contextlib.contextmanager
+def _filtered_export(transform):
+    """Wrap export_hf_weights' generator: ``transform(name, tensor)`` -> (name, tensor) or None."""
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    original = MegatronModelBridge.stream_weights_megatron_to_hf
+
+    def stream(self, *args, **kwargs):
+        for name, tensor in original(self, *args, **kwargs):
+            out = transform(name, tensor)
+            if out is not None:
+                yield out
+
+    with patched(_BRIDGE, "stream_weights_megatron_to_hf", stream):
+        yield
+
+
+@contextlib.contextmanager
+def _unmapped_on_import(matches):
+    """A mapping whose hf_to_megatron yields nothing: the bridge skips the copy without a word
+    (the way ranks without a shard skip), so the parameter keeps its initial values."""
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+
+    original = AutoMapping.hf_to_megatron
+
+    def hf_to_megatron(self, hf_weights, megatron_module):
+        if matches(self.megatron_param):
+            return None
+        return original(self, hf_weights, megatron_module)
+
+    with patched(f"{_MAPPING}:AutoMapping", "hf_to_megatron", hf_to_megatron):
+        yield
+
+
+@fault("gate-up-swapped", "GatedMLPMapping swaps gate and up on import AND on export (round trip stays bitwise)")
+def _gate_up_swapped():
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+
+    imp, exp = GatedMLPMapping.hf_to_megatron, GatedMLPMapping.megatron_to_hf
+
+    def hf_to_megatron(self, hf_weights, megatron_module):
+        return imp(self, {"gate": hf_weights["up"], "up": hf_weights["gate"]}, megatron_module)
+
+    def megatron_to_hf(self, megatron_weights, megatron_module):
+        out = exp(self, megatron_weights, megatron_module)
+        renamed = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+        return {re.sub(r"gate_proj|up_proj", lambda m: renamed[m.group(0)], k): v for k, v in out.items()}
+
+    with patched(f"{_MAPPING}:GatedMLPMapping", "hf_to_megatron", hf_to_megatron), \
+         patched(f"{_MAPPING}:GatedMLPMapping", "megatron_to_hf", megatron_to_hf):
+        yield
+
+
+@fault("qkv-naive-concat", "QKV merged as cat([q, k, v]) instead of per-query-group interleaving, split the same way")
+def _qkv_naive():
+    import torch
+
+    def merge(provider, q, k, v):
+        return torch.cat([q, k, v], dim=0)
+
+    def split(provider, qkv):
+        head = provider.kv_channels or provider.hidden_size // provider.num_attention_heads
+        sizes = [provider.num_attention_heads * head, provider.num_query_groups * head, provider.num_query_groups * head]
+        return tuple(torch.split(qkv, sizes, dim=0))
+
+    with patched(_MAPPING, "merge_qkv_weights", merge), patched(_MAPPING, "split_qkv_weights", split), \
+         patched(_MAPPING, "merge_qkv_biases", merge), patched(_MAPPING, "split_qkv_biases", split):
+        yield
+
+
+@contextlib.contextmanager
+def _renamed_globally(rewrite):
+    """Wrap the bridge's local -> global parameter naming: ``rewrite(local, global)`` -> global."""
+    from megatron.bridge.models.conversion import model_bridge
+
+    original = model_bridge._megatron_local_name_to_global
+
+    def local_name_to_global(models, config, param_name, vp_stage=None):
+        return rewrite(param_name, original(models, config, param_name, vp_stage))
+
+    with patched(_MODEL_BRIDGE, "_megatron_local_name_to_global", local_name_to_global):
+        yield
+
+
+@fault("expert-offset-local", "under EP > 1, local expert numbers are used as global ones (no EP-rank offset)")
+def _expert_offset():
+    def keep_local_expert_number(param_name, out):
+        for pattern in (r"\.local_experts\.(\d+)\.", r"\.experts\.linear_fc\d\.(?:weight|bias)(\d+)$"):
+            local, glob = re.search(pattern, param_name), re.search(pattern, out)
+            if local and glob:
+                out = out[: glob.start(1)] + local.group(1) + out[glob.end(1):]
+        return out
+
+    with _renamed_globally(keep_local_expert_number):
+        yield
+
+
+@fault("export-drops-lm-head", "export_hf_weights omits lm_head.weight (as if the model were tied)")
+def _drop_lm_head():
+    with _filtered_export(lambda n, t: None if n == "lm_head.weight" else (n, t)):
+        yield
+
+
+@fault("rope-theta-dropped", "the provider loses rope_theta and falls back to Megatron's rotary_base 10000")
+def _rope_dropped():
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    original = MegatronModelBridge.provider_bridge
+
+    def provider_bridge(self, hf_pretrained):
+        provider = original(self, hf_pretrained)
+        provider.rotary_base = 10000.0
+        return provider
+
+    with patched(_BRIDGE, "provider_bridge", provider_bridge):
+        yield
+
+
+@fault("vocab-padding-exported", "embedding and lm_head exported with Megatron's vocab padding (rows up to a multiple of 128)")
+def _vocab_padding():
+    import torch
+
+    def pad(name, tensor):
+        if name in ("model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] % 128:
+            extra = 128 - tensor.shape[0] % 128
+            tensor = torch.cat([tensor, tensor.new_zeros((extra, *tensor.shape[1:]))])
+        return name, tensor
+
+    with _filtered_export(pad):
+        yield
+
+
+@fault("qk-norm-unmapped", "q_layernorm / k_layernorm have no working mapping (silently not loaded)")
+def _qk_norm():
+    with _unmapped_on_import(lambda p: "q_layernorm" in p or "k_layernorm" in p):
+        yield
+
+
+@fault("router-unmapped", "the MoE router weight has no working mapping (silently not loaded)")
+def _router():
+    with _unmapped_on_import(lambda p: p.endswith("mlp.router.weight")):
+        yield
+
+
+@fault("fp32-param-via-bf16", "an fp32-kept parameter (router gate, e_score_correction_bias) is exported through bf16")
+def _fp32_via_bf16():
+    import torch
+
+    def through_bf16(name, tensor):
+        if name.endswith(("mlp.gate.weight", "e_score_correction_bias")) and tensor.dtype == torch.float32:
+            tensor = tensor.to(torch.bfloat16).to(torch.float32)
+        return name, tensor
+
+    with _filtered_export(through_bf16):
+        yield
+
+
+@fault("partial-load", "one tensor (the final norm) silently keeps its initial values on load")
+def _partial():
+    with _unmapped_on_import(lambda p: p == "decoder.final_layernorm.weight"):
+        yield
+
+
+@fault("pp-layer-offset", "under PP > 1, global layer numbers of later stages are off by one")
+def _layer_offset():
+    from megatron.core import parallel_state
+
+    def shift_later_stages(_param_name, out):
+        if parallel_state.get_pipeline_model_parallel_rank() > 0:
+            out = re.sub(r"(\.layers\.)(\d+)\.", lambda m: f"{m.group(1)}{int(m.group(2)) + 1}.", out, count=1)
+        return out
+
+    with _renamed_globally(shift_later_stages):
+        yield
+
+
+@contextlib.contextmanager
+def _handed_model(handler_name: str, rewrap):
+    """The fsdp_dtensor save/load path hands the handler a model at another wrapper depth."""
+    import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
+
+    original = getattr(handlers, handler_name)
+
+    def handler(model, model_state_dict, optimizer_state_dict):
+        return original(rewrap(model), model_state_dict, optimizer_state_dict)
+
+    with patched(_HANDLERS, handler_name, handler):
+        yield
+
+
+def _innermost(model):
+    from harness.conversion.bridge_calls import unwrap
+
+    return unwrap(model)
+
+
+def _one_more_wrapper(model):
+    from harness.checks.key_contract import MegatronFSDPStandIn
+
+    return MegatronFSDPStandIn(model)
+
+
+# The wrapped-key bug class: each fsdp_dtensor handler (name, fault-name stem) handed a model one
+# wrapper too shallow or one too deep (suffix, how the model is rewrapped, description).
+_WRAPPED_KEY_FAULTS = (
+    ("handle_swiglu_in_state_dict", "swiglu"),
+    ("handle_gdn_in_state_dict", "gdn"),
+)
+_REWRAPS = (
+    ("unwrapped", _innermost, "is handed the unwrapped model (its lookups add 'module.')"),
+    ("overwrapped", _one_more_wrapper, "is handed one wrapper more than its lookups strip"),
+)
+
+
+def _register_wrapped_key(handler_name: str, stem: str, how: str, rewrap, what: str) -> None:
+    def apply():
+        with _handed_model(handler_name, rewrap):
+            yield
+
+    fault(f"wrapped-key-{stem}-{how}", f"{handler_name} {what}")(apply)
+
+
+for _handler, _stem in _WRAPPED_KEY_FAULTS:
+    for _how, _rewrap, _what in _REWRAPS:
+        _register_wrapped_key(_handler, _stem, _how, _rewrap, _what)
+
+
+@fault("export-drops-final-norm", "export_hf_weights silently omits model.norm.weight")
+def _export_drops_final_norm():
+    with _filtered_export(lambda n, t: None if n == "model.norm.weight" else (n, t)):
+        yield
+
+
+# ------------------------------------------------------------------- faults of the harness itself
+# Not conversion regressions: they make a rank hang or die, to prove the launcher copes.
+
+
+@fault("launcher-hang", "every rank sleeps forever while loading HF weights")
+def _hang():
+    def sleep_forever(*_args, **_kwargs):
+        while True:
+            time.sleep(60)
+
+    with patched("harness.conversion.bridge_calls", "load_hf", sleep_forever):
+        yield
+
+
+@fault("launcher-crash", "the highest rank dies abruptly (exit 9) while loading HF weights")
+def _crash():
+    from harness.conversion import bridge_calls
+
+    original = bridge_calls.load_hf
+
+    def die_on_last_rank(*args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    with patched("harness.conversion.bridge_calls", "load_hf", die_on_last_rank):
+        yield

@@ -1,0 +1,113 @@
+"""Gate a candidate Megatron-LM (or Megatron-Bridge) tree: verdict per case against golden/ and
+a baseline run.
+
+Verdicts (a case "passes" when its checks pass *and* its fingerprint matches golden):
+
+    PASS           passes now, and passed in golden/baseline (or nothing says otherwise)
+    REGRESSED      fails now, but passed in golden or in the baseline
+    FIXED          passes now, but failed in every reference that has it
+    STILL-FAILING  fails now, and failed in every reference that has it
+    NOT-RUN        not run here: a declared-invalid layout, or a case this machine cannot run
+                   (e.g. more GPUs than it has), with the reason
+
+Only REGRESSED makes the gate exit non-zero. The baseline is a finished run, or a git ref of the
+candidate Megatron-LM repository, run in a throw-away worktree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from harness.errors import InputError
+from harness.execution import service
+from harness.execution.source_trees import validate, worktree
+from harness.regression import golden
+from harness.reporting import run_report
+from harness.results import INVALID, PASS as PASSED, SKIP, CaseResult
+from harness.workspace import atomic_write_text
+
+PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
+ORDER = {REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, PASS: 4}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    case_id: str
+    verdict: str
+    reasons: tuple[str, ...]
+
+
+def judge(result: CaseResult, golden_doc: dict | None, baseline: CaseResult | None) -> Verdict:
+    if result.status in (SKIP, INVALID):
+        return Verdict(result.case_id, NOT_RUN, (result.headline,))
+    reasons: list[str] = []
+    now_ok = result.status == PASSED
+    if not now_ok:
+        reasons.append(result.headline or result.status)
+    if golden_doc is not None and golden_doc["status"] == PASSED and now_ok:
+        drift = golden.compare(golden_doc, result)
+        if drift:
+            now_ok = False
+            reasons.extend(f"golden: {d}" for d in drift)
+    refs = []
+    if golden_doc is not None:
+        refs.append(golden_doc["status"] == PASSED)
+    if baseline is not None:
+        refs.append(baseline.status == PASSED)
+    if now_ok:
+        verdict = FIXED if refs and not any(refs) else PASS
+    else:
+        verdict = REGRESSED if (not refs or any(refs)) else STILL_FAILING
+    return Verdict(result.case_id, verdict, tuple(reasons))
+
+
+def judge_all(results: list[CaseResult], baseline: dict[str, CaseResult] | None) -> list[Verdict]:
+    out = []
+    for r in results:
+        entry = golden.load(r.lane, r.case_id)
+        out.append(judge(r, entry.doc if entry else None, (baseline or {}).get(r.case_id)))
+    return out
+
+
+@dataclass
+class GateOutcome:
+    candidate: service.RunOutcome
+    verdicts: list[Verdict]
+
+    @property
+    def regressed(self) -> bool:
+        return any(v.verdict == REGRESSED for v in self.verdicts)
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER}
+
+
+def baseline_results(ref: str, request: service.RunRequest, stream=None) -> dict[str, CaseResult]:
+    """The baseline: a finished run (path, name or 'latest'), or a git ref of the candidate
+    Megatron-LM repository, whose cases are then run in a throw-away worktree."""
+    try:
+        return run_report.load_run(ref)[1]
+    except FileNotFoundError:
+        pass
+    repo = next((t for t in request.source_trees if t.kind == "megatron-lm"), None)
+    if repo is None:
+        raise InputError(f"--baseline {ref}: no such run, and no --megatron-lm repo to resolve it as a git ref")
+    with worktree(Path(repo.path), ref) as tree:
+        trees = [validate("megatron-lm", tree)] + [t for t in request.source_trees if t.kind != "megatron-lm"]
+        base = replace(request, label=f"baseline-{ref}", source_trees=trees)
+        return {r.case_id: r for r in service.run_selection(base, stream=stream).results}
+
+
+def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream=None) -> GateOutcome:
+    """Run the candidate (and the baseline, if it is a git ref), judge every case, write the
+    verdicts into the candidate run's ``summary.md`` (the PR comment)."""
+    if not any(t.kind in ("megatron-lm", "megatron-bridge") for t in request.source_trees):
+        raise InputError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
+    baseline = baseline_results(baseline_ref, request, stream) if baseline_ref else None
+    candidate = service.run_selection(request, stream=stream)
+    verdicts = judge_all(candidate.results, baseline)
+    summary = run_report.summary_markdown(candidate.results, candidate.meta.to_dict(), candidate.run.name,
+                                          verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER)
+    atomic_write_text(candidate.run.summary_file, summary)
+    return GateOutcome(candidate=candidate, verdicts=verdicts)

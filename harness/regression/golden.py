@@ -1,0 +1,144 @@
+"""Golden expectations (``golden/<lane>/<case>.json``): read, compare, update (explicitly).
+
+A golden file pins a case's expected outcome and fingerprint (see golden/README.md). Comparing a
+fresh result with it yields a list of human-readable differences; an empty list is a match.
+Logit metrics are compared against the tolerance recorded with them, not bit for bit: a new
+Megatron may legitimately reorder fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import harness
+from harness import workspace
+from harness.matrix.cases import matches
+from harness.results import CaseResult
+
+GOLDEN_FORMAT = 1
+SAME, NEW, CHANGED = "same", "new", "changed"  # a run's case against its golden file
+
+
+@dataclass(frozen=True)
+class GoldenEntry:
+    path: Path
+    doc: dict[str, Any]
+
+
+def golden_path(lane: str, case_id: str, root: Path | None = None) -> Path:
+    return (root or workspace.golden_root()) / lane / f"{workspace.slug(case_id)}.json"
+
+
+def load(lane: str, case_id: str, root: Path | None = None) -> GoldenEntry | None:
+    path = golden_path(lane, case_id, root)
+    if not path.exists():
+        return None
+    return GoldenEntry(path, json.loads(path.read_text()))
+
+
+def document(result: CaseResult, provenance: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "golden_format": GOLDEN_FORMAT,
+        "case_id": result.case_id,
+        "lane": result.lane,
+        "status": result.status,
+        "failed_checks": result.failed_checks,
+        "fingerprint": result.fingerprint,
+        "provenance": provenance,
+    }
+
+
+def compare(golden: dict[str, Any], result: CaseResult) -> list[str]:
+    """Differences between a golden document and a fresh result (empty: they agree)."""
+    diffs: list[str] = []
+    if golden["status"] != result.status:
+        diffs.append(f"status {result.status}, golden {golden['status']}")
+    if sorted(golden.get("failed_checks", [])) != sorted(result.failed_checks):
+        diffs.append(f"failing checks {result.failed_checks}, golden {golden.get('failed_checks', [])}")
+    want_fp, got_fp = golden.get("fingerprint", {}), result.fingerprint
+    for fmt in sorted(set(want_fp) | set(got_fp)):
+        if fmt == "logits":
+            continue
+        want, got = want_fp.get(fmt), got_fp.get(fmt)
+        if want is None or got is None:
+            diffs.append(f"{fmt}: {'not produced now' if got is None else 'not in golden'}")
+            continue
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        if missing:
+            diffs.append(f"{fmt}: {len(missing)} key(s) gone, e.g. {missing[0]}")
+        if extra:
+            diffs.append(f"{fmt}: {len(extra)} new key(s), e.g. {extra[0]}")
+        layout = [k for k in set(want) & set(got) if want[k][:2] != got[k][:2]]
+        values = [k for k in set(want) & set(got) if want[k][:2] == got[k][:2] and want[k][2] != got[k][2]]
+        if layout:
+            k = sorted(layout)[0]
+            diffs.append(f"{fmt}: {len(layout)} shape/dtype change(s), e.g. {k}: {got[k][:2]} (golden {want[k][:2]})")
+        if values:
+            diffs.append(f"{fmt}: {len(values)} tensor(s) with different bytes, e.g. {sorted(values)[0]}")
+    want_l, got_l = want_fp.get("logits"), got_fp.get("logits")
+    if want_l and got_l:
+        tol = want_l.get("tolerance", {})
+        if got_l["max_abs_diff"] > tol.get("max_abs", float("inf")):
+            diffs.append(f"logits: max|d| {got_l['max_abs_diff']:.2e} over the golden tolerance {tol.get('max_abs')}")
+    return diffs
+
+
+def write(result: CaseResult, provenance: dict[str, Any], root: Path | None = None) -> Path:
+    path = golden_path(result.lane, result.case_id, root)
+    workspace.atomic_write_json(path, document(result, provenance))
+    return path
+
+
+def changes(result: CaseResult, root: Path | None = None) -> tuple[str, list[str]]:
+    """What ``update`` would do for one case: (NEW | CHANGED | SAME, differences)."""
+    existing = load(result.lane, result.case_id, root)
+    if existing is None:
+        digests = sum(len(v) for k, v in result.fingerprint.items() if k != "logits")
+        return NEW, [f"new golden: status {result.status}, {digests} digests"]
+    diffs = compare(existing.doc, result)
+    return (CHANGED if diffs else SAME), diffs
+
+
+# ------------------------------------------------------------------- a run against golden/
+
+
+@dataclass(frozen=True)
+class Review:
+    """One case of a run against its golden file."""
+
+    case_id: str
+    kind: str  # SAME | NEW (no golden file) | CHANGED
+    differences: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """How ``harness golden check`` shows it."""
+        return {SAME: "match", NEW: "NO GOLDEN", CHANGED: "MISMATCH"}[self.kind]
+
+
+def review_run(results: dict[str, CaseResult], k: str | None = None, root: Path | None = None) -> list[Review]:
+    """Every case of a run (matching ``-k``) against golden/."""
+    out = []
+    for case_id, result in results.items():
+        if k and not matches(case_id, k):
+            continue
+        kind, diffs = changes(result, root)
+        out.append(Review(case_id, kind, tuple(diffs)))
+    return out
+
+
+def run_provenance(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a golden file records about the run it came from."""
+    return {"run": doc["run"], "versions": doc["meta"].get("versions"),
+            "source_trees": doc["meta"].get("source_trees", []), "harness": harness.__version__}
+
+
+def update_from_run(doc: dict[str, Any], results: dict[str, CaseResult], reviews: list[Review],
+                    root: Path | None = None) -> list[Path]:
+    """Write the golden file of every new or changed case (never implicitly: ``golden update``)."""
+    provenance = run_provenance(doc)
+    return [write(results[r.case_id], provenance, root) for r in reviews if r.kind != SAME]

@@ -1,0 +1,155 @@
+"""What a finished run says, for machines and people: ``results.json``, ``junit.xml``,
+``summary.md`` and the terminal tables.
+
+``results.json`` (``schema_version`` 1)::
+
+    {"schema_version": 1, "run": "<folder name>", "meta": {...RunMeta...},
+     "counts": {"pass": N, ...}, "cases": [CaseResult.to_dict(), ...]}
+
+Every file is written atomically; ``reports/latest`` is moved last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness import workspace
+from harness.execution.run_dir import RESULTS_NAME, RunDir
+from harness.results import CRASHED, FAIL, INVALID, PASS, SKIP, CaseResult, status_counts
+
+SCHEMA_VERSION = 1
+
+
+def run_document(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any]) -> dict[str, Any]:
+    results = list(results)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": run.name,
+        "meta": meta,
+        "counts": status_counts(results),
+        "cases": [r.to_dict() for r in results],
+    }
+
+
+def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any]) -> Path:
+    """All the run-level files, each written atomically, then the ``latest`` pointer."""
+    results = list(results)
+    workspace.atomic_write_json(run.results_file, run_document(run, results, meta))
+    workspace.atomic_write_text(run.junit_file, junit_xml(results, run.name))
+    workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name))
+    run.point_latest()
+    return run.results_file
+
+
+def resolve_run(ref: str | Path, root: Path | None = None) -> RunDir:
+    """A run folder from a path, a folder name under reports/, or ``latest``."""
+    root = root or workspace.reports_root()
+    for candidate in (Path(ref), root / str(ref)):
+        if (candidate / RESULTS_NAME).exists():
+            return RunDir(candidate.resolve())
+    raise FileNotFoundError(f"{ref}: no run with a {RESULTS_NAME} (looked in . and {root})")
+
+
+def load_run(ref: str | Path) -> tuple[dict[str, Any], dict[str, CaseResult]]:
+    """(document, {case_id: CaseResult}) of a finished run."""
+    doc = json.loads(resolve_run(ref).results_file.read_text())
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{ref}: results schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
+    return doc, {c["case_id"]: CaseResult.from_dict(c) for c in doc["cases"]}
+
+
+# ------------------------------------------------------------------------------------ JUnit
+
+
+def junit_xml(results: list[CaseResult], suite: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    failures = sum(r.status == FAIL for r in results)
+    errors = sum(r.status in CRASHED for r in results)
+    root = ET.Element("testsuites")
+    ts = ET.SubElement(root, "testsuite", name=f"harness.{suite}", tests=str(len(results)),
+                       failures=str(failures), errors=str(errors),
+                       time=f"{sum(r.duration_s for r in results):.3f}")
+    for r in results:
+        tc = ET.SubElement(ts, "testcase", classname=f"harness.{r.lane}", name=r.case_id, time=f"{r.duration_s:.3f}")
+        if r.status == FAIL and r.first_failing_check is not None:
+            ET.SubElement(tc, "failure", message=r.headline[:1000]).text = check_table(r)
+        elif r.status in CRASHED:
+            ET.SubElement(tc, "error", message=(r.headline or r.status)[:1000]).text = r.error
+        elif r.status == SKIP:
+            ET.SubElement(tc, "skipped", message=r.error[:1000])
+        props = ET.SubElement(tc, "properties")
+        for c in r.checks:
+            if "max_abs_diff" in c.metrics:
+                ET.SubElement(props, "property", name=f"{c.name}.max_abs_diff", value=repr(c.metrics["max_abs_diff"]))
+        ET.SubElement(tc, "system-out").text = check_table(r) if r.checks else ""
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+# --------------------------------------------------------------------------------- Markdown
+
+
+def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: str,
+                     verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None) -> str:
+    """The PR comment: counts, the stack, one row per case (worst first). With ``verdicts`` (a
+    gate run) each row shows its verdict, sorted by ``verdict_order``."""
+    counts = status_counts(results)
+    lines = [f"### Conversion harness: `{run_name}`", ""]
+    lines.append(", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases")
+    for t in meta.get("source_trees") or []:
+        lines.append(f"- `{t['kind']}`: `{t['path']}` @ `{t['sha'][:12]}`{' (dirty)' if t['dirty'] else ''}")
+    versions = meta.get("versions") or {}
+    if versions:
+        lines.append("- stack: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v != "not installed"))
+    lines += ["", "| verdict | case | failing check | key numbers |" if verdicts else "| status | case | failing check | key numbers |",
+              "|---|---|---|---|"]
+    order = verdict_order or {}
+    rows = sorted(results, key=lambda r: (order.get((verdicts or {}).get(r.case_id, ""), len(order)),
+                                          r.status == PASS, r.case_id))
+    for r in rows:
+        bad = r.first_failing_check
+        failing = f"`{bad.name}`: {clip(bad.summary, 120)}" if bad else (clip(r.headline, 120) if r.error else "")
+        label = (verdicts or {}).get(r.case_id, r.status.upper())
+        lines.append(f"| {label} | `{r.case_id}` | {failing.replace('|', '¦')} | {key_numbers(r).replace('|', '¦')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- tables
+
+
+def key_numbers(result: CaseResult) -> str:
+    """The one or two numbers that say how close a case was."""
+    bits = []
+    for check in result.checks:
+        m = check.metrics
+        if check.name == "tensors" and "compared" in m:
+            bits.append(f"{m['compared'] - m['mismatched']}/{m['compared']} equal")
+        elif check.name.endswith("key-contract") and "model_keys" in m:
+            bits.append(f"{check.name.removesuffix('-key-contract')} {m['model_keys']}+{m['optimizer_keys']} keys")
+        elif check.name.startswith("logits") and "max_abs_diff" in m:
+            bits.append(f"{check.name.removeprefix('logits-')} max|d|={m['max_abs_diff']:.1e}")
+    return ", ".join(bits)
+
+
+def table(results: Iterable[CaseResult]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for r in results:
+        failing = r.headline if (r.first_failing_check or r.status in (*CRASHED, INVALID, SKIP)) else ""
+        rows.append([r.status.upper(), r.case_id, clip(failing, 90), key_numbers(r), f"{r.duration_s:.1f}s"])
+    return tabulate(rows, headers=["status", "case", "failing check", "key numbers", "time"], tablefmt="simple")
+
+
+def check_table(result: CaseResult) -> str:
+    from tabulate import tabulate
+
+    rows = [["SKIP" if c.skipped else ("PASS" if c.passed else "FAIL"), c.name, clip(c.summary, 110)] for c in result.checks]
+    return tabulate(rows, headers=["", "check", "summary"], tablefmt="simple")
+
+
+def clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

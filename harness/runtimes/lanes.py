@@ -1,0 +1,143 @@
+"""Which lane can run what, and why not: every lane-ability rule of the harness lives here.
+
+A *blocker* is the reason a case (or one of its stages) cannot run on a lane; the empty string
+means it can. ``harness list`` shows them, the matrix and pytest skip with them, and a route that
+skips a check quotes them. Measured with megatron-core 0.19.2, megatron-bridge 0.6.2 and
+Transformer Engine 2.20.2 (see ../shared/notes/cpu-runtime-findings.md).
+
+No torch import (the CLI lists cases with this module).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.matrix.cases import Case
+    from harness.matrix.layouts import Layout
+    from harness.matrix.zoo import ModelSpec
+
+CPU, GPU = "cpu", "gpu"
+LANES = (CPU, GPU)
+
+# Families whose Megatron model cannot even be built on CPU.
+CPU_CONVERT_BLOCKERS: dict[str, str] = {
+    "deepseek-v3": "MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "
+                   "DotProductAttention, which rejects it, and TE modules refuse to build without CUDA",
+    "qwen3-next": "the Gated DeltaNet block spec asserts transformer_impl='transformer_engine' (TE modules refuse to "
+                  "build without CUDA) and GDN needs flash-linear-attention's Triton kernels",
+    "gemma2": "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, "
+              "TERowParallelLinearLayerNorm), which refuse to build without CUDA; the local torch norm rejects "
+              "zero_centered_gamma",
+    "gemma3": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma and TE modules refuse "
+              "to build without CUDA",
+}
+# Families that convert on CPU but whose Megatron forward pass cannot run there.
+CPU_FORWARD_BLOCKERS: dict[str, str] = {
+    "gpt-oss": "the sliding-window attention mask is allocated with device='cuda' "
+               "(megatron/core/transformer/utils.py: get_sliding_window_causal_mask)",
+}
+FSDP_NEEDS_GPU = "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
+BF16_NEEDS_GPU = "bf16 variants exercise the GPU lane's mixed-precision path; the CPU lane is fp32"
+MOE_TP_FORWARD_ON_CPU = (
+    "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py raises without it), "
+    "which the local torch norm does not support"
+)
+CP_FORWARD = "CP > 1 needs the load-balanced sequence split in the forward pass; logits are checked at CP1"
+
+
+def model_blocker(model: "ModelSpec", lane: str) -> str:
+    """Why ``model`` cannot be built as a Megatron model on ``lane`` ('' if it can)."""
+    if lane == CPU:
+        return CPU_CONVERT_BLOCKERS.get(model.family, "") or (BF16_NEEDS_GPU if model.bf16 else "")
+    return ""
+
+
+def case_blocker(case: "Case", lane: str) -> str:
+    """Why ``case`` cannot run on ``lane`` at all ('' if it can)."""
+    if lane == CPU:
+        if case.kind == "key-contract":
+            return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
+        if case.format == "fsdp_dtensor":
+            return FSDP_NEEDS_GPU
+    return model_blocker(case.model, lane)
+
+
+def forward_blocker(model: "ModelSpec", layout: "Layout", lane: str) -> str:
+    """Why a Megatron forward pass of ``model`` at ``layout`` cannot run on ``lane`` ('' if it can)."""
+    if lane == CPU:
+        if model.family in CPU_FORWARD_BLOCKERS:
+            return CPU_FORWARD_BLOCKERS[model.family]
+        if model.is_moe and layout.tp > 1:
+            return MOE_TP_FORWARD_ON_CPU
+        return ""
+    if layout.cp > 1:
+        return CP_FORWARD
+    return ""
+
+
+def lanes_for(case: "Case") -> tuple[str, ...]:
+    """Every case runs on the GPU lane; the CPU lane takes those that can build on CPU."""
+    return tuple(lane for lane in LANES if not case_blocker(case, lane))
+
+
+def note(case: "Case", lane: str) -> str:
+    """What a reader of ``harness list`` should know about running ``case`` on ``lane``."""
+    if case.invalid_reason:
+        return f"invalid (expected, not run): {case.invalid_reason}"
+    blocker = case_blocker(case, lane)
+    if blocker:
+        return f"{'GPU' if lane == CPU else 'CPU'} only: {blocker}"
+    forward = forward_blocker(case.model, case.load_layout or case.layout, lane)
+    if lane == CPU and forward:
+        return f"CPU: no logit check ({forward})"
+    return ""
+
+
+# --------------------------------------------------------------------------------- capacity
+
+
+def gpu_count() -> int:
+    """GPUs this machine can give the GPU lane, found without importing torch.
+
+    ``HARNESS_GPUS`` overrides the probe (tests, or a shared node where only some GPUs are
+    yours); otherwise ``CUDA_VISIBLE_DEVICES`` if set, else the driver's device list.
+    """
+    if "HARNESS_GPUS" in os.environ:
+        return int(os.environ["HARNESS_GPUS"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        if not ids:
+            return 0
+        return min(len(ids), _driver_gpu_count() or len(ids))
+    return _driver_gpu_count()
+
+
+def _driver_gpu_count() -> int:
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return sum(1 for _ in proc.iterdir())
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+
+
+def capacity_blocker(world_size: int, lane: str, gpus: int | None = None) -> str:
+    """Why a case of ``world_size`` ranks cannot run on ``lane`` on this machine ('' if it can).
+
+    The GPU lane runs one rank per GPU; the CPU lane has no such limit (gloo ranks share cores).
+    """
+    if lane != GPU:
+        return ""
+    gpus = gpu_count() if gpus is None else gpus
+    if gpus == 0:
+        return "GPU lane: no CUDA GPU on this machine"
+    if world_size > gpus:
+        return f"GPU lane: needs {world_size} GPUs, this machine has {gpus}"
+    return ""

@@ -1,0 +1,143 @@
+"""End to end: bisect names the commit that seeds a real conversion regression.
+
+The "Megatron-LM" repo is built at test time from the installed megatron-core package (never
+committed): commit 1 is the installed code (good), then harmless commits, a commit that breaks
+the import (must be skipped, exit 125), its fix, the regression, and more harmless commits.
+The regression reverses the order in which torch_dist loading re-joins SwiGLU's W and V halves
+(megatron/core/transformer/mlp.py), so a torch_dist round trip comes back with gate and up
+swapped. The user's repo (its HEAD, branch, status) must be exactly as before.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cpu
+CASE = "llama/tp1/torch_dist/roundtrip"
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit(repo, message):
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture(scope="module")
+def fake_megatron_lm(tmp_path_factory):
+    import megatron.core
+
+    installed = Path(megatron.core.__file__).parent.parent  # .../site-packages/megatron
+    repo = tmp_path_factory.mktemp("megatron-lm")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("core", "training"):
+        shutil.copytree(installed / part, repo / "megatron" / part, ignore=ignore)
+    git(repo, "init", "-q", "-b", "main")
+    shas = {"good": commit(repo, "installed megatron-core")}
+    (repo / "README.md").write_text("harmless 1\n")
+    commit(repo, "docs: harmless")
+    mlp = repo / "megatron" / "core" / "transformer" / "mlp.py"
+    original = mlp.read_text()
+    mlp.write_text(original + "\ndef broken(:\n")
+    shas["unimportable"] = commit(repo, "wip: does not import")
+    mlp.write_text(original)
+    commit(repo, "fix the import")
+    seeded = original.replace("        cat_with_oom_fallback,\n", "        lambda parts: cat_with_oom_fallback(parts[::-1]),\n")
+    assert seeded != original, "mlp.py changed upstream: update the seeded regression"
+    mlp.write_text(seeded)
+    shas["regression"] = commit(repo, "refactor: tidy swiglu sharded factory")
+    (repo / "README.md").write_text("harmless 2\n")
+    commit(repo, "docs: harmless again")
+    (repo / "NOTES").write_text("x\n")
+    shas["bad"] = commit(repo, "chore: notes")
+    return repo, shas
+
+
+def test_bisect_names_the_seeded_commit_and_leaves_the_repo_alone(fake_megatron_lm, tmp_path):
+    import os
+
+    repo, shas = fake_megatron_lm
+    (repo / "uncommitted.txt").write_text("user's work in progress\n")  # must survive untouched
+    before = (git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain"), git(repo, "branch", "--show-current"))
+    env = dict(os.environ, HARNESS_REPORTS=str(tmp_path / "reports"))
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "bisect", "--megatron-lm", str(repo), "--good", shas["good"],
+         "--bad", shas["bad"], "--case", CASE],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"({shas['regression']})" in r.stdout
+    assert "failing check:    tensors:" in r.stdout and "gate_proj" in r.stdout
+    after = (git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain"), git(repo, "branch", "--show-current"))
+    assert after == before
+    assert git(repo, "worktree", "list").count("\n") == 0, "the bisect worktree was left behind"
+    steps = (next((tmp_path / "reports").glob("*-bisect-llama_*")) / "steps.jsonl").read_text()
+    assert '"exit": 125' in steps or shas["unimportable"] not in steps  # skipped if bisect visited it
+
+
+def test_a_commit_that_does_not_import_is_a_skip(fake_megatron_lm, tmp_path):
+    import os
+
+    from harness.execution.source_trees import worktree
+
+    repo, shas = fake_megatron_lm
+    env = dict(os.environ, HARNESS_REPORTS=str(tmp_path / "reports"))
+    with worktree(repo, shas["unimportable"]) as tree:
+        r = subprocess.run(
+            [sys.executable, "-m", "harness", "bisect-step", "--megatron-lm", str(tree), "--case", CASE,
+             "--log", str(tmp_path / "steps.jsonl")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+    assert r.returncode == 125, r.stdout[-2000:] + r.stderr[-2000:]
+    assert '"exit": 125' in (tmp_path / "steps.jsonl").read_text()
+
+
+def test_bisect_step_exit_codes():
+    from harness.regression.bisect import EXIT_BAD, EXIT_GOOD, EXIT_SKIP, step_exit_code
+
+    assert step_exit_code("pass", "") == EXIT_GOOD
+    assert step_exit_code("fail", "") == EXIT_BAD
+    assert step_exit_code("error", "Traceback ... SyntaxError: invalid syntax") == EXIT_SKIP
+    assert step_exit_code("error", "process group exited with code 1 before running any case") == EXIT_SKIP
+    assert step_exit_code("error", "RuntimeError: boom in the middle of a case") == EXIT_BAD
+
+
+def test_gate_against_a_candidate_tree(fake_megatron_lm, tmp_path):
+    """gate: the good tree passes (exit 0, verdict PASS, SHA recorded); the tree with the seeded
+    regression is REGRESSED against golden/ and the baseline run (exit 1, summary.md says so)."""
+    import json
+    import os
+
+    from harness.execution.source_trees import worktree
+
+    repo, shas = fake_megatron_lm
+    env = dict(os.environ, HARNESS_REPORTS=str(tmp_path / "reports"))
+
+    def gate(tree, *extra):
+        return subprocess.run([sys.executable, "-m", "harness", "gate", "--megatron-lm", str(tree), "-k", CASE, *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    with worktree(repo, shas["good"]) as good:
+        ok = gate(good, "--label", "good")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "PASS" in ok.stdout and "REGRESSED" not in ok.stdout.split("\n\n")[0]
+    good_run = next(p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-good"))
+    trees = json.loads((good_run / "results.json").read_text())["meta"]["source_trees"]
+    assert trees[0]["sha"] == shas["good"] and trees[0]["kind"] == "megatron-lm"
+    provenance = json.loads(next((good_run / "provenance").iterdir()).read_text())
+    assert provenance["megatron.core"].startswith(str(tmp_path.parent)) or "harness-worktree" in provenance["megatron.core"]
+
+    with worktree(repo, shas["regression"]) as bad:
+        r = gate(bad, "--baseline", good_run.name, "--label", "bad")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "REGRESSED" in r.stdout and CASE in r.stdout
+    bad_run = next(p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-bad"))
+    assert "| REGRESSED | `llama/tp1/torch_dist/roundtrip` |" in (bad_run / "summary.md").read_text()

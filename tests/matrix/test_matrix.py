@@ -1,0 +1,27 @@
+"""Every case of cases/*.yaml, on every lane it supports (``-m cpu``, ``-m gpu``, ``-m slow``)."""
+
+import pytest
+
+from harness.pytest_plugin import explain
+from harness.regression import golden
+
+
+def test_case(matrix_case, matrix_runner, record_property):
+    lane, case_id = matrix_case
+    case = matrix_runner.case_set.get(case_id)
+    if case.invalid_reason:  # declared impossible: the up-front check must refuse it, naming the rule
+        assert "cannot be split as" in case.invalid_reason and "divisible" in case.invalid_reason
+        return
+    reason = matrix_runner.skip_reason(lane, case_id)  # e.g. the GPU lane without (enough) GPUs
+    if reason:
+        pytest.skip(reason)
+    result = matrix_runner.result(lane, case_id)
+    record_property("status", result.status)
+    for check in result.checks:
+        if "max_abs_diff" in check.metrics:
+            record_property(f"{check.name}.max_abs_diff", check.metrics["max_abs_diff"])
+    assert result.status == "pass", explain(result)
+    entry = golden.load(lane, case_id)
+    if entry is not None:  # the outcome is right; it must also be the same bytes as golden/ pins
+        differences = golden.compare(entry.doc, result)
+        assert not differences, f"{case_id} differs from {entry.path}: " + "; ".join(differences)

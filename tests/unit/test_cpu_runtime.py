@@ -1,0 +1,97 @@
+"""The CPU runtime must leave torch exactly as it found it, exception or not."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.runtimes.cpu import CUDA_REDIRECTS, CpuRuntime
+
+pytestmark = pytest.mark.cpu
+ABSENT = object()
+
+
+def snapshot(keys):
+    """Each touched attribute as its owner's own dict holds it, plus what lookup resolves to."""
+    return {(owner, attr): (vars(owner).get(attr, ABSENT), getattr(owner, attr, ABSENT)) for owner, attr in keys}
+
+
+def assert_same(before, after):
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key][0] is after[key][0], f"{key[1]}: own attribute not restored"
+        assert before[key][1] == after[key][1], f"{key[1]}: resolved attribute not restored"
+
+
+def test_touches_torch_cuda_and_tensor_cuda_only():
+    owners = {owner for owner, _ in CpuRuntime().touched}
+    assert owners == {torch.cuda, torch.Tensor}
+    assert "torch.cuda.current_device" in CpuRuntime().touched_names
+
+
+def test_redirects_are_active_inside_and_restored_after():
+    runtime = CpuRuntime()
+    before = snapshot(runtime.touched)
+    with runtime:
+        assert torch.cuda.current_device() == "cpu"
+        torch.cuda.synchronize()  # would raise without CUDA
+        assert isinstance(torch.cuda.get_rng_state(), torch.Tensor)
+        t = torch.ones(2)
+        assert t.cuda() is t
+        for (owner, attr), replacement in CUDA_REDIRECTS.items():
+            assert getattr(owner, attr) is replacement
+    assert_same(before, snapshot(runtime.touched))
+    assert "cuda" not in vars(torch.Tensor), "the Tensor.cuda override must be removed, not copied"
+
+
+def test_restored_when_the_run_raises():
+    runtime = CpuRuntime()
+    before = snapshot(runtime.touched)
+    with pytest.raises(ZeroDivisionError):
+        with runtime:
+            assert torch.cuda.current_device() == "cpu"
+            1 / 0
+    assert_same(before, snapshot(runtime.touched))
+
+
+def test_restored_when_entering_fails_halfway():
+    """A failure while installing redirects must undo the ones already installed."""
+    key = (torch.cuda, "current_device")
+
+    class Boom(dict):
+        def items(self):
+            yield key, CUDA_REDIRECTS[key]
+            raise RuntimeError("boom while patching")
+
+    runtime = CpuRuntime(redirects=Boom())
+    before = snapshot([key])
+    with pytest.raises(RuntimeError, match="boom"):
+        runtime.__enter__()
+    assert_same(before, snapshot([key]))
+    with CpuRuntime():  # usable again: its lock was released
+        pass
+
+
+def test_attribute_that_did_not_exist_is_removed_again():
+    runtime = CpuRuntime(redirects={(torch.cuda, "harness_test_only_attr"): lambda: None})
+    assert not hasattr(torch.cuda, "harness_test_only_attr")
+    with runtime:
+        assert hasattr(torch.cuda, "harness_test_only_attr")
+    assert not hasattr(torch.cuda, "harness_test_only_attr")
+
+
+def test_not_reentrant():
+    with CpuRuntime():
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            CpuRuntime().__enter__()
+
+
+def test_importing_the_module_patches_nothing():
+    code = (
+        "import torch; before = {n: getattr(torch.cuda, n) for n in ('current_device','synchronize','get_rng_state')};"
+        "import harness.runtimes.cpu;"
+        "assert all(getattr(torch.cuda, n) is f for n, f in before.items());"
+        "assert 'cuda' not in vars(torch.Tensor)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,150 @@
+"""golden/ comparison, gate verdicts, reports (results.json, junit.xml, summary.md, latest)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness import workspace
+from harness.execution.run_dir import RunDir
+from harness.regression import gate, golden
+from harness.reporting import run_report
+from harness.results import CaseResult, CheckResult
+
+pytestmark = pytest.mark.cpu
+
+
+def make_result(status="pass", sha="a" * 64, shape=(4, 2), max_abs=0.0, case_id="llama/tp1/memory/roundtrip"):
+    checks = [
+        CheckResult("tensors", status == "pass", "2/2 tensors bitwise equal" if status == "pass" else "1/2 differ"),
+        CheckResult("logits-hf-vs-megatron", True, "ok", metrics={"max_abs_diff": max_abs}),
+    ]
+    fp = {
+        "hf-export": {"w": [list(shape), "float32", sha], "b": [[4], "float32", "b" * 64]},
+        "logits": {"max_abs_diff": max_abs, "kl": 0.0, "tolerance": {"max_abs": 1e-5, "kl": 1e-11}},
+    }
+    return CaseResult(case_id=case_id, status=status, checks=checks, fingerprint=fp)
+
+
+@pytest.fixture
+def golden_doc():
+    return golden.document(make_result(), {"versions": {}})
+
+
+def test_identical_result_matches(golden_doc):
+    assert golden.compare(golden_doc, make_result()) == []
+
+
+@pytest.mark.parametrize(
+    "changed,words",
+    [
+        (make_result(status="fail"), "status fail"),
+        (make_result(sha="c" * 64), "different bytes"),
+        (make_result(shape=(2, 4)), "shape/dtype change"),
+        (make_result(max_abs=1e-3), "over the golden tolerance"),
+    ],
+)
+def test_each_kind_of_drift_is_reported(golden_doc, changed, words):
+    assert any(words in d for d in golden.compare(golden_doc, changed))
+
+
+def test_a_lost_key_is_reported(golden_doc):
+    result = make_result()
+    del result.fingerprint["hf-export"]["b"]
+    assert any("gone" in d for d in golden.compare(golden_doc, result))
+
+
+@pytest.mark.parametrize(
+    "golden_status,baseline_status,now,verdict",
+    [
+        ("pass", None, "pass", gate.PASS),
+        ("pass", None, "fail", gate.REGRESSED),
+        ("fail", None, "pass", gate.FIXED),
+        ("fail", None, "fail", gate.STILL_FAILING),
+        (None, "pass", "fail", gate.REGRESSED),
+        (None, "fail", "fail", gate.STILL_FAILING),
+        ("fail", "pass", "fail", gate.REGRESSED),  # the baseline passed: that is a regression
+        (None, None, "fail", gate.REGRESSED),  # no reference at all: a failure is not excused
+    ],
+)
+def test_gate_verdicts(golden_status, baseline_status, now, verdict):
+    g = golden.document(make_result(status=golden_status), {}) if golden_status else None
+    b = make_result(status=baseline_status) if baseline_status else None
+    assert gate.judge(make_result(status=now), g, b).verdict == verdict
+
+
+def test_passing_case_whose_bytes_moved_is_regressed(golden_doc):
+    v = gate.judge(make_result(sha="d" * 64), golden_doc, None)
+    assert v.verdict == gate.REGRESSED and any("different bytes" in r for r in v.reasons)
+
+
+def test_run_files_are_written_atomically_and_latest_points_at_the_run(tmp_path):
+    run = RunDir.create("t", root=tmp_path)
+    results = [make_result(), make_result(status="fail", case_id="qwen2/tp1/memory/roundtrip")]
+    run_report.write_run(run, results, {"label": "t", "versions": {"torch": "2.14.1"}})
+    doc = json.loads((run / "results.json").read_text())
+    assert doc["schema_version"] == run_report.SCHEMA_VERSION and doc["counts"] == {"pass": 1, "fail": 1}
+    suite = ET.parse(run / "junit.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    md = (run / "summary.md").read_text()
+    assert "| FAIL | `qwen2/tp1/memory/roundtrip` |" in md
+    assert (tmp_path / "latest").resolve() == run.path.resolve()
+    assert not [p for p in run.path.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    workspace.atomic_write_json(target, {"old": True})
+
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workspace.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        workspace.atomic_write_json(target, {"new": True})
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_golden_cli_check_and_update(tmp_path):
+    run = RunDir.create("g", root=tmp_path / "reports")
+    run_report.write_run(run, [make_result()], {"label": "g", "versions": {}})
+    gold = tmp_path / "golden"
+    env = {"HARNESS_REPORTS": str(tmp_path / "reports"), "HARNESS_GOLDEN": str(gold)}
+
+    def cli(*args):
+        import os
+
+        return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                              env=dict(os.environ, **env), cwd=workspace.REPO_ROOT)
+
+    r = cli("golden", "check", "--run", "latest")
+    assert r.returncode == 1 and "NO GOLDEN" in r.stdout
+    r = cli("golden", "update", "--run", "latest", "--dry-run")
+    assert r.returncode == 0 and "new" in r.stdout and not gold.exists()
+    r = cli("golden", "update", "--run", "latest")
+    assert r.returncode == 0 and (gold / "cpu" / "llama__tp1__memory__roundtrip.json").exists()
+    assert cli("golden", "check", "--run", "latest").returncode == 0
+    doc = json.loads((gold / "cpu" / "llama__tp1__memory__roundtrip.json").read_text())
+    doc["fingerprint"]["hf-export"]["w"][2] = "e" * 64
+    (gold / "cpu" / "llama__tp1__memory__roundtrip.json").write_text(json.dumps(doc))
+    r = cli("golden", "check", "--run", "latest")
+    assert r.returncode == 1 and "MISMATCH" in r.stdout and "different bytes" in r.stdout
+
+
+def test_source_tree_that_is_not_megatron_is_refused(tmp_path):
+    from harness.errors import InputError
+    from harness.execution.source_trees import validate
+
+    with pytest.raises(InputError, match="not a megatron-lm source tree"):
+        validate("megatron-lm", tmp_path)
+    with pytest.raises(InputError, match="no such directory"):
+        validate("megatron-bridge", tmp_path / "nope")
+    r = subprocess.run([sys.executable, "-m", "harness", "run", "llama/tp1/memory/roundtrip", "--megatron-lm", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a megatron-lm source tree" in r.stderr

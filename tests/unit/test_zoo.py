@@ -1,0 +1,103 @@
+"""Tiny models are deterministic to the byte and initialised so that bugs show."""
+
+import hashlib
+
+import pytest
+import torch
+
+from harness.matrix import zoo
+from harness.formats import hf as hf_format
+
+pytestmark = pytest.mark.cpu
+
+
+def digest_dir(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+def test_same_seed_gives_byte_identical_files(family, tmp_path):
+    spec = zoo.ModelSpec(family=family)
+    a = digest_dir(zoo.build(spec, tmp_path / "a"))
+    b = digest_dir(zoo.build(spec, tmp_path / "b"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(a)
+    assert a == b
+
+
+def test_different_seed_gives_different_weights(tmp_path):
+    a = zoo.build(zoo.ModelSpec(family="llama", seed=1), tmp_path / "a")
+    b = zoo.build(zoo.ModelSpec(family="llama", seed=2), tmp_path / "b")
+    assert digest_dir(a)["model.safetensors"] != digest_dir(b)["model.safetensors"]
+    assert digest_dir(a)["config.json"] == digest_dir(b)["config.json"]
+
+
+@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+def test_every_parameter_is_redrawn(family, tmp_path):
+    """No norm left at 1, no bias left at 0, no two tensors equal: a swap between any two shows."""
+    path = zoo.build(zoo.ModelSpec(family=family), tmp_path / "m")
+    seen = []
+    for key, tensor in hf_format.iter_tensors(path):
+        assert not torch.all(tensor == 1), f"{key} is all ones"
+        assert not torch.all(tensor == 0), f"{key} is all zeros"
+        assert tensor.float().std() > 0.05, f"{key} is nearly constant"
+        if tensor.dim() >= 1 and tensor.shape[0] > 1:
+            assert not torch.equal(tensor[0], tensor[1]), f"{key} has two equal rows"
+        for other_key, other in seen:
+            if other.shape == tensor.shape:
+                assert not torch.equal(other, tensor), f"{key} equals {other_key}"
+        seen.append((key, tensor))
+
+
+def test_llama_shapes_expose_layout_bugs():
+    cfg = zoo.ModelSpec(family="llama").hf_config
+    assert cfg["vocab_size"] % 128, "vocab must not be a multiple of Megatron's padding"
+    assert cfg["num_attention_heads"] > cfg["num_key_value_heads"], "GQA"
+    assert cfg["intermediate_size"] != cfg["hidden_size"], "gate/up orientation must show"
+    assert cfg["tie_word_embeddings"] is False
+
+
+def test_materialize_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    spec = zoo.ModelSpec(family="llama")
+    first = zoo.materialize(spec)
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    second = zoo.materialize(spec)
+    assert first == second and (second / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def test_tokenizer_is_local_and_matches_vocab(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = zoo.build(zoo.ModelSpec(family="llama"), tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert len(tok) == zoo.ModelSpec(family="llama").hf_config["vocab_size"]
+    assert tok("w10 w11").input_ids == [10, 11]
+
+
+@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+def test_config_fields_read_from_source_match_the_real_signature(family):
+    """hf_source reads constructor fields without importing transformers; it must agree with
+    the class itself, or case-file validation would refuse good fields or accept typos."""
+    import inspect
+
+    import transformers
+
+    from harness.matrix.hf_source import config_fields
+
+    name = zoo.get_family(family).hf_config_class
+    real = set(inspect.signature(getattr(transformers, name).__init__).parameters) - {"self"}
+    assert config_fields(name) == real
+
+
+def test_every_repository_model_is_accepted_by_its_config_class(case_set):
+    """Case loading checks field names and shape rules torch-free; the config class judges the
+    values at build time. The repository's own case files must pass that judgement too."""
+    for model in {c.model for c in case_set.cases}:
+        zoo.hf_config_object(model)
+
+
+def test_a_value_the_config_class_rejects_names_the_model():
+    spec = zoo.ModelSpec(family="llama", variant="bad", overrides=(("rope_parameters", "fast"),))
+    with pytest.raises(ValueError, match="llama@bad: LlamaConfig rejects it"):
+        zoo.hf_config_object(spec)
