@@ -1,7 +1,7 @@
 """``harness`` command line: parsing and printing only; the work is done by the services it calls.
 
 Exit codes: 0 pass, 1 a check failed (or a case crashed), 2 usage or input error (one line on
-stderr; ``--debug`` adds the traceback, the exit code stays 2).
+stderr; ``--debug`` adds the traceback, the exit code stays 2), 3 infrastructure errors only.
 
 The CLI process stays light (no torch, no Megatron): cases run in worker process groups.
 """
@@ -21,9 +21,18 @@ from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix import cases as cases_mod
 from harness.reporting import run_report
-from harness.results import OK_STATUSES
+from harness.results import INFRA_ERROR, OK_STATUSES, CaseResult
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# 0 every case passed (or was skipped / declared invalid); 1 a case failed, crashed or timed out;
+# 2 bad input; 3 no case failed, but the machine kept some from running (infrastructure errors).
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+
+
+def exit_code(results: list[CaseResult]) -> int:
+    """A verdict on the code under test: infrastructure errors never count as case failures."""
+    if any(r.status not in OK_STATUSES and r.status != INFRA_ERROR for r in results):
+        return EXIT_FAIL
+    return EXIT_INFRA if any(r.status == INFRA_ERROR for r in results) else EXIT_OK
 
 
 def _source_trees(args: argparse.Namespace) -> list[SourceTree]:
@@ -77,9 +86,11 @@ def _execute(request: service.RunRequest) -> int:
         if results[0].error:
             print(results[0].error.rstrip())
     bad = [r for r in results if r.status not in OK_STATUSES]
-    print(f"\n{len(results) - len(bad)}/{len(results)} passed in {outcome.meta.wall_s:.1f}s; "
+    infra = sum(r.status == INFRA_ERROR for r in results)
+    print(f"\n{len(results) - len(bad)}/{len(results)} passed in {outcome.meta.wall_s:.1f}s"
+          f"{f'; {infra} not run because of infrastructure errors (exit {EXIT_INFRA})' if infra else ''}; "
           f"report: {outcome.run.results_file}")
-    return EXIT_FAIL if bad else EXIT_OK
+    return exit_code(results)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,7 +191,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     counts = outcome.counts()
     print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
           + f"; PR comment: {outcome.candidate.run.summary_file}")
-    return EXIT_FAIL if outcome.regressed else EXIT_OK
+    if outcome.regressed:
+        return EXIT_FAIL
+    return EXIT_INFRA if outcome.infra_errors else EXIT_OK
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
@@ -228,7 +241,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
           f"{f', {len(not_run)} not run on this machine' if not_run else ''}; "
           f"{len(fps)} false positive(s) on the clean stack{': ' + ', '.join(fps) if fps else ''}; "
           f"report: {outcome.run.run / 'selftest.md'}")
-    return EXIT_OK if outcome.passed else EXIT_FAIL
+    if not outcome.passed:
+        return EXIT_FAIL
+    return EXIT_INFRA if any(r.status == INFRA_ERROR for r in outcome.run.results) else EXIT_OK
 
 
 def _add_trees(p: argparse.ArgumentParser) -> None:

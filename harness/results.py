@@ -11,9 +11,11 @@ from typing import Any, Iterable
 
 # Case statuses. A case PASSes when every check passed; FAIL when a check failed; ERROR when it
 # crashed; TIMEOUT when the launcher killed it; SKIP when it could not run here (the reason is in
-# ``error``); INVALID when its layout is declared impossible (refused up front, never run).
+# ``error``); INVALID when its layout is declared impossible (refused up front, never run);
+# INFRA_ERROR when the machine, not the code under test, kept it from running (e.g. rendezvous).
 PASS, FAIL, ERROR, TIMEOUT, SKIP = "pass", "fail", "error", "timeout", "skip"
 INVALID = "invalid"
+INFRA_ERROR = "infra-error"
 OK_STATUSES = (PASS, SKIP, INVALID)
 CRASHED = (ERROR, TIMEOUT)
 

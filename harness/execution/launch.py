@@ -6,16 +6,22 @@ group. The launcher itself imports neither torch nor Megatron: it watches the fi
 write (``harness.execution.run_dir``) and enforces per-case timeouts from outside:
 
 * a case that runs past its timeout, or a rank that dies, fails *that* case with the tail of the
-  rank logs; the group is killed and relaunched for the cases it had not reached;
-* a launch that dies before starting any case fails all its cases with the log tail (an import
-  error would otherwise be retried forever).
+  rank logs (a rank killed by a signal is named, with the signal); the group is killed and
+  relaunched for the cases it had not reached;
+* a launch that dies before starting any case because of the machine (a rendezvous or network
+  error) is retried; if it keeps failing its cases are reported as ``infra-error``, never as a
+  case failure. Any other early death (an import error) fails all its cases with the log tail.
+
+Rendezvous is race-free: a world of one needs no TCP at all (the worker uses an in-memory
+store), and torchrun's ``--standalone`` c10d rendezvous binds port 0 in the process that then
+listens on it, so two harness runs on one machine never fight over a port.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -27,11 +33,17 @@ from harness import workspace
 from harness.execution.run_dir import Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
-from harness.results import ERROR, INVALID, TIMEOUT, CaseResult
+from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
 LOG_TAIL_LINES = 40
+INFRA_RETRIES = 2  # extra launches after a launch died of an infrastructure error before any case
+# What a launch that died of the machine, not of the code under test, leaves in its logs.
+INFRA_SIGNATURES = re.compile(
+    r"DistNetworkError|RendezvousError|RendezvousConnectionError|RendezvousTimeoutError|EADDRINUSE|"
+    r"Address already in use|failed to listen|Connection refused|No space left on device"
+)
 
 
 @dataclass
@@ -72,11 +84,6 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def group_by_world_size(cases: Iterable[Case]) -> dict[int, list[Case]]:
     groups: dict[int, list[Case]] = {}
@@ -106,14 +113,35 @@ def run_cases(
     return [by_id[c.id] for c in cases]
 
 
+class _InfraFailure(Exception):
+    """A launch died of the machine before starting any case; ``reason`` says how."""
+
+    def __init__(self, reason: str, tail: str):
+        super().__init__(reason)
+        self.reason, self.tail = reason, tail
+
+
 def _run_group(cases, ws, run: RunDir, options, on_result) -> list[CaseResult]:
     pending = list(cases)
     results: list[CaseResult] = []
-    attempt = 0
+    attempt, infra_failures = 0, 0
     while pending:
         attempt += 1
         group = f"ws{ws}-{attempt}"
-        finished = _launch_once(pending, ws, group, run, options, on_result)
+        try:
+            finished = _launch_once(pending, ws, group, run, options, on_result)
+        except _InfraFailure as failure:
+            infra_failures += 1
+            if infra_failures <= INFRA_RETRIES:
+                continue
+            for case in pending:
+                result = _failure(case, INFRA_ERROR, f"infrastructure error, not a verdict on the case "
+                                  f"({infra_failures} launches failed before any case started): {failure.reason}",
+                                  failure.tail, ws, options.lane)
+                results.append(result)
+                if on_result:
+                    on_result(result)
+            break
         results.extend(finished)
         done_ids = {r.case_id for r in finished}
         pending = [c for c in pending if c.id not in done_ids]
@@ -137,18 +165,14 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
     if ws == 1:
         cmd = [options.python, *worker]
     else:
-        cmd = [
-            options.python, "-m", "torch.distributed.run",
-            f"--nproc_per_node={ws}", "--nnodes=1", "--max_restarts=0",
-            f"--master_addr=127.0.0.1", f"--master_port={free_port()}",
-            *worker,
-        ]
+        cmd = [options.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ws}",
+               "--max_restarts=0", *worker]
     env = dict(os.environ)
     env.update(options.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))
     if ws == 1:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     run.log_dir(group).mkdir(parents=True, exist_ok=True)
     with open(run.launcher_log(group), "ab") as launcher_log:
         proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -194,13 +218,17 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
             if current is not None:
                 # A rank died (or exited after recording an error) inside this case.
                 if current not in finished:
-                    finished[current] = _failure(
-                        by_id[current], ERROR, _exit_reason(code, run, current), run.log_tail(group, LOG_TAIL_LINES), ws, lane
-                    )
+                    failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
+                                       run.log_tail(group, LOG_TAIL_LINES), ws, lane)
+                    failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
+                    finished[current] = failure
                 break
             if not finished:
-                # Died before starting anything: every remaining case gets the same error.
                 tail = run.log_tail(group, LOG_TAIL_LINES)
+                infra = INFRA_SIGNATURES.search(tail)
+                if infra:
+                    raise _InfraFailure(_line_of(tail, infra.start()), tail)
+                # Died before starting anything (e.g. an import error): every remaining case gets the same error.
                 for case in cases:
                     finished[case.id] = _failure(
                         case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
@@ -210,10 +238,12 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
         if deadline_case is not None and since is not None:
             if time.time() - since > deadline_case.timeout_s:
                 _kill(proc)
-                finished[current] = _failure(
+                failure = _failure(
                     deadline_case, TIMEOUT, f"case ran past its {deadline_case.timeout_s:.0f}s timeout; process group killed",
                     run.log_tail(group, LOG_TAIL_LINES), ws, lane,
                 )
+                failure.duration_s = round(time.time() - since, 3)
+                finished[current] = failure
                 break
         elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
             _kill(proc)
@@ -227,13 +257,23 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
     return [finished[c.id] for c in cases if c.id in finished]
 
 
+def _line_of(text: str, pos: int) -> str:
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    return text[start: end if end >= 0 else len(text)].strip()
+
+
 def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, group: str) -> None:
     """A rank that saw a peer die records only its own side ("connection closed"); the cause is
-    in the other ranks' logs and torchrun's summary, so append them to that error result."""
+    in torchrun's summary and the other ranks' logs. Put the dead rank (and its signal) first, so
+    it is the headline, and append the log tails."""
     tail = None
     for result in finished.values():
         if result.status == ERROR and "--- log tail ---" not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
+            died = _root_cause(run, group)
+            if died is not None and died.rank != 0:
+                result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
             result.error += f"\n--- process group exited with code {code}; log tail ---\n{tail}"
             run.write_case_result(result)
 
@@ -248,14 +288,49 @@ def _current_case(run: RunDir, ws: int, by_id: dict, finished: dict) -> tuple[st
     return current, since
 
 
-def _exit_reason(code: int, run: RunDir, case_id: str) -> str:
+_ROOT_CAUSE = re.compile(
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.S)
+
+
+@dataclass(frozen=True)
+class _DeadRank:
+    rank: int
+    exit_code: int  # negative: killed by signal -exit_code
+
+    @property
+    def reason(self) -> str:
+        if self.exit_code < 0:
+            number = -self.exit_code
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = "unknown signal"
+            return f"rank {self.rank} was killed by signal {number} ({name})"
+        return f"rank {self.rank} exited with code {self.exit_code}"
+
+
+def _root_cause(run: RunDir, group: str, code: int | None = None) -> _DeadRank | None:
+    """The rank whose death ended a launch: torchrun's 'Root Cause' summary names it; a world of
+    one is its own process (``code``)."""
+    launcher = run.launcher_log(group)
+    root = _ROOT_CAUSE.search(launcher.read_text(errors="replace")) if launcher.exists() else None
+    if root:
+        return _DeadRank(int(root["rank"]), int(root["code"]))
+    if code is not None and code < 0:
+        return _DeadRank(0, code)
+    return None
+
+
+def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
+    """Why a launch ended inside ``case_id``: the rank that raised, or the rank that died and how."""
     errors = run.rank_errors(case_id)
     if errors:
         rank, text = errors[0]
         last = text.strip().splitlines()
         return f"rank{rank} raised: {last[-1] if last else '?'}"
-    if code < 0:
-        return f"a rank was killed by signal {-code}"
+    died = _root_cause(run, group, code)
+    if died is not None:
+        return f"{died.reason} during the case"
     return f"a rank exited with code {code} during the case"
 
 

@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
 
-    dist.init_process_group(backend=runtime.backend, timeout=timedelta(seconds=plan.collective_timeout_s))
+    timeout = timedelta(seconds=plan.collective_timeout_s)
+    if world == 1:  # no peers: an in-memory store, no TCP port to race for
+        dist.init_process_group(backend=runtime.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:  # torchrun --standalone: the agent's store, on a port its own process bound
+        dist.init_process_group(backend=runtime.backend, timeout=timeout)
     case_set = load_cases(Path(plan.cases_dir))
     exit_code = 0
     with runtime:

@@ -7,6 +7,8 @@ two checkpoints never holds two whole models in memory. Readers never write to t
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -39,3 +41,17 @@ class Checkpoint(Protocol):
 
     def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, "object"]]:
         """Yield ``(canonical key, torch.Tensor)`` for ``keys``, in that order, one at a time."""
+
+
+def why_unreadable(path: Path) -> str:
+    """Why ``path`` cannot be opened, in words: a missing path, a symlink loop or a dangling
+    symlink (``Path.exists`` says False for all three)."""
+    if not os.path.islink(path):
+        return f"{path}: no such file or directory"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path}: a symlink loop ({path} -> {os.readlink(path)} -> ...); point it at a real file"
+        return f"{path}: a dangling symlink to {os.readlink(path)} (which does not exist)"
+    return f"{path}: cannot be opened"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness.formats import dcp
 from harness.errors import InputError
-from harness.formats.base import Checkpoint
+from harness.formats.base import Checkpoint, why_unreadable
 from harness.formats.hf import HfCheckpoint
 from harness.formats.megatron import FsdpDtensorCheckpoint, TorchDistCheckpoint
 
@@ -18,7 +18,7 @@ def detect(path: Path) -> str:
     """The format name of ``path``; raises InputError (one actionable line) otherwise."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+        raise InputError(why_unreadable(path))
     if path.is_file():
         if path.suffix == ".safetensors":
             return "hf"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from harness.errors import InputError
-from harness.formats.base import TensorSpec
+from harness.formats.base import TensorSpec, why_unreadable
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -41,27 +41,36 @@ class Entry:
     end: int
 
 
+def read_index(hf_dir: Path) -> dict[str, str] | None:
+    """The index's tensor -> shard file map, or None for a checkpoint without an index."""
+    index = hf_dir / INDEX_NAME
+    if not index.exists():
+        return None
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{index}: not a valid safetensors index ({err}); re-export the checkpoint") from None
+
+
 def shard_files(hf_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in a stable order."""
+    """The safetensors files of a checkpoint, in a stable order; each must be a readable file."""
     if hf_dir.is_file():
         return [hf_dir]
-    index = hf_dir / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise InputError(f"{index}: not a valid safetensors index ({err}); re-export the checkpoint") from None
+    weight_map = read_index(hf_dir)
+    if weight_map is not None:
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
+        missing = [f.name for f in files if not f.exists() and not os.path.islink(f)]
         if missing:
             raise InputError(f"{hf_dir}: the index names shards that are missing: {', '.join(missing[:3])}")
-        return files
-    single = hf_dir / SINGLE_NAME
-    if single.exists():
-        return [single]
-    files = sorted(hf_dir.glob("*.safetensors"))
+    elif (hf_dir / SINGLE_NAME).exists():
+        files = [hf_dir / SINGLE_NAME]
+    else:
+        files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise InputError(f"{hf_dir}: no *.safetensors files")
+    for file in files:
+        if not file.is_file():
+            raise InputError(why_unreadable(file) if not file.exists() else f"{file}: not a file")
     return files
 
 
@@ -111,6 +120,25 @@ class HfCheckpoint:
                 if key in self._entries:
                     raise InputError(f"{self.path}: tensor {key!r} appears in two shards")
                 self._entries[key] = entry
+        weight_map = read_index(self.path) if self.path.is_dir() else None
+        if weight_map is not None:
+            self._check_index(weight_map)
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        """The index and the shards must name the same tensors, each in the shard the index says:
+        a loader trusts the index, so a tensor it names that no shard holds is a broken checkpoint."""
+        unheld = sorted(set(weight_map) - set(self._entries))
+        if unheld:
+            raise InputError(f"{self.path / INDEX_NAME}: names {len(unheld)} tensor(s) that no shard holds "
+                             f"(first: {unheld[0]!r} in {weight_map[unheld[0]]}); re-export the checkpoint")
+        unnamed = sorted(set(self._entries) - set(weight_map))
+        if unnamed:
+            raise InputError(f"{self.path / INDEX_NAME}: does not name {len(unnamed)} tensor(s) the shards hold "
+                             f"(first: {unnamed[0]!r} in {self._entries[unnamed[0]].file.name}); re-export the checkpoint")
+        moved = sorted(k for k, shard in weight_map.items() if self._entries[k].file.name != shard)
+        if moved:
+            raise InputError(f"{self.path / INDEX_NAME}: places {moved[0]!r} in {weight_map[moved[0]]}, but it is in "
+                             f"{self._entries[moved[0]].file.name}; re-export the checkpoint")
 
     def specs(self) -> dict[str, TensorSpec]:
         return {k: e.spec for k, e in sorted(self._entries.items())}

@@ -279,6 +279,14 @@ def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, wher
     return out
 
 
+def _yaml_error_line(source: str, err: Exception) -> str:
+    """``file:line:column: not valid YAML: what is wrong`` (PyYAML's own message spans 5 lines)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    what = " ".join(filter(None, [getattr(err, "problem", None), getattr(err, "context", None)])) or str(err)
+    return f"{where}: not valid YAML: {' '.join(what.split())}"
+
+
 def load_file(path: Path) -> list[Case]:
     import yaml
 
@@ -286,7 +294,7 @@ def load_file(path: Path) -> list[Case]:
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise CaseFileError(f"{source}: not valid YAML: {err}") from None
+        raise CaseFileError(_yaml_error_line(source, err)) from None
     if not isinstance(doc, dict):
         raise CaseFileError(f"{source}: expected a mapping with a 'matrix' list at the top level")
     unknown = sorted(set(doc) - _FILE_FIELDS)

@@ -7,6 +7,8 @@ is ``harness bisect-step``, which runs the case against the worktree and exits
     0    the case passes                       (good)
     1    a check fails, or the case crashes    (bad)
     125  the tree cannot be imported or built  (skip)
+    128  the machine kept the case from running (infrastructure error): git bisect run aborts,
+         since neither good nor bad would be true
 
 and appends what it saw to a log, so the failing check at the first bad commit can be printed.
 """
@@ -23,9 +25,9 @@ from pathlib import Path
 from harness.execution import service
 from harness.execution.source_trees import SourceTree, worktree
 from harness.matrix.cases import Case
-from harness.results import CRASHED, PASS, SKIP
+from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
 
-EXIT_GOOD, EXIT_BAD, EXIT_SKIP = 0, 1, 125
+EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128
 IMPORT_FAILURE = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError",
                   "before running any case", "was imported from")
 
@@ -61,6 +63,8 @@ class Step:
 def step_exit_code(status: str, error: str) -> int:
     if status == PASS:
         return EXIT_GOOD
+    if status == INFRA_ERROR:
+        return EXIT_ABORT
     if status == SKIP or (status in CRASHED and any(marker in error for marker in IMPORT_FAILURE)):
         return EXIT_SKIP
     return EXIT_BAD

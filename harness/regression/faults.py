@@ -328,16 +328,31 @@ def _hang():
         yield
 
 
-@fault("launcher-crash", "the highest rank dies abruptly (exit 9) while loading HF weights")
-def _crash():
+@contextlib.contextmanager
+def _last_rank_dies(die):
+    """The highest rank calls ``die()`` instead of loading HF weights; the others load."""
     from harness.conversion import bridge_calls
 
     original = bridge_calls.load_hf
 
-    def die_on_last_rank(*args, **kwargs):
+    def load_or_die(*args, **kwargs):
         if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
-            os._exit(9)
+            die()
         return original(*args, **kwargs)
 
-    with patched("harness.conversion.bridge_calls", "load_hf", die_on_last_rank):
+    with patched("harness.conversion.bridge_calls", "load_hf", load_or_die):
+        yield
+
+
+@fault("launcher-crash", "the highest rank dies abruptly (exit 9) while loading HF weights")
+def _crash():
+    with _last_rank_dies(lambda: os._exit(9)):
+        yield
+
+
+@fault("launcher-kill", "the highest rank is killed by SIGKILL (as by the OOM killer) while loading HF weights")
+def _kill():
+    import signal
+
+    with _last_rank_dies(lambda: os.kill(os.getpid(), signal.SIGKILL)):
         yield

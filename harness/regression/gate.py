@@ -7,8 +7,8 @@ Verdicts (a case "passes" when its checks pass *and* its fingerprint matches gol
     REGRESSED      fails now, but passed in golden or in the baseline
     FIXED          passes now, but failed in every reference that has it
     STILL-FAILING  fails now, and failed in every reference that has it
-    NOT-RUN        not run here: a declared-invalid layout, or a case this machine cannot run
-                   (e.g. more GPUs than it has), with the reason
+    NOT-RUN        not run here: a declared-invalid layout, a case this machine cannot run (e.g.
+                   more GPUs than it has), or an infrastructure error, with the reason
 
 Only REGRESSED makes the gate exit non-zero. The baseline is a finished run, or a git ref of the
 candidate Megatron-LM repository, run in a throw-away worktree.
@@ -24,7 +24,7 @@ from harness.execution import service
 from harness.execution.source_trees import validate, worktree
 from harness.regression import golden
 from harness.reporting import run_report
-from harness.results import INVALID, PASS as PASSED, SKIP, CaseResult
+from harness.results import INFRA_ERROR, INVALID, PASS as PASSED, SKIP, CaseResult
 from harness.workspace import atomic_write_text
 
 PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
@@ -39,7 +39,7 @@ class Verdict:
 
 
 def judge(result: CaseResult, golden_doc: dict | None, baseline: CaseResult | None) -> Verdict:
-    if result.status in (SKIP, INVALID):
+    if result.status in (SKIP, INVALID, INFRA_ERROR):
         return Verdict(result.case_id, NOT_RUN, (result.headline,))
     reasons: list[str] = []
     now_ok = result.status == PASSED
@@ -78,6 +78,10 @@ class GateOutcome:
     @property
     def regressed(self) -> bool:
         return any(v.verdict == REGRESSED for v in self.verdicts)
+
+    @property
+    def infra_errors(self) -> int:
+        return sum(r.status == INFRA_ERROR for r in self.candidate.results)
 
     def counts(self) -> dict[str, int]:
         return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER}

@@ -17,7 +17,7 @@ from typing import Any
 from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case, CaseSet
-from harness.results import CRASHED, PASS, SKIP, CaseResult
+from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
 from harness.runtimes import lanes
 from harness.workspace import atomic_write_json, atomic_write_text
 
@@ -120,7 +120,7 @@ def evaluate(results: dict[str, CaseResult], lane: str, only: list[str] | None =
             res = results.get(f"{case_id}+{reg.fault}")
             if res is None:
                 continue
-            if res.status == SKIP:  # cannot run on this machine (e.g. too few GPUs): not evidence
+            if res.status in (SKIP, INFRA_ERROR):  # not run on this machine (e.g. too few GPUs): not evidence
                 skipped.append(f"{case_id}: {res.headline}")
                 continue
             if res.status != PASS:
@@ -141,7 +141,7 @@ def evaluate(results: dict[str, CaseResult], lane: str, only: list[str] | None =
         rows.append(row)
     for case_id in sorted(clean_ids):
         res = results.get(case_id)
-        if res is None or res.status not in (PASS, SKIP):
+        if res is None or res.status not in (PASS, SKIP, INFRA_ERROR):
             clean_bad.append(case_id)
     return rows, clean_bad
 

@@ -150,6 +150,32 @@ def check_table(result: CaseResult) -> str:
     return tabulate(rows, headers=["", "check", "summary"], tablefmt="simple")
 
 
+SHORT_WORD = 6  # clip() shortens words to this many characters (plus "…") before dropping any
+
+
 def clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """``text`` on one line, at most ``width`` characters if that is possible without cutting a
+    number. A token with a digit (a number, a tensor key, a shape) is never cut. Words are
+    shortened first (longest first, to a few letters and ``…``), then dropped from the end; a
+    line that still does not fit is returned whole: a wide cell is better than a wrong number."""
+    tokens = text.split()
+
+    def fits() -> bool:
+        return len(" ".join(tokens)) <= width
+
+    def is_word(token: str) -> bool:
+        return not any(ch.isdigit() for ch in token) and token != "…"
+
+    for i in sorted(range(len(tokens)), key=lambda i: -len(tokens[i])):
+        if fits():
+            break
+        if is_word(tokens[i]) and len(tokens[i]) > SHORT_WORD + 1:
+            tokens[i] = tokens[i][:SHORT_WORD] + "…"
+    for i in range(len(tokens) - 1, 0, -1):
+        if fits():
+            break
+        if is_word(tokens[i]) and not tokens[i].endswith("…"):
+            tokens[i] = "…"
+            if i + 1 < len(tokens) and tokens[i + 1] == "…":
+                del tokens[i + 1]
+    return " ".join(tokens)

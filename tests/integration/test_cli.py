@@ -72,3 +72,29 @@ def test_run_with_a_seeded_fault_exits_1_and_names_the_check(tmp_path):
 def test_unknown_fault_is_a_usage_error(tmp_path):
     r = harness("run", CASE, "--inject", "nope", tmp_path=tmp_path)
     assert r.returncode == 2 and "unknown fault" in r.stderr
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "broken.yaml").write_text("matrix:\n  - families: [llama\n    layouts: [tp1]\n")
+    r = harness("--cases-dir", str(cases), "list", tmp_path=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "broken.yaml:3:12: not valid YAML: expected ',' or ']'" in r.stderr and "<unicode string>" not in r.stderr
+    debug = harness("--debug", "--cases-dir", str(cases), "list", tmp_path=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, "--debug adds the traceback, the exit code stays"
+
+
+def test_the_table_never_cuts_a_number():
+    from harness.reporting.run_report import clip, table
+    from harness.results import CaseResult, CheckResult
+
+    summary = ("max|d|=6.11e-04 (tol 1e-05) mean|d|=1.20e-05 top1=0.958 KL=6.11e-04 (tol 1e-11) "
+               "which is far beyond the floor of this lane")
+    result = CaseResult("qwen3-moe@bf16/tp1/memory/roundtrip", "fail",
+                        checks=[CheckResult("logits-hf-vs-megatron", False, summary)])
+    numbers = [t for t in f"logits-hf-vs-megatron: {summary}".split() if any(c.isdigit() for c in t)]
+    for width in (30, 60, 90):
+        shown = clip(f"logits-hf-vs-megatron: {summary}", width).split()
+        assert all(n in shown for n in numbers), (width, shown)
+    assert "KL=6.11e-04" in table([result]) and "6.11e-0…" not in table([result])

@@ -8,6 +8,7 @@ CPU cannot run Megatron-FSDP). Committed GPU-made fixtures, when present, are in
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -296,3 +297,65 @@ def test_raw_diff_decodes_bf16_and_counts_elements(tmp_path):
     (row,) = result.details
     assert row["key"] == "lm_head.weight" and row["status"].startswith("values differ in 2/")
     assert row["max_abs_diff"] >= abs(after - before) - 1e-6
+
+
+# ------------------------------------------------------------------------ broken links, bad index
+
+
+def _hf_with_broken_shard(tmp, how):
+    """A sharded HF checkpoint whose second shard is a symlink loop or a dangling link."""
+    from safetensors.torch import load_file, save_file
+
+    src = zoo.build(zoo.ModelSpec("llama"), tmp / "src")
+    sd = load_file(src / "model.safetensors")
+    keys = sorted(sd)
+    out = tmp / how
+    out.mkdir()
+    save_file({k: sd[k] for k in keys[:5]}, out / "model-00001-of-00002.safetensors")
+    second = out / "model-00002-of-00002.safetensors"
+    if how == "loop":
+        second.symlink_to(second.name)
+    else:
+        second.symlink_to(tmp / "gone.safetensors")
+    index = {"metadata": {}, "weight_map": {k: ("model-00001-of-00002.safetensors" if i < 5 else second.name)
+                                              for i, k in enumerate(keys)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+@pytest.mark.parametrize("how,words", [("loop", "a symlink loop"), ("dangling", "a dangling symlink to")])
+def test_a_broken_shard_link_is_one_line_exit_2(tmp_path, good_hf, how, words):
+    bad = _hf_with_broken_shard(tmp_path, how)
+    r = harness_diff(bad, good_hf)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and words in r.stderr and "model-00002-of-00002" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("how,words", [("loop", "a symlink loop"), ("dangling", "a dangling symlink to")])
+def test_a_broken_link_as_the_argument_is_named_as_such(tmp_path, good_hf, how, words):
+    link = tmp_path / "ckpt"
+    link.symlink_to(link.name if how == "loop" else tmp_path / "nowhere")
+    r = harness_diff(link, good_hf)
+    assert r.returncode == 2 and words in r.stderr and "no such file" not in r.stderr, r.stderr
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_is_reported_not_equal(tmp_path, good_hf):
+    """The loader trusts the index: a tensor it names that no shard holds is a broken checkpoint,
+    even when every tensor the shards hold is bitwise equal to the other side."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(good_hf, broken)
+    weight_map = {k: "model.safetensors" for k in zoo_keys(good_hf)}
+    weight_map["model.layers.9.mlp.up_proj.weight"] = "model.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    r = harness_diff(broken, good_hf)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "names 1 tensor(s) that no shard holds" in r.stderr and "model.layers.9.mlp.up_proj.weight" in r.stderr
+
+
+def zoo_keys(path):
+    from harness.formats.hf import HfCheckpoint
+
+    return list(HfCheckpoint(path).specs())

@@ -57,6 +57,16 @@ def test_hung_case_times_out_and_the_run_goes_on(tmp_path):
     assert "ETA" in r.stderr  # progress lines
 
 
+def test_rank_killed_by_a_signal_is_named_with_the_signal_and_the_case_keeps_its_duration(tmp_path):
+    r, cases, _, _ = run_matrix(tmp_path, "launcher-kill")
+    assert r.returncode == 1
+    victim = cases[VICTIM]
+    assert victim["status"] == "error"
+    assert victim["error"].startswith("rank 1 was killed by signal 9 (SIGKILL) during the case"), victim["error"][:300]
+    assert victim["duration_s"] > 0, "the killed case ran for a while; 0.0 s would hide that"
+    assert all(cases[c]["status"] == "pass" for c in cases if c != VICTIM), r.stdout
+
+
 def test_crashed_rank_fails_its_case_with_log_tail(tmp_path):
     r, cases, _, _ = run_matrix(tmp_path, "launcher-crash")
     assert r.returncode == 1

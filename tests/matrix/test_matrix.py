@@ -4,9 +4,22 @@ import pytest
 
 from harness.pytest_plugin import explain
 from harness.regression import golden
+from harness.results import INFRA_ERROR
 
 
-def test_case(matrix_case, matrix_runner, record_property):
+@pytest.fixture
+def infra_checked(matrix_case, matrix_runner):
+    """An infrastructure error is reported by pytest as an ERROR of the test's setup, never as a
+    FAIL of the case: it says nothing about the code under test."""
+    lane, case_id = matrix_case
+    case = matrix_runner.case_set.get(case_id)
+    if not case.invalid_reason and not matrix_runner.skip_reason(lane, case_id):
+        result = matrix_runner.result(lane, case_id)
+        if result.status == INFRA_ERROR:
+            pytest.fail(f"infrastructure error (not a verdict on {case_id}): {result.headline}", pytrace=False)
+
+
+def test_case(matrix_case, matrix_runner, record_property, infra_checked):
     lane, case_id = matrix_case
     case = matrix_runner.case_set.get(case_id)
     if case.invalid_reason:  # declared impossible: the up-front check must refuse it, naming the rule

@@ -1,0 +1,109 @@
+"""A launch that dies of the machine before any case starts is retried, then reported as an
+infrastructure error, never as a case failure (the launcher's own logic; fake interpreters)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+
+from harness.cli import EXIT_FAIL, EXIT_INFRA, EXIT_OK, exit_code
+from harness.execution import launch
+from harness.execution.run_dir import RunDir
+from harness.matrix.cases import load_cases
+from harness.regression.bisect import EXIT_ABORT, step_exit_code
+from harness.regression.gate import NOT_RUN, judge
+from harness.results import ERROR, FAIL, INFRA_ERROR, PASS, CaseResult
+
+pytestmark = pytest.mark.cpu
+
+CASES = "matrix:\n  - families: [llama]\n    layouts: [tp1]\n    paths: [memory/roundtrip, torch_dist/roundtrip]\n"
+PORT_TAKEN = "torch.distributed.DistNetworkError: The server socket has failed to listen on any local network address. port: 29500, useIpv6: false, code: -98, name: EADDRINUSE"
+
+
+def fake_python(tmp_path, message: str, failures: int):
+    """An interpreter that prints ``message`` and exits 1 for its first ``failures`` calls, then
+    behaves like the real one: it stands in for a rank that lost a port race."""
+    counter = tmp_path / "calls"
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n"
+        f"if (( n < {failures} )); then echo '{message}'; exit 1; fi\n"
+        f"exec {sys.executable} \"$@\"\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script), counter
+
+
+def cases(tmp_path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(CASES)
+    return folder, load_cases(folder).cases
+
+
+def test_a_launch_that_keeps_failing_on_the_machine_is_an_infra_error_for_every_case(tmp_path):
+    folder, selected = cases(tmp_path)
+    python, counter = fake_python(tmp_path, PORT_TAKEN, failures=99)
+    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    assert [r.status for r in results] == [INFRA_ERROR, INFRA_ERROR]
+    assert int(counter.read_text()) == 1 + launch.INFRA_RETRIES, "retried, then given up"
+    assert results[0].headline.startswith("infrastructure error, not a verdict on the case")
+    assert "EADDRINUSE" in results[0].headline
+    assert exit_code(results) == EXIT_INFRA
+
+
+def test_an_early_death_that_is_not_the_machine_is_not_retried(tmp_path):
+    folder, selected = cases(tmp_path)
+    python, counter = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
+    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    assert [r.status for r in results] == [ERROR, ERROR] and int(counter.read_text()) == 1
+    assert exit_code(results) == EXIT_FAIL
+
+
+def test_a_launch_that_lost_a_port_race_once_is_retried_and_the_cases_run(tmp_path):
+    folder, selected = cases(tmp_path)
+    python, counter = fake_python(tmp_path, PORT_TAKEN, failures=1)
+    results = launch.run_cases(selected[:1], RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    assert [r.status for r in results] == [PASS] and int(counter.read_text()) == 2
+
+
+@pytest.mark.parametrize("statuses,code", [
+    ([PASS, PASS], EXIT_OK), ([PASS, INFRA_ERROR], EXIT_INFRA), ([FAIL, INFRA_ERROR], EXIT_FAIL), ([ERROR], EXIT_FAIL),
+])
+def test_exit_codes(statuses, code):
+    assert exit_code([CaseResult(f"c{i}", s) for i, s in enumerate(statuses)]) == code
+
+
+def test_gate_and_bisect_never_judge_an_infra_error():
+    result = CaseResult("llama/tp1/memory/roundtrip", INFRA_ERROR, error="infrastructure error, not a verdict: EADDRINUSE")
+    assert judge(result, {"status": "pass"}, None).verdict == NOT_RUN
+    assert step_exit_code(INFRA_ERROR, result.error) == EXIT_ABORT
+
+
+@pytest.mark.parametrize("layout,torchrun", [("tp1", False), ("tp2", True)])
+def test_no_port_is_chosen_before_the_process_that_listens_on_it(tmp_path, monkeypatch, layout, torchrun):
+    """Binding port 0, closing it and handing the number on lets another process take it in
+    between. A world of one needs no port; torchrun's --standalone rendezvous binds its own."""
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def popen(cmd, env, **_kwargs):
+        seen.update(cmd=cmd, env=env)
+        raise Captured
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(f"matrix:\n  - families: [llama]\n    layouts: [{layout}]\n    paths: [memory/roundtrip]\n")
+    with pytest.raises(Captured):
+        launch.run_cases(load_cases(folder).cases, RunDir(tmp_path / "run"), launch.LaunchOptions(cases_dir=folder))
+    assert not any("master_port" in arg for arg in seen["cmd"])
+    assert ("--standalone" in seen["cmd"]) is torchrun
+    if not torchrun:
+        assert seen["env"].get("MASTER_PORT") == os.environ.get("MASTER_PORT"), "no port of the launcher's choosing"
