@@ -160,7 +160,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
     if not reviews:
         raise InputError(f"run {args.run} has no case matching -k {args.k!r}")
     if args.action == "check":
-        rows = [[r.label, r.case_id, "; ".join(r.differences)[:150]] for r in reviews]
+        rows = [[r.label, r.case_id, run_report.clip("; ".join(r.differences), 150)] for r in reviews]
         print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple"))
         bad = sum(r.kind != golden.SAME for r in reviews)
         print(f"\n{len(reviews) - bad}/{len(reviews)} match golden/ (run {doc['run']})")
@@ -168,7 +168,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
             print("to accept a change on purpose: harness golden update --run RUN -k EXPR", file=sys.stderr)
         return EXIT_FAIL if bad else EXIT_OK
     changed = [r for r in reviews if r.kind != golden.SAME]
-    rows = [[r.kind, r.case_id, "; ".join(r.differences)[:150]] for r in changed]
+    rows = [[r.kind, r.case_id, run_report.clip("; ".join(r.differences), 150)] for r in changed]
     print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple") if rows else "no changes")
     if args.dry_run:
         return EXIT_OK
@@ -185,9 +185,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     trees = _source_trees(args)
     label = args.label or (f"gate-{trees[0].sha[:12]}" if trees else "gate")
     outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr)
-    rows = [[v.verdict, v.case_id, "; ".join(v.reasons)[:110]] for v in outcome.verdicts]
-    print(tabulate(sorted(rows, key=lambda r: (gate.ORDER[r[0]], r[1])), headers=["verdict", "case", "why"],
-                   tablefmt="simple"))
+    rows = [[v.label, v.case_id, run_report.clip("; ".join(v.reasons), 110)]
+            for v in sorted(outcome.verdicts, key=lambda v: (gate.ORDER[v.verdict], v.case_id))]
+    print(tabulate(rows, headers=["verdict", "case", "why"], tablefmt="simple"))
     counts = outcome.counts()
     print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
           + f"; PR comment: {outcome.candidate.run.summary_file}")

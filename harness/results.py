@@ -78,6 +78,21 @@ class CaseResult:
         return next((c for c in self.checks if not c.passed), None)
 
     @property
+    def unchecked(self) -> list[CheckResult]:
+        """Checks that could not run for this case (each says why): a pass with these is partial."""
+        return [c for c in self.checks if c.skipped]
+
+    @property
+    def label(self) -> str:
+        """The status as people read it: ``PASS*`` is a pass with checks that could not run."""
+        return f"{self.status.upper()}*" if self.status == PASS and self.unchecked else self.status.upper()
+
+    @property
+    def unchecked_line(self) -> str:
+        """``not checked: <check> (<why>)``, for a partial pass."""
+        return "; ".join(f"not checked: {c.name} ({c.summary.removeprefix('skipped: ')})" for c in self.unchecked)
+
+    @property
     def headline(self) -> str:
         """Why this case did not pass, in one line: the first failing check, else the error's
         headline (the exception line of a crash, the launcher's reason, a skip's reason)."""

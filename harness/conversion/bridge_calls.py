@@ -28,6 +28,7 @@ class MegatronModel:
     bridge: Any  # megatron.bridge.AutoBridge
     chunks: list[torch.nn.Module]
     layout: Layout
+    provider: Any = None  # the finalized provider that built it (None: built by load_megatron_model)
 
     @property
     def shares_embeddings(self) -> bool:
@@ -82,7 +83,7 @@ def build_model(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime) -> Me
         use_cpu_initialization=runtime.use_cpu_initialization,
         mixed_precision_wrapper=None,
     )
-    model = MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)
+    model = MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout, provider=provider)
     fill_sentinel(model)
     return model
 

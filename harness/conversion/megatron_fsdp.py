@@ -16,12 +16,15 @@ The on-disk layout is audited (``harness.checks.fsdp_layout``) before reloading.
 Megatron-FSDP): Megatron-LM's offline converter (tools/checkpoint/checkpoint_inspector.py) is not
 in the pip package.
 
-Not run in the session that wrote it (no GPU was lent); see the issue notes.
+Two things the training loader expects that a conversion does not have are supplied for the load
+only: no RNG state is asked for, and the global num-microbatches calculator exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from harness.checks import fsdp_layout
 from harness.conversion import bridge_calls
@@ -55,7 +58,7 @@ def build_fsdp_model(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, 
         wrap_with_ddp=True,
         mixed_precision_wrapper=Float16Module if bf16 else None,
     )
-    return bridge_calls.MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)
+    return bridge_calls.MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout, provider=provider)
 
 
 def save_fsdp_dtensor(model: bridge_calls.MegatronModel, path: Path) -> None:
@@ -64,17 +67,18 @@ def save_fsdp_dtensor(model: bridge_calls.MegatronModel, path: Path) -> None:
     save_megatron_model(model.chunks, str(path), ckpt_format="fsdp_dtensor")
 
 
-def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path) -> None:
-    """``load_checkpoint`` with strict_fsdp_dtensor_load=True and no optimizer/RNG state."""
-    from megatron.bridge.training.checkpointing import load_checkpoint
-    from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig
-    from megatron.bridge.training.state import GlobalState
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.utils import get_model_config
+def strict_load_config(model_config, path: Path):
+    """The ``ConfigContainer`` of a strict, model-only fsdp_dtensor load.
 
-    state = GlobalState()
-    state.cfg = ConfigContainer(
-        model=get_model_config(model.chunks[0]),
+    ``save_rng=False`` as well as ``load_rng=False``: the loader builds the state dict it asks for
+    from ``save_rng`` (megatron/bridge/training/checkpointing.py: generate_state_dict), so with the
+    default True it demands an ``rng_state`` that ``save_megatron_model`` never wrote.
+    """
+    from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    return ConfigContainer(
+        model=model_config,
         train=None,
         optimizer=OptimizerConfig(use_distributed_optimizer=True),
         ddp=_ddp_config(),
@@ -84,11 +88,41 @@ def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path) -> N
         tokenizer=None,
         checkpoint=CheckpointConfig(
             load=str(path), ckpt_format="fsdp_dtensor", strict_fsdp_dtensor_load=True,
-            load_optim=False, load_rng=False, finetune=False,
+            load_optim=False, load_rng=False, save_rng=False, finetune=False,
         ),
         dist=None,
     )
-    load_checkpoint(state, model.chunks, optimizer=None, opt_param_scheduler=None, strict=True)
+
+
+@contextlib.contextmanager
+def num_microbatches_calculator(data_parallel_size: int) -> Iterator[None]:
+    """The training loader calls ``update_num_microbatches``, which needs Megatron's global
+    num-microbatches calculator (megatron/core/num_microbatches_calculator.py). Set one up for a
+    load (one micro batch per DP rank) and put back whatever was there before, exception or not."""
+    from megatron.core import num_microbatches_calculator as calculators
+
+    previous = calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR
+    calculators.unset_num_microbatches_calculator()
+    try:
+        calculators.init_num_microbatches_calculator(
+            rank=0, rampup_batch_size=None, global_batch_size=data_parallel_size, micro_batch_size=1,
+            data_parallel_size=data_parallel_size)
+        yield
+    finally:
+        calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR = previous
+
+
+def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path) -> None:
+    """``load_checkpoint`` with strict_fsdp_dtensor_load=True and no optimizer/RNG state."""
+    from megatron.bridge.training.checkpointing import load_checkpoint
+    from megatron.bridge.training.state import GlobalState
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_model_config
+
+    state = GlobalState()
+    state.cfg = strict_load_config(get_model_config(model.chunks[0]), path)
+    with num_microbatches_calculator(parallel_state.get_data_parallel_world_size()):
+        load_checkpoint(state, model.chunks, optimizer=None, opt_param_scheduler=None, strict=True)
 
 
 def newest_iter(path: Path) -> Path:

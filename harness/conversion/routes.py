@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from harness.checks import coverage, generation, logits, tensors
+from harness.checks import coverage, generation, logits, provider_parity, tensors
 from harness.conversion import bridge_calls, forward
 from harness.formats import hf as hf_format
 from harness.matrix import zoo
@@ -94,12 +94,23 @@ def gather_logits(local: torch.Tensor | None) -> torch.Tensor:
 
 
 def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, bridge_calls.MegatronModel, list[CheckResult]]:
-    """HF -> Megatron at ``layout`` with load coverage checked."""
+    """HF -> Megatron at ``layout`` with load coverage checked (and the provider against TP1)."""
     hf_dir = materialize_model(case.model)
     bridge = bridge_calls.open_bridge(hf_dir)
     model = bridge_calls.build_model(bridge, case.model, layout, ctx.runtime)
     bridge_calls.load_hf(model)
-    return hf_dir, model, [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    return hf_dir, model, results + provider_vs_tp1(case, model, ctx)
+
+
+def provider_vs_tp1(case: Case, model: bridge_calls.MegatronModel, ctx: Context) -> list[CheckResult]:
+    """The provider at a parallel layout must be the TP1 provider but for parallelism: checks
+    that cannot run at this layout (a forward pass, say) then still vouch for it at TP1."""
+    if rank() != 0 or not model.layout.splits_model:
+        return []
+    reference = bridge_calls.make_provider(model.bridge, case.model, Layout(), ctx.runtime)
+    return [provider_parity.compare(provider_parity.snapshot(reference), provider_parity.snapshot(model.provider),
+                                    layout=model.layout.id)]
 
 
 def export_and_compare(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
@@ -224,6 +235,7 @@ def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[Ch
     bridge_calls.fill_sentinel(model)
     bridge_calls.load_hf(model, hf_dir)
     results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    results += provider_vs_tp1(case, model, ctx)
     saved = shared_dir(ctx, "fsdp_dtensor")
     megatron_fsdp.save_fsdp_dtensor(model, saved)
     fingerprint_saved(ctx, "fsdp_dtensor", saved)

@@ -34,6 +34,7 @@ from harness.execution.run_dir import Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
 from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult
+from harness.runtimes.lanes import rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
@@ -72,7 +73,7 @@ class Progress:
         eta = elapsed / self.done * left if self.done else 0.0
         width = len(str(self.total))
         print(
-            f"[{self.done:>{width}}/{self.total}] {result.status.upper():7} {result.case_id} "
+            f"[{self.done:>{width}}/{self.total}] {result.label:7} {result.case_id} "
             f"({result.duration_s:.1f}s)  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
             file=self.stream,
             flush=True,
@@ -168,6 +169,7 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
         cmd = [options.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ws}",
                "--max_restarts=0", *worker]
     env = dict(os.environ)
+    env.update(rank_environment(options.lane))  # before CUDA starts in the rank (e.g. TF32 off)
     env.update(options.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 run.write_case_result(result)
             run.append_progress(ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+    if rank == 0:  # again, now with what the runtime decided while building the models
+        run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
     if exit_code:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from harness.matrix.zoo import config_num_experts
@@ -70,6 +70,11 @@ class Layout:
 
     def __str__(self) -> str:
         return self.id
+
+    @property
+    def splits_model(self) -> bool:
+        """Whether this layout splits the model at all (data parallelism only replicates it)."""
+        return replace(self, dp=1) != Layout()
 
     @property
     def expert_tp(self) -> int:

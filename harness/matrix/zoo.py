@@ -81,7 +81,9 @@ def rope(theta: float) -> dict[str, Any]:
 
 
 # Shared shapes: hidden 64, 4 heads of 16 (GQA 4:2), dense FFN 96, vocab 250 (Megatron pads it
-# to 256 at TP1/TP2: the export must cut the padding off).
+# to 256 at TP1/TP2: the export must cut the padding off). Every value the bridge maps into the
+# provider differs from the provider's default (tests/integration/test_zoo_mapping.py); MoE
+# families route top-3 of 4 experts (Megatron's default top-k is 2).
 _COMMON = dict(
     vocab_size=250,
     hidden_size=64,
@@ -89,7 +91,7 @@ _COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=128,
-    rms_norm_eps=1e-5,
+    rms_norm_eps=1e-3,  # not Megatron's 1e-5: a bridge that drops the mapping must show (zoo_audit)
     tie_word_embeddings=False,
     bos_token_id=1,
     eos_token_id=2,
@@ -153,10 +155,10 @@ register(
         tokenizer="bytelevel-bpe",
         hf_architecture="Qwen3MoeForCausalLM",
         hf_config_class="Qwen3MoeConfig",
-        description="4 experts, top-2 router, q/k norm",
+        description="4 experts, top-3 router, q/k norm",
         config=dict(
             _COMMON, intermediate_size=96, moe_intermediate_size=40, head_dim=16, num_experts=4,
-            num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
             rope_parameters=rope(1000000.0), attention_bias=False, hidden_act="silu",
         ),
         variants={"bf16": BF16},
@@ -171,7 +173,7 @@ register(
         description="MLA, shared expert, grouped top-k with e_score_correction_bias, first layer dense",
         config=dict(
             _COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=40,
-            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
             first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
             kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
             rope_parameters=rope(10000.0 * 5), rope_interleave=True, attention_bias=False, hidden_act="silu",
@@ -188,7 +190,7 @@ register(
         description="Gated DeltaNet + gated full attention (1:1), MoE with shared expert",
         config=dict(
             _COMMON, intermediate_size=96, head_dim=16, moe_intermediate_size=40,
-            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=3,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
             linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
             linear_num_key_heads=2, linear_num_value_heads=4,
@@ -236,10 +238,12 @@ register(
         hf_config_class="GptOssConfig",
         description="MoE with expert biases, clamped SwiGLU, attention sinks, sliding window",
         config=dict(
-            _COMMON, intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            _COMMON, intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=3,
             sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-            rope_parameters=dict(rope(150000.0), rope_type="yarn", factor=2.0, beta_fast=32.0,
-                                 beta_slow=1.0, original_max_position_embeddings=64, truncate=False),
+            # YaRN as in the released GPT-OSS checkpoints: megatron-bridge 0.6.2 hard-codes factor 32
+            # and original length 4096 whatever the config says (cases/moe.yaml: gpt-oss@yarn2).
+            rope_parameters=dict(rope(150000.0), rope_type="yarn", factor=32.0, beta_fast=32.0,
+                                 beta_slow=1.0, original_max_position_embeddings=4096, truncate=False),
             attention_bias=True,
         ),
     )

@@ -184,18 +184,46 @@ def _drop_lm_head():
         yield
 
 
-@fault("rope-theta-dropped", "the provider loses rope_theta and falls back to Megatron's rotary_base 10000")
-def _rope_dropped():
+@contextlib.contextmanager
+def _provider_falls_back(field: str, megatron_default):
+    """The bridge's provider loses one mapped HF config value: Megatron's default takes its place."""
     from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 
     original = MegatronModelBridge.provider_bridge
 
     def provider_bridge(self, hf_pretrained):
         provider = original(self, hf_pretrained)
-        provider.rotary_base = 10000.0
+        setattr(provider, field, megatron_default)
         return provider
 
     with patched(_BRIDGE, "provider_bridge", provider_bridge):
+        yield
+
+
+@fault("rope-theta-dropped", "the provider loses rope_theta and falls back to Megatron's rotary_base 10000")
+def _rope_dropped():
+    with _provider_falls_back("rotary_base", 10000.0):
+        yield
+
+
+@fault("rms-eps-dropped", "the provider loses rms_norm_eps and falls back to Megatron's layernorm_epsilon 1e-5")
+def _eps_dropped():
+    with _provider_falls_back("layernorm_epsilon", 1e-5):
+        yield
+
+
+@fault("provider-drift-at-tp", "finalize() falls back to Megatron's rotary_base 10000 when TP > 1 (the model is right at TP1)")
+def _provider_drift_at_tp():
+    from megatron.bridge.models.transformer_config import TransformerConfig
+
+    original = TransformerConfig.finalize
+
+    def finalize(self):
+        original(self)
+        if self.tensor_model_parallel_size > 1:
+            self.rotary_base = 10000.0
+
+    with patched("megatron.bridge.models.transformer_config:TransformerConfig", "finalize", finalize):
         yield
 
 

@@ -36,6 +36,11 @@ class Verdict:
     case_id: str
     verdict: str
     reasons: tuple[str, ...]
+    partial: bool = False  # passed with checks that could not run (the reasons say which)
+
+    @property
+    def label(self) -> str:
+        return f"{self.verdict}*" if self.partial else self.verdict
 
 
 def judge(result: CaseResult, golden_doc: dict | None, baseline: CaseResult | None) -> Verdict:
@@ -59,7 +64,10 @@ def judge(result: CaseResult, golden_doc: dict | None, baseline: CaseResult | No
         verdict = FIXED if refs and not any(refs) else PASS
     else:
         verdict = REGRESSED if (not refs or any(refs)) else STILL_FAILING
-    return Verdict(result.case_id, verdict, tuple(reasons))
+    partial = now_ok and bool(result.unchecked)
+    if partial:
+        reasons.append(result.unchecked_line)
+    return Verdict(result.case_id, verdict, tuple(reasons), partial)
 
 
 def judge_all(results: list[CaseResult], baseline: dict[str, CaseResult] | None) -> list[Verdict]:

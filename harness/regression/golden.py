@@ -8,6 +8,7 @@ Megatron may legitimately reorder fp32 accumulation.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,41 @@ from typing import Any
 import harness
 from harness import workspace
 from harness.matrix.cases import matches
-from harness.results import CaseResult
+from harness.results import PASS, CaseResult
 
 GOLDEN_FORMAT = 1
 SAME, NEW, CHANGED = "same", "new", "changed"  # a run's case against its golden file
+KNOWN_FAILURES = "known_failures.yaml"
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """Why a case fails on the pinned stack (``golden/known_failures.yaml``)."""
+
+    cases: tuple[str, ...]  # case-ID globs
+    lanes: tuple[str, ...]
+    checks: tuple[str, ...]  # the checks it fails ([] for a crash)
+    upstream: str
+    diagnosis: str
+
+    def matches(self, case_id: str, lane: str) -> bool:
+        return lane in self.lanes and any(fnmatch.fnmatchcase(case_id, pattern) for pattern in self.cases)
+
+
+def known_failures(root: Path | None = None) -> list[KnownFailure]:
+    import yaml
+
+    path = (root or workspace.golden_root()) / KNOWN_FAILURES
+    if not path.exists():
+        return []
+    doc = yaml.safe_load(path.read_text()) or {}
+    return [KnownFailure(cases=tuple(e["cases"]), lanes=tuple(e["lanes"]), checks=tuple(e.get("checks", [])),
+                         upstream=e["upstream"], diagnosis=" ".join(e["diagnosis"].split()))
+            for e in doc.get("failures", [])]
+
+
+def known_failure(case_id: str, lane: str, root: Path | None = None) -> KnownFailure | None:
+    return next((k for k in known_failures(root) if k.matches(case_id, lane)), None)
 
 
 @dataclass(frozen=True)
@@ -39,8 +71,8 @@ def load(lane: str, case_id: str, root: Path | None = None) -> GoldenEntry | Non
     return GoldenEntry(path, json.loads(path.read_text()))
 
 
-def document(result: CaseResult, provenance: dict[str, Any]) -> dict[str, Any]:
-    return {
+def document(result: CaseResult, provenance: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    doc = {
         "golden_format": GOLDEN_FORMAT,
         "case_id": result.case_id,
         "lane": result.lane,
@@ -49,6 +81,11 @@ def document(result: CaseResult, provenance: dict[str, Any]) -> dict[str, Any]:
         "fingerprint": result.fingerprint,
         "provenance": provenance,
     }
+    known = known_failure(result.case_id, result.lane, root) if result.status != PASS else None
+    if known is not None:
+        doc["known_failure"] = {"upstream": known.upstream, "diagnosis": known.diagnosis,
+                                "headline": result.headline}
+    return doc
 
 
 def compare(golden: dict[str, Any], result: CaseResult) -> list[str]:
@@ -80,7 +117,9 @@ def compare(golden: dict[str, Any], result: CaseResult) -> list[str]:
         if values:
             diffs.append(f"{fmt}: {len(values)} tensor(s) with different bytes, e.g. {sorted(values)[0]}")
     want_l, got_l = want_fp.get("logits"), got_fp.get("logits")
-    if want_l and got_l:
+    if bool(want_l) != bool(got_l):  # a logit check that stopped (or started) running is news
+        diffs.append(f"logits: {'not produced now' if want_l else 'not in golden'}")
+    if want_l and got_l and golden["status"] == PASS:  # a pinned failure is over tolerance by definition
         tol = want_l.get("tolerance", {})
         if got_l["max_abs_diff"] > tol.get("max_abs", float("inf")):
             diffs.append(f"logits: max|d| {got_l['max_abs_diff']:.2e} over the golden tolerance {tol.get('max_abs')}")
@@ -89,7 +128,7 @@ def compare(golden: dict[str, Any], result: CaseResult) -> list[str]:
 
 def write(result: CaseResult, provenance: dict[str, Any], root: Path | None = None) -> Path:
     path = golden_path(result.lane, result.case_id, root)
-    workspace.atomic_write_json(path, document(result, provenance))
+    workspace.atomic_write_json(path, document(result, provenance, root))
     return path
 
 
@@ -100,6 +139,10 @@ def changes(result: CaseResult, root: Path | None = None) -> tuple[str, list[str
         digests = sum(len(v) for k, v in result.fingerprint.items() if k != "logits")
         return NEW, [f"new golden: status {result.status}, {digests} digests"]
     diffs = compare(existing.doc, result)
+    why = ("upstream", "diagnosis")  # the headline's numbers may move within tolerance; the reason may not
+    pinned, current = existing.doc.get("known_failure") or {}, document(result, {}, root).get("known_failure") or {}
+    if not diffs and [pinned.get(k) for k in why] != [current.get(k) for k in why]:
+        diffs = ["known-failure diagnosis differs from golden/known_failures.yaml"]
     return (CHANGED if diffs else SAME), diffs
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from harness import workspace
 from harness.execution.run_dir import RESULTS_NAME, RunDir
-from harness.results import CRASHED, FAIL, INVALID, PASS, SKIP, CaseResult, status_counts
+from harness.results import CRASHED, FAIL, PASS, SKIP, CaseResult, status_counts
 
 SCHEMA_VERSION = 1
 
@@ -81,6 +81,8 @@ def junit_xml(results: list[CaseResult], suite: str) -> str:
         elif r.status == SKIP:
             ET.SubElement(tc, "skipped", message=r.error[:1000])
         props = ET.SubElement(tc, "properties")
+        for c in r.unchecked:  # a pass with these is partial: say what was not checked
+            ET.SubElement(props, "property", name=f"not-checked.{c.name}", value=c.summary.removeprefix("skipped: "))
         for c in r.checks:
             if "max_abs_diff" in c.metrics:
                 ET.SubElement(props, "property", name=f"{c.name}.max_abs_diff", value=repr(c.metrics["max_abs_diff"]))
@@ -96,8 +98,10 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
     """The PR comment: counts, the stack, one row per case (worst first). With ``verdicts`` (a
     gate run) each row shows its verdict, sorted by ``verdict_order``."""
     counts = status_counts(results)
+    partial = sum(r.label.endswith("*") for r in results)
     lines = [f"### Conversion harness: `{run_name}`", ""]
-    lines.append(", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases")
+    lines.append(", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases"
+                 + (f" (PASS* = {partial} passed with a check that could not run: see 'not checked')" if partial else ""))
     for t in meta.get("source_trees") or []:
         lines.append(f"- `{t['kind']}`: `{t['path']}` @ `{t['sha'][:12]}`{' (dirty)' if t['dirty'] else ''}")
     versions = meta.get("versions") or {}
@@ -110,8 +114,11 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
                                           r.status == PASS, r.case_id))
     for r in rows:
         bad = r.first_failing_check
-        failing = f"`{bad.name}`: {clip(bad.summary, 120)}" if bad else (clip(r.headline, 120) if r.error else "")
-        label = (verdicts or {}).get(r.case_id, r.status.upper())
+        failing = f"`{bad.name}`: {clip(bad.summary, 120)}" if bad else (
+            clip(r.headline, 120) if r.error else clip(r.unchecked_line, 120))
+        label = (verdicts or {}).get(r.case_id, r.label)
+        if verdicts and r.unchecked and r.status == PASS:
+            label += "*"
         lines.append(f"| {label} | `{r.case_id}` | {failing.replace('|', '¦')} | {key_numbers(r).replace('|', '¦')} |")
     return "\n".join(lines) + "\n"
 
@@ -138,8 +145,8 @@ def table(results: Iterable[CaseResult]) -> str:
 
     rows = []
     for r in results:
-        failing = r.headline if (r.first_failing_check or r.status in (*CRASHED, INVALID, SKIP)) else ""
-        rows.append([r.status.upper(), r.case_id, clip(failing, 90), key_numbers(r), f"{r.duration_s:.1f}s"])
+        failing = r.headline if (r.first_failing_check or r.error) else r.unchecked_line
+        rows.append([r.label, r.case_id, clip(failing, 90), key_numbers(r), f"{r.duration_s:.1f}s"])
     return tabulate(rows, headers=["status", "case", "failing check", "key numbers", "time"], tablefmt="simple")
 
 
@@ -150,14 +157,11 @@ def check_table(result: CaseResult) -> str:
     return tabulate(rows, headers=["", "check", "summary"], tablefmt="simple")
 
 
-SHORT_WORD = 6  # clip() shortens words to this many characters (plus "…") before dropping any
-
-
 def clip(text: str, width: int) -> str:
     """``text`` on one line, at most ``width`` characters if that is possible without cutting a
-    number. A token with a digit (a number, a tensor key, a shape) is never cut. Words are
-    shortened first (longest first, to a few letters and ``…``), then dropped from the end; a
-    line that still does not fit is returned whole: a wide cell is better than a wrong number."""
+    number. A token with a digit (a number, a tensor key, a shape) is never cut or dropped; words
+    are dropped from the end (each run of them becomes ``…``). A line whose numbers alone do not
+    fit is returned whole: a wide cell is better than a wrong number."""
     tokens = text.split()
 
     def fits() -> bool:
@@ -166,15 +170,12 @@ def clip(text: str, width: int) -> str:
     def is_word(token: str) -> bool:
         return not any(ch.isdigit() for ch in token) and token != "…"
 
-    for i in sorted(range(len(tokens)), key=lambda i: -len(tokens[i])):
-        if fits():
-            break
-        if is_word(tokens[i]) and len(tokens[i]) > SHORT_WORD + 1:
-            tokens[i] = tokens[i][:SHORT_WORD] + "…"
+    if fits() or sum(len(t) + 1 for t in tokens if not is_word(t)) > width:
+        return " ".join(tokens)
     for i in range(len(tokens) - 1, 0, -1):
         if fits():
             break
-        if is_word(tokens[i]) and not tokens[i].endswith("…"):
+        if is_word(tokens[i]):
             tokens[i] = "…"
             if i + 1 < len(tokens) and tokens[i + 1] == "…":
                 del tokens[i + 1]

@@ -9,7 +9,10 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
 2. the local (non-TE) *block* spec: a local layer spec alone still builds TE's final norm;
 3. provider flags that select fused CUDA kernels are turned off, and the model is fp32;
 4. a handful of ``torch.cuda`` calls that only *decide placement* (``current_device``) or only
-   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents;
+   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents, and the few
+   upstream functions that allocate with a hard-coded ``device="cuda"`` (``CUDA_PLACED_CALLS``)
+   run with their tensor factories placed on the CPU (a ``TorchFunctionMode``; the function
+   itself runs unchanged);
 5. the saved ``run_config.yaml`` of a torch_dist checkpoint names the provider's layer-spec
    callable, here ``harness.runtimes.cpu.local_block_spec``; Megatron-Bridge only instantiates
    allow-listed targets, so that one exact name is added to Megatron's public
@@ -22,11 +25,14 @@ applied at import time, and every redirected attribute is restored on exit, exce
 
 from __future__ import annotations
 
+import functools
+import importlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
@@ -89,6 +95,44 @@ CUDA_REDIRECTS: dict[tuple[Any, str], Callable[..., Any]] = {
 }
 
 
+# Upstream functions that allocate with a hard-coded device="cuda" and nothing else CUDA-only:
+# they run unchanged, with their tensor factories placed on the CPU.
+CUDA_PLACED_CALLS: tuple[tuple[str, str], ...] = (
+    # The sliding-window attention mask (gpt-oss, gemma): megatron/core/transformer/utils.py,
+    # called by name from the local spec's softmax.
+    ("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask"),
+)
+
+
+class _FactoriesOnCpu(TorchFunctionMode):
+    """Inside it, a tensor factory asked for a CUDA device gets the CPU; nothing else changes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _placed_on_cpu(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with _FactoriesOnCpu():
+            return function(*args, **kwargs)
+
+    return call
+
+
+def placed_call_redirects() -> dict[tuple[Any, str], Callable[..., Any]]:
+    """``CUDA_PLACED_CALLS`` resolved (imports the modules) and wrapped."""
+    out = {}
+    for module_path, attribute in CUDA_PLACED_CALLS:
+        module = importlib.import_module(module_path)
+        out[(module, attribute)] = _placed_on_cpu(getattr(module, attribute))
+    return out
+
+
 def _name(key: tuple[Any, str]) -> str:
     owner, attribute = key
     return f"{owner.__module__}.{owner.__name__}.{attribute}" if isinstance(owner, type) else f"{owner.__name__}.{attribute}"
@@ -109,7 +153,8 @@ def local_block_spec(config, vp_stage: int | None = None):
 class CpuRuntime:
     """Context manager that makes Megatron run on CPU for one run, then undoes everything."""
 
-    redirects: dict[tuple[Any, str], Callable[..., Any]] = field(default_factory=lambda: dict(CUDA_REDIRECTS))
+    redirects: dict[tuple[Any, str], Callable[..., Any]] = field(
+        default_factory=lambda: {**CUDA_REDIRECTS, **placed_call_redirects()})
     _saved: dict[tuple[Any, str], Any] = field(default_factory=dict, init=False, repr=False)
     _missing: set[tuple[Any, str]] = field(default_factory=set, init=False, repr=False)
     _allowlisted: list[str] = field(default_factory=list, init=False, repr=False)

@@ -1,39 +1,74 @@
-"""The GPU lane's runtime: NCCL, one rank per GPU, Megatron as upstream configures it.
+"""The GPU lane's runtime: NCCL, one rank per GPU, Megatron as users run it (TE layer spec, fused
+kernels), with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
+result must know them (findings: ../shared/notes/gpu-lane-findings.md):
 
-It redirects nothing and keeps the provider's default (Transformer Engine) layer spec: this lane
-tests what users run.
+1. **dtype**: the model runs in fp32 unless the case is a ``@bf16`` variant. Some bridges force
+   bf16 whatever the checkpoint says (gpt_oss_bridge.py sets ``bf16=True, params_dtype=bfloat16``;
+   others force ``autocast_dtype``); an fp32 source would then be rounded on load and the weight
+   round trip could not be bitwise.
+2. **TF32 off**: ``NVIDIA_TF32_OVERRIDE=0`` must be in the rank's environment before CUDA starts
+   (the launcher puts it there, ``harness.runtimes.lanes.rank_environment``): TE's cuBLASLt GEMMs
+   ask for TF32 on fp32 operands and ignore ``torch.backends.cuda.matmul.allow_tf32``
+   (transformer_engine/common/gemm/cublaslt_gemm.cu). With TF32 the fp32 logit floor is 2.7e-3 to
+   5.0e-3 instead of ~2e-6 (measured on an H100).
+3. **gradient_accumulation_fusion off** when APEX's ``fused_weight_gradient_mlp_cuda`` cannot be
+   imported: ColumnParallelLinear refuses to build otherwise
+   (megatron/core/tensor_parallel/layers.py); the fusion only affects the backward pass.
+4. **attention_backend auto** where a provider hard-codes ``flash`` but flash-attn is not installed
+   or the model is fp32 (gemma3_provider.py): TE would find no backend at all. ``auto`` lets TE
+   pick its unfused kernel, as for every other fp32 family; the per-layer windows are kept.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
+from harness.runtimes.lanes import GPU, rank_environment
 
 DEFAULT_SEED = 1234
+
+
+def apex_weight_grad_fusion_available() -> bool:
+    """APEX's CUDA extension for gradient_accumulation_fusion (Megatron imports it by this name)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 @dataclass
 class GpuRuntime:
     seed: int = DEFAULT_SEED
-    lane = "gpu"
+    lane = GPU
     backend = "nccl"
     use_cpu_initialization = False
+    decisions: dict[str, Any] = field(default_factory=dict)  # what configure_provider changed, and why
 
     @property
     def device(self) -> torch.device:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
     def __enter__(self) -> "GpuRuntime":
+        missing = {k: v for k, v in rank_environment(GPU).items() if os.environ.get(k) != v}
+        if missing:
+            raise RuntimeError(f"the GPU lane needs {missing} in the rank's environment before CUDA starts "
+                               "(TE's GEMMs ignore torch's allow_tf32); run ranks through harness.execution.launch")
         if not torch.cuda.is_available():
             raise RuntimeError("the GPU lane needs CUDA, and torch.cuda.is_available() is False")
         torch.cuda.set_device(self.device)
-        # Logit parity is judged in fp32: TF32 matmuls would add ~1e-3 relative noise.
+        # Plain torch matmuls follow these flags (TE's do not: see NVIDIA_TF32_OVERRIDE above).
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         return self
@@ -50,8 +85,21 @@ class GpuRuntime:
         model_parallel_cuda_manual_seed(self.seed if seed is None else seed)
 
     def configure_provider(self, provider, model: ModelSpec) -> None:
-        # Upstream defaults (TE spec, fused kernels) on purpose: this lane tests what users run.
-        return None
+        """Upstream defaults (TE spec, fused kernels), but for the four adjustments above."""
+        dtype = torch.bfloat16 if model.bf16 else torch.float32
+        for name, value in (("params_dtype", dtype), ("pipeline_dtype", dtype), ("autocast_dtype", dtype),
+                            ("bf16", model.bf16), ("fp16", False)):
+            if hasattr(provider, name):
+                setattr(provider, name, value)
+        self.decisions["dtype"] = str(dtype).removeprefix("torch.")
+        if getattr(provider, "gradient_accumulation_fusion", False) and not apex_weight_grad_fusion_available():
+            provider.gradient_accumulation_fusion = False
+            self.decisions["gradient_accumulation_fusion"] = "off: APEX fused_weight_gradient_mlp_cuda not importable"
+        backend = getattr(provider, "attention_backend", None)
+        if backend is not None and getattr(backend, "name", "") == "flash" and (not model.bf16 or not flash_attn_installed()):
+            provider.attention_backend = type(backend).auto
+            self.decisions["attention_backend"] = (
+                "auto instead of flash: " + ("fp32 model" if not model.bf16 else "flash-attn not installed"))
 
     def provenance(self) -> dict[str, Any]:
-        return {"lane": self.lane}
+        return {"lane": self.lane, "environment": rank_environment(GPU), "provider_decisions": dict(self.decisions)}

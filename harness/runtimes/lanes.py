@@ -35,11 +35,9 @@ CPU_CONVERT_BLOCKERS: dict[str, str] = {
     "gemma3": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma and TE modules refuse "
               "to build without CUDA",
 }
-# Families that convert on CPU but whose Megatron forward pass cannot run there.
-CPU_FORWARD_BLOCKERS: dict[str, str] = {
-    "gpt-oss": "the sliding-window attention mask is allocated with device='cuda' "
-               "(megatron/core/transformer/utils.py: get_sliding_window_causal_mask)",
-}
+# Families that convert on CPU but whose Megatron forward pass cannot run there (none today: the
+# sliding-window mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu).
+CPU_FORWARD_BLOCKERS: dict[str, str] = {}
 FSDP_NEEDS_GPU = "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
 BF16_NEEDS_GPU = "bf16 variants exercise the GPU lane's mixed-precision path; the CPU lane is fp32"
 MOE_TP_FORWARD_ON_CPU = (
@@ -95,6 +93,16 @@ def note(case: "Case", lane: str) -> str:
     if lane == CPU and forward:
         return f"CPU: no logit check ({forward})"
     return ""
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def rank_environment(lane: str) -> dict[str, str]:
+    """Variables every rank of ``lane`` must start with (read before CUDA initialises, so they
+    cannot be set from inside the rank). GPU: TF32 off for TE's cuBLASLt GEMMs, which ignore
+    torch's ``allow_tf32`` (harness.runtimes.gpu)."""
+    return {"NVIDIA_TF32_OVERRIDE": "0"} if lane == GPU else {}
 
 
 # --------------------------------------------------------------------------------- capacity

@@ -58,6 +58,14 @@ def test_run_passes_prints_a_table_and_writes_result_json(tmp_path):
     tensors = next(c for c in case["checks"] if c["name"] == "tensors")
     assert tensors["metrics"]["compared"] == 21 and all(row["max_abs_diff"] == 0.0 for row in tensors["details"])
     assert doc["meta"]["versions"]["megatron-core"] == "0.19.2"
+    # Provenance is true: versions from package metadata, never megatron-core's package_info,
+    # which asks git in the current directory and would record *this* repository's SHA.
+    head = subprocess.run(["git", "-C", str(workspace.REPO_ROOT), "rev-parse", "--short=7", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    (provenance,) = (only_run_dir(tmp_path) / "provenance").glob("*.json")
+    text = provenance.read_text()
+    assert json.loads(text)["installed"]["megatron-core"] == "0.19.2"
+    assert head and head not in text and head not in json.dumps(doc["meta"]), "the harness repo's SHA leaked in"
 
 
 def test_run_with_a_seeded_fault_exits_1_and_names_the_check(tmp_path):

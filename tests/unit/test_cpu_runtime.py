@@ -24,10 +24,25 @@ def assert_same(before, after):
         assert before[key][1] == after[key][1], f"{key[1]}: resolved attribute not restored"
 
 
-def test_touches_torch_cuda_and_tensor_cuda_only():
+def test_touches_torch_cuda_tensor_cuda_and_the_named_cuda_placed_calls_only():
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
     owners = {owner for owner, _ in CpuRuntime().touched}
-    assert owners == {torch.cuda, torch.Tensor}
+    assert owners == {torch.cuda, torch.Tensor, fused_softmax}
     assert "torch.cuda.current_device" in CpuRuntime().touched_names
+
+
+def test_a_cuda_placed_call_runs_unchanged_on_the_cpu():
+    """The sliding-window mask: same values as its definition, on the CPU, only inside the run."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
+    with pytest.raises((RuntimeError, AssertionError)):
+        fused_softmax.get_sliding_window_causal_mask(6, 6, (2, 0))  # device="cuda" without CUDA
+    with CpuRuntime():
+        mask = fused_softmax.get_sliding_window_causal_mask(6, 6, (2, 0))
+    i, j = torch.arange(6).unsqueeze(1), torch.arange(6).unsqueeze(0)
+    visible = (j <= i) & (j >= i - 2)  # causal, at most 2 tokens back
+    assert mask.device.type == "cpu" and torch.equal(mask, ~visible)
 
 
 def test_redirects_are_active_inside_and_restored_after():

@@ -148,3 +148,38 @@ def test_source_tree_that_is_not_megatron_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "harness", "run", "llama/tp1/memory/roundtrip", "--megatron-lm", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a megatron-lm source tree" in r.stderr
+
+
+def partial_pass():
+    """A MoE case at TP2 on CPU: everything passed, but the logit check could not run."""
+    result = make_result(case_id="qwen3-moe/tp2-ep2/memory/roundtrip")
+    result.checks[1] = CheckResult.skip("logits-hf-vs-megatron", "no Megatron forward on the cpu lane: MoE with TP > 1")
+    return result
+
+
+def test_a_pass_with_a_check_that_could_not_run_is_not_a_plain_pass(tmp_path):
+    result = partial_pass()
+    assert result.status == "pass" and result.label == "PASS*"
+    table = run_report.table([result])
+    assert "PASS*" in table and "not checked: logits-hf-vs-megatron (no Megatron forward" in table
+    md = run_report.summary_markdown([result], {}, "r")
+    assert "| PASS* | `qwen3-moe/tp2-ep2/memory/roundtrip` | not checked: logits-hf-vs-megatron" in md
+    junit = ET.fromstring(run_report.junit_xml([result], "r"))
+    prop = junit.find(".//property[@name='not-checked.logits-hf-vs-megatron']")
+    assert prop is not None and "MoE with TP > 1" in prop.get("value")
+    verdict = gate.judge(result, golden.document(make_result(), {}), None)
+    assert verdict.verdict == gate.PASS and verdict.label == "PASS*"
+    assert any("not checked: logits-hf-vs-megatron" in r for r in verdict.reasons)
+
+
+def test_a_full_pass_stays_a_plain_pass():
+    result = make_result()
+    assert result.label == "PASS" and "not checked" not in run_report.table([result])
+    assert gate.judge(result, None, None).label == "PASS"
+
+
+def test_a_logit_check_that_stopped_running_is_a_golden_difference(golden_doc):
+    """A case whose forward pass became impossible (its logit check now skipped) must not match."""
+    result = make_result()
+    del result.fingerprint["logits"]
+    assert "logits: not produced now" in golden.compare(golden_doc, result)

@@ -1,0 +1,155 @@
+"""The GPU lane's harness-side fixes, tested where the logic runs without a GPU
+(../shared/notes/gpu-lane-findings.md, items 1-12)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from harness.matrix import zoo
+from harness.runtimes import gpu as gpu_runtime
+from harness.runtimes.lanes import GPU, capacity_blocker, rank_environment
+from harness.results import CaseResult, error_headline
+
+pytestmark = pytest.mark.cpu
+
+
+@dataclass
+class Provider:
+    """The provider fields the GPU runtime adjusts, with the values upstream bridges set."""
+
+    bf16: bool = True  # gpt_oss_bridge.py forces bf16 whatever the checkpoint is
+    fp16: bool = False
+    params_dtype: torch.dtype = torch.bfloat16
+    pipeline_dtype: torch.dtype | None = None
+    autocast_dtype: torch.dtype = torch.bfloat16  # qwen3_moe_bridge.py and others force this
+    gradient_accumulation_fusion: bool = True  # the fusions default when TE imports
+    attention_backend: object = None
+
+
+def configured(model: str, monkeypatch, apex: bool = False, flash_attn: bool = False, **fields):
+    monkeypatch.setattr(gpu_runtime, "apex_weight_grad_fusion_available", lambda: apex)
+    monkeypatch.setattr(gpu_runtime, "flash_attn_installed", lambda: flash_attn)
+    runtime, provider = gpu_runtime.GpuRuntime(), Provider(**fields)
+    runtime.configure_provider(provider, zoo.ModelSpec.parse(model))
+    return runtime, provider
+
+
+def test_fp32_cases_run_in_fp32_even_where_the_bridge_forces_bf16(monkeypatch):
+    runtime, provider = configured("gpt-oss", monkeypatch)
+    assert (provider.params_dtype, provider.pipeline_dtype, provider.autocast_dtype) == (torch.float32,) * 3
+    assert provider.bf16 is False and runtime.provenance()["provider_decisions"]["dtype"] == "float32"
+    _, provider = configured("llama@bf16", monkeypatch, bf16=False, params_dtype=torch.float32)
+    assert provider.bf16 is True and provider.params_dtype == provider.pipeline_dtype == torch.bfloat16
+
+
+def test_gradient_accumulation_fusion_is_off_without_apex_and_the_decision_is_recorded(monkeypatch):
+    runtime, provider = configured("llama", monkeypatch, apex=False)
+    assert provider.gradient_accumulation_fusion is False
+    assert "APEX" in runtime.provenance()["provider_decisions"]["gradient_accumulation_fusion"]
+    runtime, provider = configured("llama", monkeypatch, apex=True)
+    assert provider.gradient_accumulation_fusion is True
+    assert "gradient_accumulation_fusion" not in runtime.provenance()["provider_decisions"]
+
+
+def test_a_hard_coded_flash_backend_becomes_auto_where_flash_cannot_run(monkeypatch):
+    from megatron.core.transformer.enums import AttnBackend
+
+    runtime, provider = configured("gemma3", monkeypatch, attention_backend=AttnBackend.flash)
+    assert provider.attention_backend == AttnBackend.auto
+    assert "fp32" in runtime.provenance()["provider_decisions"]["attention_backend"]
+    _, provider = configured("llama@bf16", monkeypatch, flash_attn=True, attention_backend=AttnBackend.flash)
+    assert provider.attention_backend == AttnBackend.flash  # bf16 with flash-attn installed: left alone
+
+
+def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
+    """TE's GEMMs read NVIDIA_TF32_OVERRIDE when CUDA starts: it must be in the rank's environment."""
+    from harness.execution import launch
+    from harness.execution.run_dir import RunDir
+    from harness.matrix.cases import load_cases
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def popen(cmd, env, **_kwargs):
+        seen["env"] = env
+        raise Captured
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "c.yaml").write_text("matrix:\n  - families: [llama]\n    layouts: [tp2]\n    paths: [memory/roundtrip]\n")
+    with pytest.raises(Captured):
+        launch.run_cases(load_cases(folder).cases, RunDir(tmp_path / "run"), launch.LaunchOptions(lane=GPU, cases_dir=folder))
+    assert seen["env"]["NVIDIA_TF32_OVERRIDE"] == "0"
+    assert rank_environment("cpu") == {}
+
+
+def test_the_gpu_runtime_refuses_to_start_with_tf32_possible(monkeypatch):
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    with pytest.raises(RuntimeError, match="NVIDIA_TF32_OVERRIDE"):
+        gpu_runtime.GpuRuntime().__enter__()
+
+
+def test_the_strict_reload_sets_up_and_restores_the_num_microbatches_calculator():
+    from megatron.core import num_microbatches_calculator as calculators
+
+    from harness.conversion.megatron_fsdp import num_microbatches_calculator
+
+    before = calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR
+    with num_microbatches_calculator(data_parallel_size=2):
+        calculators.update_num_microbatches(0)  # what load_checkpoint calls; raises without one
+        assert calculators.get_num_microbatches() == 1
+    assert calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR is before
+    with pytest.raises(ZeroDivisionError):
+        with num_microbatches_calculator(data_parallel_size=1):
+            1 / 0
+    assert calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR is before
+
+
+@pytest.mark.parametrize("world,gpus,reason", [
+    (1, 1, ""), (2, 1, "GPU lane: needs 2 GPUs, this machine has 1"), (1, 0, "GPU lane: no CUDA GPU on this machine"),
+])
+def test_cases_needing_more_gpus_than_the_machine_has_are_skipped_with_a_reason(world, gpus, reason):
+    assert capacity_blocker(world, GPU, gpus) == reason
+    assert capacity_blocker(8, "cpu", 0) == ""
+
+
+def test_gpu_count_honours_harness_gpus_and_cuda_visible_devices(monkeypatch):
+    from harness.runtimes import lanes
+
+    monkeypatch.setenv("HARNESS_GPUS", "1")
+    assert lanes.gpu_count() == 1
+    monkeypatch.delenv("HARNESS_GPUS")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert lanes.gpu_count() == 0
+
+
+def test_selftest_on_a_one_gpu_machine_reports_two_rank_targets_as_not_run_not_as_false_positives():
+    from harness.regression import selftest
+
+    skip = "GPU lane: needs 2 GPUs, this machine has 1"
+    reg = next(r for r in selftest.REGRESSIONS if r.fault == "expert-offset-local")  # targets need 2 ranks
+    results = {}
+    for case_id in selftest.targets(reg, GPU):
+        results[case_id] = CaseResult(case_id, "skip", error=skip)
+        results[f"{case_id}+{reg.fault}"] = CaseResult(f"{case_id}+{reg.fault}", "skip", error=skip)
+    rows, false_positives = selftest.evaluate(results, GPU, only=[reg.fault])
+    assert false_positives == [] and rows[0].detected.startswith("not run: ") and skip in rows[0].detected
+
+
+def test_a_crash_headline_is_the_exception_line_not_traceback():
+    error = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\n"
+             "AttributeError: 'GPTModel' object has no attribute 'module'\n"
+             "--- process group exited with code 1; log tail ---\n==> rank0.log <==\nsome log line")
+    assert error_headline(error) == "AttributeError: 'GPTModel' object has no attribute 'module'"
+    result = CaseResult("llama/tp1/fsdp_dtensor/roundtrip", "error", error=error)
+    assert result.headline == "AttributeError: 'GPTModel' object has no attribute 'module'"
+    assert error_headline("case ran past its 25s timeout\n--- log tail ---\nTraceback (most recent call last):") == \
+        "case ran past its 25s timeout"
