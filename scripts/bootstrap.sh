@@ -20,8 +20,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 LOCK="$ROOT/requirements/lock.txt"
-TE_VERSION="2.20.2"
-TORCH_VERSION="2.14.1"
+TE_VERSION="$(sed -n 's/^transformer_engine==//p' "$LOCK")"
+TORCH_VERSION="$(sed -n 's/^torch==//p' "$LOCK")"  # the TE torch extension is built against exactly this torch
 WHEELHOUSE="${HARNESS_WHEELHOUSE:-$HOME/.cache/harness/wheels}"
 TE_HOUSE="$WHEELHOUSE/te-${TE_VERSION}-torch${TORCH_VERSION}-cp312"  # built here, keyed by what it links
 STAMP="$VENV/.bootstrap-stamp"
@@ -94,6 +94,16 @@ pip_q install --no-deps --no-build-isolation -e "$ROOT"
 say "checking imports"
 "$VPY" -c 'import torch, transformer_engine.pytorch, megatron.core, megatron.bridge, transformers, harness' >>"$LOG" 2>&1 \
   || { tail -n 30 "$LOG" >&2; die "the stack does not import (see $LOG)"; }
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  # A GPU machine (the nightly GPU lane): TE's torch extension must run on this machine's GPU with
+  # this torch, not just import.
+  say "checking Transformer Engine on $(nvidia-smi -L | head -n1)"
+  "$VPY" -c 'import torch, transformer_engine.pytorch as te
+assert torch.cuda.is_available(), "torch sees no GPU"
+y = te.Linear(64, 64).cuda()(torch.randn(8, 64, device="cuda"))
+torch.cuda.synchronize(); print("TE ok:", tuple(y.shape), torch.__version__, torch.version.cuda)' >>"$LOG" 2>&1 \
+    || { tail -n 30 "$LOG" >&2; die "Transformer Engine does not run on this GPU with torch $TORCH_VERSION (see $LOG): delete $TE_HOUSE and rerun to rebuild it here"; }
+fi
 
 fingerprint >"$STAMP"
 say "ready in $(( $(date +%s) - start ))s"

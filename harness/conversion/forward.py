@@ -1,7 +1,8 @@
 """Forward passes that produce comparable logits: HF on one process, Megatron on all ranks.
 
 Both sides get the same fixed batch and return fp32 logits ``[batch, seq, vocab]`` on CPU, with
-Megatron's padded vocab cut back to the HF vocab. The Megatron side gathers tensor-parallel vocab
+Megatron's padded vocab cut back to the HF vocab. The HF reference always runs on the CPU in
+plain torch (``harness.runtimes.hf_reference``). The Megatron side gathers tensor-parallel vocab
 shards and walks pipeline stages explicitly (send/recv of the hidden state), which works on gloo.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from harness.conversion.bridge_calls import unwrap
+from harness.runtimes.hf_reference import pure_torch_reference
 
 BATCH_SEED = 4321
 
@@ -43,7 +45,8 @@ def fixed_batch(vocab_size: int, batch: int = 3, seq: int = 24, seed: int = BATC
 def hf_logits(hf_dir: Path, batch: Batch) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    with pure_torch_reference():
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
@@ -113,7 +116,8 @@ def greedy_tokens(model_dir: Path, prompts: tuple[str, ...], new_tokens: int = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", attn_implementation="eager")
+    with pure_torch_reference():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", attn_implementation="eager")
     model.eval()
     out = []
     with torch.no_grad():

@@ -122,7 +122,8 @@ def export_and_compare(case: Case, model: bridge_calls.MegatronModel, hf_dir: Pa
         return []
     ctx.fingerprint["hf-export"] = tensors.fingerprint(exported.tensors.items())
     return [
-        tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates),
+        tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates,
+                                widening_ok=case.model.bf16),
         tensors.tied_embeddings(case.model.tied_embeddings, model.shares_embeddings, exported.tensors),
     ]
 
@@ -139,7 +140,7 @@ def logits_vs_hf(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ct
     megatron = gather_logits(forward.megatron_logits(model.chunks, batch, vocab, ctx.runtime.device))
     if rank() != 0:
         return []
-    tolerance = logits.logit_tolerance(gpu=ctx.runtime.lane == lanes.GPU, bf16=case.model.bf16)
+    tolerance = logits.logit_tolerance(case.model, ctx.runtime.lane)
     result = logits.logit_parity(forward.hf_logits(hf_dir, batch), megatron, name=name, tolerance=tolerance)
     ctx.fingerprint["logits"] = result.metrics
     return [result]

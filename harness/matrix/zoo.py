@@ -175,6 +175,7 @@ register(
             _COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=40,
             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
             first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            num_nextn_predict_layers=1,  # an MTP layer, as real DeepSeek-V3 checkpoints carry (zoo._add_mtp_layers)
             kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
             rope_parameters=rope(10000.0 * 5), rope_interleave=True, attention_bias=False, hidden_act="silu",
         ),
@@ -258,6 +259,9 @@ class ModelSpec:
     variant: str = ""
     overrides: tuple[tuple[str, Any], ...] = ()
     seed: int = DEFAULT_SEED
+
+    def __hash__(self) -> int:  # override values may be dicts (e.g. rope_parameters)
+        return hash((self.family, self.variant, json.dumps(self.overrides, sort_keys=True, default=str), self.seed))
 
     @property
     def id(self) -> str:
@@ -399,6 +403,14 @@ def hf_config_object(spec: ModelSpec):
     return config
 
 
+def _draw(name: str, shape, generator):
+    """One seeded tensor: N(0, INIT_STD), or N(1, INIT_STD) for a 1-D norm weight."""
+    import torch
+
+    mean = 1.0 if (len(shape) == 1 and "norm" in name) else 0.0
+    return torch.empty(tuple(shape), dtype=torch.float32).normal_(mean, INIT_STD, generator=generator)
+
+
 def redraw_parameters(model, seed: int) -> None:
     """Overwrite every saved floating tensor with seeded noise, in a fixed (name-sorted) order.
 
@@ -410,11 +422,8 @@ def redraw_parameters(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-            if not tensor.is_floating_point():
-                continue
-            mean = 1.0 if (tensor.dim() == 1 and "norm" in name) else 0.0
-            noise = torch.empty(tensor.shape, dtype=torch.float32).normal_(mean, INIT_STD, generator=gen)
-            tensor.copy_(noise.to(tensor.dtype))
+            if tensor.is_floating_point():
+                tensor.copy_(_draw(name, tensor.shape, gen).to(tensor.dtype))
 
 
 def build(spec: ModelSpec, out_dir: Path) -> Path:
@@ -422,19 +431,67 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     import torch
     import transformers
 
+    from harness.runtimes.hf_reference import pure_torch_reference
+
     family = get_family(spec.family)
     model_cls = getattr(transformers, family.hf_architecture)
     dtype = getattr(torch, spec.hf_config.get("dtype", "float32"))
     config = hf_config_object(spec)
     torch.manual_seed(spec.seed)
-    model = model_cls(config).to(torch.float32)
+    with pure_torch_reference():  # CPU modules even where CUDA-only kernels are installed
+        model = model_cls(config).to(torch.float32)
     redraw_parameters(model, spec.seed)  # drawn in fp32, then cast: bf16 = rounded fp32 draws
     model = model.to(dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
+    if getattr(config, "num_nextn_predict_layers", 0):
+        _add_mtp_layers(out_dir, model_cls, config, spec.seed, dtype)
     save_tokenizer(out_dir, vocab_size=config.vocab_size, kind=family.tokenizer)
     return out_dir
+
+
+def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
+    """DeepSeek-V3's multi-token-prediction layers, which real checkpoints carry and transformers
+    neither builds nor saves: layer ``N + i`` (N = num_hidden_layers) is a full decoder layer plus
+    ``enorm``, ``hnorm``, ``eh_proj`` ([H, 2H]) and ``shared_head.norm``, the HF names the bridge
+    maps to ``mtp.layers.<i>`` (megatron/bridge/models/deepseek/common.py). Without them the
+    provider's MTP parameters would never be written (a false load-coverage failure) and their
+    conversion would go untested. ``embed_tokens`` / ``shared_head.head`` are left out: Megatron
+    shares the main ones, and the bridge maps neither.
+
+    The decoder layer comes from a model with ``N + k`` layers saved by transformers (so the
+    on-disk names, e.g. per-expert ``gate_proj``, are transformers' own), drawn from its own seed
+    so the main weights stay as they were."""
+    import copy
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from harness.runtimes.hf_reference import pure_torch_reference
+
+    n, k = config.num_hidden_layers, config.num_nextn_predict_layers
+    deeper = copy.deepcopy(config)
+    deeper.num_hidden_layers = n + k
+    with pure_torch_reference():
+        donor = model_cls(deeper).to(torch.float32)
+    redraw_parameters(donor, seed + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        donor.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        donated = load_file(f"{tmp}/model.safetensors")
+    mtp = [f"model.layers.{n + i}." for i in range(k)]
+    extra = {key: t for key, t in donated.items() if key.startswith(tuple(mtp))}
+    hidden = config.hidden_size
+    shapes = {f"{p}{name}": shape for p in mtp for name, shape in (
+        ("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)), ("eh_proj.weight", (hidden, 2 * hidden)),
+        ("shared_head.norm.weight", (hidden,)))}
+    gen = torch.Generator().manual_seed(seed + 2)
+    extra.update({name: _draw(name, shape, gen).to(dtype) for name, shape in sorted(shapes.items())})
+    file = out_dir / "model.safetensors"
+    weights = load_file(file)
+    weights.update(extra)
+    save_file(weights, file, metadata={"format": "pt"})
 
 
 def materialize(spec: ModelSpec) -> Path:

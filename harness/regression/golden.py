@@ -33,6 +33,7 @@ class KnownFailure:
     checks: tuple[str, ...]  # the checks it fails ([] for a crash)
     upstream: str
     diagnosis: str
+    evidence: str = ""  # where the failure was seen (a lane's runs, or only read from the code)
 
     def matches(self, case_id: str, lane: str) -> bool:
         return lane in self.lanes and any(fnmatch.fnmatchcase(case_id, pattern) for pattern in self.cases)
@@ -46,7 +47,8 @@ def known_failures(root: Path | None = None) -> list[KnownFailure]:
         return []
     doc = yaml.safe_load(path.read_text()) or {}
     return [KnownFailure(cases=tuple(e["cases"]), lanes=tuple(e["lanes"]), checks=tuple(e.get("checks", [])),
-                         upstream=e["upstream"], diagnosis=" ".join(e["diagnosis"].split()))
+                         upstream=e["upstream"], diagnosis=" ".join(e["diagnosis"].split()),
+                         evidence=e.get("evidence", ""))
             for e in doc.get("failures", [])]
 
 

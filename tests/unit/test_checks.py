@@ -175,3 +175,42 @@ def test_tied_head_that_differs_fails():
     head[3, 1] += 1e-3
     result = tied_embeddings(True, True, {"model.embed_tokens.weight": e, "lm_head.weight": head})
     assert not result.passed and "differs" in result.summary
+
+
+def test_each_lane_and_dtype_has_its_own_measured_tolerance():
+    from harness.checks.logits import BF16_LOGITS, BF16_MOE_LOGITS, GPU_FP32_LOGITS, logit_tolerance
+    from harness.matrix.zoo import ModelSpec
+
+    assert logit_tolerance(ModelSpec("llama"), "cpu") == FP32_LOGITS
+    assert logit_tolerance(ModelSpec("llama"), "gpu").max_abs == pytest.approx(1e-5)
+    assert logit_tolerance(ModelSpec("deepseek-v3"), "gpu").max_abs > 10 * logit_tolerance(ModelSpec("llama"), "gpu").max_abs
+    assert logit_tolerance(ModelSpec.parse("llama@bf16"), "gpu") == BF16_LOGITS
+    assert logit_tolerance(ModelSpec.parse("qwen3-moe@bf16"), "gpu") == BF16_MOE_LOGITS
+    assert set(GPU_FP32_LOGITS) >= {"llama", "qwen2", "qwen3", "qwen3-moe", "gemma2", "deepseek-v3"}
+
+
+def test_bf16_moe_parity_tolerates_a_routing_flip_but_not_a_shifted_distribution():
+    """One flipped router decision moves a few logits a lot (max|d| ~0.7) and the rest not at all;
+    a real bug (e.g. swapped router rows) moves them all (mean|d| ~0.09)."""
+    from harness.checks.logits import BF16_LOGITS, BF16_MOE_LOGITS
+
+    ref = make_logits()
+    flip = ref.clone()
+    flip[0, 5, :] += 0.25 * torch.randn(250, generator=torch.Generator().manual_seed(3))  # max|d| ~0.7
+    assert logit_parity(ref, flip, tolerance=BF16_MOE_LOGITS).passed
+    assert not logit_parity(ref, flip, tolerance=BF16_LOGITS).passed  # dense bf16 gates max|d|
+    shifted = ref + 0.1 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    result = logit_parity(ref, shifted, tolerance=BF16_MOE_LOGITS)
+    assert not result.passed and "max|d|" in result.summary and "(not gated)" in result.summary
+
+
+def test_bf16_contract_a_wider_export_with_exactly_the_source_values_is_reported_not_failed(reference):
+    bf16 = {k: v.to(torch.bfloat16) for k, v in reference.items()}
+    widened = {k: v.to(torch.float32) for k, v in bf16.items()}
+    assert not compare_tensors(bf16, widened).passed  # without the contract: dtype differs
+    result = compare_tensors(bf16, widened, widening_ok=True)
+    assert result.passed and "exported as float32" in result.summary and len(result.metrics["widened"]) == 3
+    nudged = {k: v.clone() for k, v in widened.items()}
+    nudged["norm.weight"][1] += 1e-3  # not a bf16 value any more: a real change
+    result = compare_tensors(bf16, nudged, widening_ok=True)
+    assert not result.passed and "norm.weight" in result.summary

@@ -153,3 +153,23 @@ def test_a_crash_headline_is_the_exception_line_not_traceback():
     assert result.headline == "AttributeError: 'GPTModel' object has no attribute 'module'"
     assert error_headline("case ran past its 25s timeout\n--- log tail ---\nTraceback (most recent call last):") == \
         "case ran past its 25s timeout"
+
+
+def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_installed(monkeypatch):
+    """On the H100, transformers bound flash-linear-attention's Triton kernels for Qwen3-Next and
+    the CPU reference crashed in them; inside pure_torch_reference the module takes torch's."""
+    import transformers
+    import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
+
+    from harness.runtimes.hf_reference import pure_torch_reference
+
+    def triton_kernel(*_args, **_kwargs):
+        raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+
+    monkeypatch.setattr(qwen3_next, "chunk_gated_delta_rule", triton_kernel)  # as if fla were installed
+    config = transformers.Qwen3NextConfig(**{k: v for k, v in zoo.ModelSpec("qwen3-next").hf_config.items()})
+    with pure_torch_reference():
+        layer = qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0)
+    assert layer.chunk_gated_delta_rule is qwen3_next.torch_chunk_gated_delta_rule
+    assert qwen3_next.chunk_gated_delta_rule is triton_kernel, "restored on exit"
+    assert qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).chunk_gated_delta_rule is triton_kernel
