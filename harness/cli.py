@@ -20,7 +20,7 @@ from harness.errors import InputError
 from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix import cases as cases_mod
-from harness.reporting import run_report
+from harness.reporting import run_document, run_report
 from harness.results import INFRA_ERROR, OK_STATUSES, CaseResult
 
 # 0 every case passed (or was skipped / declared invalid); 1 a case failed, crashed or timed out;
@@ -153,7 +153,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
     from harness.regression import golden
 
     try:
-        doc, results = run_report.load_run(args.run)
+        doc, results = run_document.load_run(args.run)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(str(err)) from None
     reviews = golden.review_run(results, args.k)
@@ -174,6 +174,33 @@ def cmd_golden(args: argparse.Namespace) -> int:
         return EXIT_OK
     written = golden.update_from_run(doc, results, changed)
     print(f"\nwrote {len(written)} golden file(s) under {workspace.golden_root()}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.reporting import html_report
+
+    if args.history is not None:
+        root = Path(args.history)
+        if not root.is_dir():
+            raise InputError(f"--history {root}: not a folder of runs")
+        if args.last < 1:
+            raise InputError(f"--last {args.last}: the history needs at least one run")
+        history = html_report.build_history(root, args.last)
+        if not history.runs:
+            raise InputError(f"--history {root}: no run folder with a results.json")
+        path = html_report.write_history(root, history)
+        red = sum(r.red_since is not None for r in history.rows)
+        print(f"{path}: {len(history.rows)} case(s) over {len(history.runs)} run(s), {red} red now"
+              + (f"; {len(history.unreadable)} unreadable run folder(s)" if history.unreadable else ""))
+        return EXIT_OK
+    try:
+        run = run_document.resolve_run(args.run)
+        doc, results = run_document.load_run(run.path)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
+    path = html_report.write_run_page(run, list(results.values()), doc.get("meta") or {})
+    print(path)
     return EXIT_OK
 
 
@@ -283,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default=None, metavar="EXPR")
     p.add_argument("--dry-run", action="store_true", help="update: only print what would change")
     p.set_defaults(func=cmd_golden)
+
+    p = sub.add_parser("report", help="(re)write a run's index.html, or with --history the history page of a folder of runs")
+    p.add_argument("run", nargs="?", default="latest", help="run folder, its name under reports/, or 'latest'")
+    p.add_argument("--history", default=None, metavar="DIR", help="write DIR/history.html over the runs in DIR")
+    p.add_argument("--last", type=int, default=20, metavar="N", help="with --history: the last N runs (default 20)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gate", help="run the matrix against a candidate tree; verdicts vs golden/ and a baseline")
     _add_trees(p)

@@ -8,7 +8,9 @@ Schema of one file (unknown keys are errors that name the file and the field)::
 
     description: free text
     matrix:
-      - families: [llama, qwen2]          # zoo family names, or family@variant (zoo variants)
+      - families: [llama, qwen2]          # zoo family names, or family@variant (zoo variants);
+                                          #   ['*'] = every family (a case named elsewhere wins)
+        where: moe                        # optional, with ['*'] only: moe | dense
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
@@ -48,7 +50,15 @@ LANES = lane_rules.LANES
 DEFAULT_TIMEOUT_S = 300.0
 
 _VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_ENTRY_FIELDS = {"families", "variants", "layouts", "paths", "sets", "timeout_s", "expect"}
+_ENTRY_FIELDS = {"families", "where", "variants", "layouts", "paths", "sets", "timeout_s", "expect"}
+# `families: ['*']`: every family of the zoo, i.e. every text LM the Bridge in use registers
+# (harness.matrix.bridge_registry), so a new upstream bridge brings its cases with it. `where`
+# narrows it; layouts an architecture does not allow (EP without experts) are left out.
+ALL_FAMILIES = "*"
+FAMILY_FILTERS = {
+    "moe": lambda m: m.is_moe,
+    "dense": lambda m: not m.is_moe,
+}
 _FILE_FIELDS = {"description", "matrix"}
 
 
@@ -80,6 +90,7 @@ class Case:
     load_layout: Layout | None = None  # reshard target
     tag: str = ""  # "+<tag>" suffix: a variant of the case, e.g. with a seeded fault (selftest)
     invalid_reason: str = ""  # declared `expect: invalid`: the rule the layout breaks; never run
+    from_every_family: bool = False  # from a `families: ['*']` entry: a case declared by name wins over it
 
     @property
     def model_id(self) -> str:
@@ -201,12 +212,22 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
             raise _field_error(source, f"{where}.{required}", "required field is missing")
 
     families = _as_list(entry["families"], source, f"{where}.families")
+    every_family = families == [ALL_FAMILIES]
+    if every_family:
+        families = list(zoo.families())
+    elif "where" in entry:
+        raise _field_error(source, f"{where}.where", f"only for families: ['{ALL_FAMILIES}']")
     models = []
     for name in families:
         try:
             models.append(zoo.ModelSpec.parse(str(name)))
         except KeyError as err:
             raise _field_error(source, f"{where}.families", str(err).strip('"')) from None
+    if "where" in entry:
+        kind = entry["where"]
+        if kind not in FAMILY_FILTERS:
+            raise _field_error(source, f"{where}.where", f"unknown value {kind!r} (known: {', '.join(FAMILY_FILTERS)})")
+        models = [m for m in models if FAMILY_FILTERS[kind](m)]
     if "variants" in entry:
         models = _with_variants(models, entry["variants"], source, f"{where}.variants")
     expect = entry.get("expect")
@@ -236,6 +257,8 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                     for each in filter(None, (layout, load_layout))
                     if (p := each.violations(model.hf_config, vocab_padded=model.vocab_padded))
                 ]
+                if problems and every_family and expect != "invalid":
+                    continue  # a layout this architecture does not allow: not a case
                 if problems and expect != "invalid":
                     raise _field_error(source, f"{where}.layouts", problems[0])
                 if expect == "invalid" and not problems:
@@ -251,6 +274,7 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                         timeout_s=float(timeout),
                         source=source,
                         invalid_reason="; ".join(problems),
+                        from_every_family=every_family,
                     )
                 )
     return cases
@@ -315,7 +339,9 @@ def load_cases(directory: Path | None = None) -> CaseSet:
     merged: dict[str, Case] = {}
     for file in sorted(directory.glob("*.yaml")):
         for case in load_file(file):
-            if case.id in merged:
-                raise CaseFileError(f"{case.source}: case {case.id} is also declared in {merged[case.id].source}")
-            merged[case.id] = case
+            other = merged.get(case.id)
+            if other is not None and not (case.from_every_family or other.from_every_family):
+                raise CaseFileError(f"{case.source}: case {case.id} is also declared in {other.source}")
+            if other is None or other.from_every_family:
+                merged[case.id] = case
     return CaseSet(cases=list(merged.values()))

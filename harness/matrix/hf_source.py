@@ -66,3 +66,75 @@ def config_fields(class_name: str) -> frozenset[str]:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and not _is_classvar(stmt.annotation):
             fields.add(stmt.target.id)
     return frozenset(fields)
+
+
+# ----------------------------------------------------------------- auto mappings and defaults
+
+
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _ordered_dict_literal(file: Path, name: str) -> dict[str, str]:
+    """``NAME = OrderedDict([("a", "B"), ...])`` at module level of ``file``, as a dict."""
+    for stmt in _parsed(file).body:
+        if (isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in stmt.targets)
+                and isinstance(stmt.value, ast.Call) and stmt.value.args):
+            return dict(ast.literal_eval(stmt.value.args[0]))
+    raise KeyError(f"{file}: no {name} = OrderedDict([...])")
+
+
+@functools.lru_cache(maxsize=1)
+def causal_lm_model_types() -> dict[str, str]:
+    """Causal-LM class name -> its model_type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``)."""
+    mapping = _ordered_dict_literal(_transformers_root() / "models/auto/modeling_auto.py",
+                                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    return {cls: model_type for model_type, cls in mapping.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def config_class_names() -> dict[str, str]:
+    """model_type -> config class name (``CONFIG_MAPPING_NAMES``)."""
+    return _ordered_dict_literal(_transformers_root() / "models/auto/auto_mappings.py", "CONFIG_MAPPING_NAMES")
+
+
+@functools.lru_cache(maxsize=1)
+def _model_classes() -> frozenset[str]:
+    root = _transformers_root()
+    return frozenset(name for file in root.glob("models/*/modeling_*.py")
+                     for name in _CLASS.findall(file.read_text(errors="replace")))
+
+
+def model_class_exists(name: str) -> bool:
+    """transformers defines a model class of this name."""
+    return name in _model_classes()
+
+
+_NO_DEFAULT = object()
+
+
+@functools.lru_cache(maxsize=None)
+def config_defaults(class_name: str) -> dict[str, object]:
+    """The literal defaults of a config class's fields (its bases' first); a field whose default
+    is computed (``interval(...)(default=...)``, a factory) or absent is left out."""
+    file = _class_files()[class_name]
+    node = next(n for n in _parsed(file).body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    out: dict[str, object] = {}
+    for base in node.bases:
+        name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
+        if name in _class_files() and name != class_name:
+            out.update(config_defaults(name))
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+            try:
+                out[stmt.target.id] = ast.literal_eval(stmt.value)
+            except ValueError:
+                out.pop(stmt.target.id, None)
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            try:  # class constants such as default_theta
+                out[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+            except ValueError:
+                pass
+    return out

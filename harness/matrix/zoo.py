@@ -8,6 +8,8 @@ hash them. Nothing is downloaded: the tokenizer is built locally too.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from harness import workspace
+from harness.matrix import bridge_registry
+from harness.matrix.bridge_registry import RegisteredArchitecture
 from harness.matrix.tokenizer import save_tokenizer
 
 # Every parameter is re-drawn from N(mean, STD). HF's own init leaves norms at exactly 1 and
@@ -37,16 +41,10 @@ class Variant:
     provider: Mapping[str, Any] = field(default_factory=dict)
 
 
-# bf16 end to end: HF weights saved in bf16, Megatron in bf16 (Float16Module where it applies).
-BF16 = Variant(
-    hf={"dtype": "bfloat16"},
-    provider={"bf16": True, "params_dtype": "bfloat16", "pipeline_dtype": "bfloat16"},
-)
-
-
 @dataclass(frozen=True)
 class Family:
-    """A model family the harness knows how to build tiny.
+    """A registered architecture the harness builds tiny: the shrink rules plus its entry in
+    ``families.yaml``.
 
     ``provider`` holds Megatron provider settings the family needs on *every* lane (e.g. a MoE
     dispatcher choice); lane-specific settings live in the runtimes (``harness.runtimes``), and
@@ -54,201 +52,81 @@ class Family:
     """
 
     name: str
-    hf_architecture: str  # transformers class name, e.g. "LlamaForCausalLM"
-    hf_config_class: str  # e.g. "LlamaConfig"
-    config: Mapping[str, Any]
+    architecture: RegisteredArchitecture
+    config: Mapping[str, Any]  # the tiny HF config (rules, then the family's overrides)
     description: str = ""
     provider: Mapping[str, Any] = field(default_factory=dict)
     # Named variants, addressed as "<family>@<variant>" in case files and IDs.
     variants: Mapping[str, Variant] = field(default_factory=dict)
     tokenizer: str = "wordlevel"  # harness.matrix.tokenizer.KINDS: the kind the family's tokenizer class reads
 
+    @property
+    def hf_architecture(self) -> str:
+        """transformers model class name, e.g. ``LlamaForCausalLM``."""
+        return self.architecture.architecture
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    if family.name in FAMILIES:
-        raise ValueError(f"model family {family.name!r} registered twice")
-    FAMILIES[family.name] = family
-    return family
-
-
-def rope(theta: float) -> dict[str, Any]:
-    """RoPE settings in transformers-5 form. The zoo uses a non-default theta on purpose: a
-    bridge that drops it falls back to Megatron's 10000 and only a non-default value shows it."""
-    return {"rope_type": "default", "rope_theta": theta}
+    @property
+    def hf_config_class(self) -> str:
+        return self.architecture.hf_config_class
 
 
-# Shared shapes: hidden 64, 4 heads of 16 (GQA 4:2), dense FFN 96, vocab 250 (Megatron pads it
-# to 256 at TP1/TP2: the export must cut the padding off). Every value the bridge maps into the
-# provider differs from the provider's default (tests/integration/test_zoo_mapping.py); MoE
-# families route top-3 of 4 experts (Megatron's default top-k is 2).
-_COMMON = dict(
-    vocab_size=250,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-3,  # not Megatron's 1e-5: a bridge that drops the mapping must show (zoo_audit)
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+FAMILIES_FILE = Path(__file__).with_name("families.yaml")
+_ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "provider", "variants"}
 
-register(
-    Family(
-        name="llama",
-        hf_architecture="LlamaForCausalLM",
-        hf_config_class="LlamaConfig",
-        description="dense SwiGLU, GQA, untied embeddings",
-        config=dict(
-            _COMMON,
-            intermediate_size=96,  # gate/up are [96, 64]: differs from hidden so orientation shows
-            head_dim=16,
-            rope_parameters=rope(50000.0),
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-        ),
-        variants={
-            # 4 layers: enough for PP2 x VPP2 (one layer per virtual stage) and PP4.
-            "deep": Variant(hf={"num_hidden_layers": 4}),
-            # Megatron pads the vocab (250 -> 128 x TP multiple); export must cut the padding off.
-            "padded": Variant(provider={"should_pad_vocab": True}),
-            "bf16": BF16,
-        },
-    )
-)
 
-register(
-    Family(
-        name="qwen2",
-        tokenizer="bytelevel-bpe",
-        hf_architecture="Qwen2ForCausalLM",
-        hf_config_class="Qwen2Config",
-        description="QKV bias (interleaved per query group like the weights)",
-        config=dict(_COMMON, intermediate_size=96, rope_parameters=rope(1000000.0), hidden_act="silu"),
-        variants={"tied": Variant(hf={"tie_word_embeddings": True})},
-    )
-)
+def family_name(arch: RegisteredArchitecture) -> str:
+    """The default family ID: the model_type, ``_`` -> ``-``, without a ``-text`` suffix."""
+    return arch.model_type.replace("_", "-").removesuffix("-text")
 
-register(
-    Family(
-        name="qwen3",
-        tokenizer="bytelevel-bpe",
-        hf_architecture="Qwen3ForCausalLM",
-        hf_config_class="Qwen3Config",
-        description="per-head q/k RMSNorm, head_dim decoupled from hidden/heads",
-        config=dict(
-            _COMMON, intermediate_size=96, head_dim=24, rope_parameters=rope(1000000.0),
-            attention_bias=False, hidden_act="silu",
-        ),
-    )
-)
 
-register(
-    Family(
-        name="qwen3-moe",
-        tokenizer="bytelevel-bpe",
-        hf_architecture="Qwen3MoeForCausalLM",
-        hf_config_class="Qwen3MoeConfig",
-        description="4 experts, top-3 router, q/k norm",
-        config=dict(
-            _COMMON, intermediate_size=96, moe_intermediate_size=40, head_dim=16, num_experts=4,
-            num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-            rope_parameters=rope(1000000.0), attention_bias=False, hidden_act="silu",
-        ),
-        variants={"bf16": BF16},
-    )
-)
+def family_entries(path: Path = FAMILIES_FILE) -> dict[str, dict[str, Any]]:
+    """architecture -> its entry in ``families.yaml`` (schema errors name the file and field)."""
+    import yaml
 
-register(
-    Family(
-        name="deepseek-v3",
-        hf_architecture="DeepseekV3ForCausalLM",
-        hf_config_class="DeepseekV3Config",
-        description="MLA, shared expert, grouped top-k with e_score_correction_bias, first layer dense",
-        config=dict(
-            _COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=40,
-            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
-            first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-            num_nextn_predict_layers=1,  # an MTP layer, as real DeepSeek-V3 checkpoints carry (zoo._add_mtp_layers)
-            kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-            rope_parameters=rope(10000.0 * 5), rope_interleave=True, attention_bias=False, hidden_act="silu",
-        ),
-    )
-)
+    doc = yaml.safe_load(path.read_text()) or {}
+    entries = doc.get("families") or {}
+    for arch, entry in entries.items():
+        unknown = sorted(set(entry or {}) - _ENTRY_FIELDS)
+        if unknown:
+            raise ValueError(f"{path.name}: families.{arch}.{unknown[0]}: unknown field "
+                             f"(known: {', '.join(sorted(_ENTRY_FIELDS))})")
+    return {arch: dict(entry or {}) for arch, entry in entries.items()}
 
-register(
-    Family(
-        name="qwen3-next",
-        tokenizer="bytelevel-bpe",
-        hf_architecture="Qwen3NextForCausalLM",
-        hf_config_class="Qwen3NextConfig",
-        description="Gated DeltaNet + gated full attention (1:1), MoE with shared expert",
-        config=dict(
-            _COMMON, intermediate_size=96, head_dim=16, moe_intermediate_size=40,
-            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=3,
-            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-            linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
-            linear_num_key_heads=2, linear_num_value_heads=4,
-            layer_types=["linear_attention", "full_attention"],
-            rope_parameters=dict(rope(1000000.0), partial_rotary_factor=0.25),
-            attention_bias=False, hidden_act="silu",
-        ),
-        variants={"bf16": BF16},
-    )
-)
 
-register(
-    Family(
-        name="gemma2",
-        hf_architecture="Gemma2ForCausalLM",
-        hf_config_class="Gemma2Config",
-        description="GeGLU (gelu-tanh gate), (1 + w) norms, logit soft-capping, sliding window",
-        config=dict(
-            _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
-            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, rope_parameters=rope(10000.0 * 2),
-            attention_bias=False,
-        ),
-    )
-)
+def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
+    from harness.matrix import hf_source, shrink
 
-register(
-    Family(
-        name="gemma3",
-        hf_architecture="Gemma3ForCausalLM",
-        hf_config_class="Gemma3TextConfig",
-        description="GeGLU, (1 + w) norms incl. q/k norm, local/global RoPE",
-        config=dict(
-            _COMMON, tie_word_embeddings=True, intermediate_size=96, head_dim=16,
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"], attention_bias=False,
-        ),
-    )
-)
+    config = shrink.tiny_config(hf_source.config_fields(arch.hf_config_class),
+                                hf_source.config_defaults(arch.hf_config_class), entry.get("config") or {})
+    variants = {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}))
+                for name, v in (entry.get("variants") or {}).items()}
+    return Family(name=entry.get("name") or family_name(arch), architecture=arch, config=config,
+                  description=entry.get("description", ""), provider=dict(entry.get("provider") or {}),
+                  variants=variants, tokenizer=entry.get("tokenizer", "wordlevel"))
 
-register(
-    Family(
-        name="gpt-oss",
-        hf_architecture="GptOssForCausalLM",
-        hf_config_class="GptOssConfig",
-        description="MoE with expert biases, clamped SwiGLU, attention sinks, sliding window",
-        config=dict(
-            _COMMON, intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=3,
-            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-            # YaRN as in the released GPT-OSS checkpoints: megatron-bridge 0.6.2 hard-codes factor 32
-            # and original length 4096 whatever the config says (cases/moe.yaml: gpt-oss@yarn2).
-            rope_parameters=dict(rope(150000.0), rope_type="yarn", factor=32.0, beta_fast=32.0,
-                                 beta_slow=1.0, original_max_position_embeddings=4096, truncate=False),
-            attention_bias=True,
-        ),
-    )
-)
+
+@functools.lru_cache(maxsize=4)
+def _families(bridge_models: Path) -> dict[str, Family]:
+    entries = family_entries()
+    out: dict[str, Family] = {}
+    for arch in bridge_registry.text_lms():
+        family = _family(arch, entries.get(arch.architecture, {}))
+        if family.name in out:
+            raise ValueError(f"family {family.name!r} for both {out[family.name].hf_architecture} and "
+                             f"{arch.architecture}: give one a name in {FAMILIES_FILE.name}")
+        out[family.name] = family
+    return dict(sorted(out.items()))
+
+
+def families() -> dict[str, Family]:
+    """Every text-LM architecture of the Bridge in use, as a family, by name."""
+    return _families(bridge_registry.bridge_models_root())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FAMILIES":  # computed on first use: it reads the Bridge's and transformers' sources
+        return families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -297,6 +175,15 @@ class ModelSpec:
     def family_def(self) -> "Family":
         return get_family(self.family)
 
+    def setting(self, name: str, default: Any = None) -> Any:
+        """An HF config value of this model: the tiny config's, else the config class's default."""
+        from harness.matrix.hf_source import config_defaults
+
+        cfg = self.hf_config
+        if name in cfg:
+            return cfg[name]
+        return config_defaults(self.family_def.hf_config_class).get(name, default)
+
     @property
     def num_experts(self) -> int:
         return config_num_experts(self.hf_config)
@@ -313,12 +200,11 @@ class ModelSpec:
     @property
     def gated_mlp(self) -> bool:
         """SwiGLU MLPs: fc1 holds [gate; up], which fsdp_dtensor stores as ``_w`` / ``_v``."""
-        cfg = self.hf_config
-        return cfg.get("hidden_act", cfg.get("hidden_activation", "silu")) == "silu"
+        return (self.setting("hidden_act") or self.setting("hidden_activation")) == "silu"
 
     @property
     def tied_embeddings(self) -> bool:
-        return bool(self.hf_config.get("tie_word_embeddings", False))
+        return bool(self.setting("tie_word_embeddings", False))
 
     @property
     def bf16(self) -> bool:
@@ -347,14 +233,15 @@ class ModelSpec:
 
 def config_num_experts(cfg: Mapping[str, Any]) -> int:
     """Routed experts of an HF config dict (0 for a dense model); each family names the field its own way."""
-    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+               or cfg.get("moe_num_experts") or 0)
 
 
 def get_family(name: str) -> Family:
     try:
-        return FAMILIES[name]
+        return families()[name]
     except KeyError:
-        known = ", ".join(sorted(FAMILIES))
+        known = ", ".join(families())
         raise KeyError(f"unknown family {name!r} (known: {known})") from None
 
 
@@ -393,7 +280,7 @@ def hf_config_object(spec: ModelSpec):
 
     family = get_family(spec.family)
     config_cls = getattr(transformers, family.hf_config_class)
-    cfg = dict(spec.hf_config)
+    cfg = copy.deepcopy(spec.hf_config)  # transformers rewrites rope_parameters in place
     cfg.pop("dtype", None)
     try:
         config = config_cls(**cfg)
@@ -463,7 +350,6 @@ def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
     The decoder layer comes from a model with ``N + k`` layers saved by transformers (so the
     on-disk names, e.g. per-expert ``gate_proj``, are transformers' own), drawn from its own seed
     so the main weights stay as they were."""
-    import copy
     import tempfile
 
     import torch

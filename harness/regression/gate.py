@@ -23,9 +23,8 @@ from harness.errors import InputError
 from harness.execution import service
 from harness.execution.source_trees import validate, worktree
 from harness.regression import golden
-from harness.reporting import run_report
+from harness.reporting import run_document, run_report
 from harness.results import INFRA_ERROR, INVALID, PASS as PASSED, SKIP, CaseResult
-from harness.workspace import atomic_write_text
 
 PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
 ORDER = {REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, PASS: 4}
@@ -99,7 +98,7 @@ def baseline_results(ref: str, request: service.RunRequest, stream=None) -> dict
     """The baseline: a finished run (path, name or 'latest'), or a git ref of the candidate
     Megatron-LM repository, whose cases are then run in a throw-away worktree."""
     try:
-        return run_report.load_run(ref)[1]
+        return run_document.load_run(ref)[1]
     except FileNotFoundError:
         pass
     repo = next((t for t in request.source_trees if t.kind == "megatron-lm"), None)
@@ -113,13 +112,12 @@ def baseline_results(ref: str, request: service.RunRequest, stream=None) -> dict
 
 def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream=None) -> GateOutcome:
     """Run the candidate (and the baseline, if it is a git ref), judge every case, write the
-    verdicts into the candidate run's ``summary.md`` (the PR comment)."""
+    verdicts into the candidate run's ``summary.md`` (the PR comment) and ``index.html``."""
     if not any(t.kind in ("megatron-lm", "megatron-bridge") for t in request.source_trees):
         raise InputError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
     baseline = baseline_results(baseline_ref, request, stream) if baseline_ref else None
     candidate = service.run_selection(request, stream=stream)
     verdicts = judge_all(candidate.results, baseline)
-    summary = run_report.summary_markdown(candidate.results, candidate.meta.to_dict(), candidate.run.name,
-                                          verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER)
-    atomic_write_text(candidate.run.summary_file, summary)
+    run_report.write_run(candidate.run, candidate.results, candidate.meta.to_dict(),
+                         verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER)
     return GateOutcome(candidate=candidate, verdicts=verdicts)

@@ -27,7 +27,7 @@ import jinja2
 from harness import workspace
 from harness.execution.run_dir import LATEST, RESULTS_NAME, Plan, RunDir
 from harness.regression import golden
-from harness.reporting import run_report
+from harness.reporting import run_document
 from harness.results import (ERROR, FAIL, INFRA_ERROR, INVALID, OK_STATUSES, PASS, SKIP, TIMEOUT, CaseResult,
                              CheckResult)
 
@@ -710,7 +710,7 @@ def read_runs(root: Path, last: int) -> tuple[list[RunColumn], list[dict[str, Ca
     runs, results, unreadable = [], [], []
     for folder in folders:
         try:
-            doc, per_run = run_report.load_run(folder)
+            doc, per_run = run_document.load_run(folder)
         except (ValueError, KeyError, TypeError) as err:  # bad JSON, another schema, a malformed case
             unreadable.append((folder.name, f"{type(err).__name__}: {err}"))
             continue
@@ -732,8 +732,13 @@ def render_history_page(history: History) -> str:
     return _templates().get_template("history.html.j2").render(history=history)
 
 
-def write_history_page(root: Path, last: int = 20) -> Path:
-    """``<root>/history.html`` (atomically) over the last ``last`` runs under ``root``."""
+def write_history(root: Path, history: History) -> Path:
+    """``<root>/history.html`` (atomically)."""
     path = Path(root) / HISTORY_NAME
-    workspace.atomic_write_text(path, render_history_page(build_history(Path(root), last)))
+    workspace.atomic_write_text(path, render_history_page(history))
     return path
+
+
+def write_history_page(root: Path, last: int = 20) -> Path:
+    """``<root>/history.html`` over the last ``last`` runs under ``root``."""
+    return write_history(root, build_history(Path(root), last))

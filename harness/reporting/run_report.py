@@ -1,63 +1,31 @@
-"""What a finished run says, for machines and people: ``results.json``, ``junit.xml``,
-``summary.md`` and the terminal tables.
-
-``results.json`` (``schema_version`` 1)::
-
-    {"schema_version": 1, "run": "<folder name>", "meta": {...RunMeta...},
-     "counts": {"pass": N, ...}, "cases": [CaseResult.to_dict(), ...]}
+"""What a finished run says, for machines and people: ``results.json`` (``run_document``),
+``junit.xml``, ``summary.md``, ``index.html`` (``html_report``) and the terminal tables.
 
 Every file is written atomically; ``reports/latest`` is moved last.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 from harness import workspace
-from harness.execution.run_dir import RESULTS_NAME, RunDir
+from harness.execution.run_dir import RunDir
+from harness.reporting import html_report, run_document
 from harness.results import CRASHED, FAIL, PASS, SKIP, CaseResult, status_counts
 
-SCHEMA_VERSION = 1
 
-
-def run_document(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any]) -> dict[str, Any]:
+def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any],
+              verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None) -> Path:
+    """All the run-level files, each written atomically, then the ``latest`` pointer. ``verdicts``
+    (case_id -> gate verdict, sorted by ``verdict_order``) make it a gate run's files."""
     results = list(results)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run": run.name,
-        "meta": meta,
-        "counts": status_counts(results),
-        "cases": [r.to_dict() for r in results],
-    }
-
-
-def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any]) -> Path:
-    """All the run-level files, each written atomically, then the ``latest`` pointer."""
-    results = list(results)
-    workspace.atomic_write_json(run.results_file, run_document(run, results, meta))
+    run_document.write_results(run, results, meta)
     workspace.atomic_write_text(run.junit_file, junit_xml(results, run.name))
-    workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name))
+    workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name, verdicts, verdict_order))
+    html_report.write_run_page(run, results, meta, verdicts)
     run.point_latest()
     return run.results_file
-
-
-def resolve_run(ref: str | Path, root: Path | None = None) -> RunDir:
-    """A run folder from a path, a folder name under reports/, or ``latest``."""
-    root = root or workspace.reports_root()
-    for candidate in (Path(ref), root / str(ref)):
-        if (candidate / RESULTS_NAME).exists():
-            return RunDir(candidate.resolve())
-    raise FileNotFoundError(f"{ref}: no run with a {RESULTS_NAME} (looked in . and {root})")
-
-
-def load_run(ref: str | Path) -> tuple[dict[str, Any], dict[str, CaseResult]]:
-    """(document, {case_id: CaseResult}) of a finished run."""
-    doc = json.loads(resolve_run(ref).results_file.read_text())
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{ref}: results schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
-    return doc, {c["case_id"]: CaseResult.from_dict(c) for c in doc["cases"]}
 
 
 # ------------------------------------------------------------------------------------ JUnit

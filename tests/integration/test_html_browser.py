@@ -23,7 +23,7 @@ import pytest
 
 from harness import workspace
 from harness.execution.run_dir import LATEST, RunDir
-from harness.reporting import html_report, run_report
+from harness.reporting import html_report, run_document
 
 # One worker for the module under xdist: its tests share one harness run (~30 s).
 pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("html-browser")]
@@ -149,7 +149,7 @@ def report(browser, tmp_path_factory) -> Path:
                          cwd=workspace.REPO_ROOT, timeout=600)
     assert cli.returncode == 1, cli.stdout[-3000:] + cli.stderr[-3000:]  # 1: a case failed, as seeded
     run = RunDir((tmp / "reports" / LATEST).resolve())
-    doc, results = run_report.load_run(run.path)
+    doc, results = run_document.load_run(run.path)
     assert {case_id: r.status for case_id, r in results.items()} == {FAULTY: "fail", CLEAN: "pass"}
     assert results[FAULTY].first_failing_check.name == "tensors"
     with pytest.MonkeyPatch.context() as mp:

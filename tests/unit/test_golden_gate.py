@@ -13,7 +13,7 @@ import pytest
 from harness import workspace
 from harness.execution.run_dir import RunDir
 from harness.regression import gate, golden
-from harness.reporting import run_report
+from harness.reporting import run_document, run_report
 from harness.results import CaseResult, CheckResult
 
 pytestmark = pytest.mark.cpu
@@ -88,7 +88,7 @@ def test_run_files_are_written_atomically_and_latest_points_at_the_run(tmp_path)
     results = [make_result(), make_result(status="fail", case_id="qwen2/tp1/memory/roundtrip")]
     run_report.write_run(run, results, {"label": "t", "versions": {"torch": "2.14.1"}})
     doc = json.loads((run / "results.json").read_text())
-    assert doc["schema_version"] == run_report.SCHEMA_VERSION and doc["counts"] == {"pass": 1, "fail": 1}
+    assert doc["schema_version"] == run_document.SCHEMA_VERSION and doc["counts"] == {"pass": 1, "fail": 1}
     suite = ET.parse(run / "junit.xml").getroot().find("testsuite")
     assert suite.get("tests") == "2" and suite.get("failures") == "1"
     md = (run / "summary.md").read_text()

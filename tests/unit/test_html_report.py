@@ -15,7 +15,7 @@ import pytest
 from harness import workspace
 from harness.execution.run_dir import Plan, RunDir
 from harness.regression import gate, golden
-from harness.reporting import html_report, run_report
+from harness.reporting import html_report, run_document, run_report
 from harness.results import CaseResult, CheckResult
 
 pytestmark = pytest.mark.cpu
@@ -278,9 +278,10 @@ def test_html_report_imports_without_torch():
 
 
 def history_run(root: Path, stamp: str, results: list[CaseResult]) -> RunDir:
+    """A nightly's folder with results.json only (as runs of a harness older than the page leave)."""
     run = RunDir(root / f"{stamp}-nightly")
     run.path.mkdir(parents=True)
-    run_report.write_run(run, results, dict(META, started_utc=stamp))
+    run_document.write_results(run, results, dict(META, started_utc=stamp))
     return run
 
 
@@ -340,7 +341,7 @@ def test_history_page_is_written_self_contained_with_an_inline_svg(three_nightli
 
 def test_history_links_into_run_pages_and_lists_unreadable_runs(three_nightlies):
     first = RunDir(three_nightlies / "20260101T020000Z-nightly")
-    doc, results = run_report.load_run(first.path)
+    doc, results = run_document.load_run(first.path)
     html_report.write_run_page(first, list(results.values()), doc["meta"])
     broken = three_nightlies / "20260104T020000Z-nightly"
     broken.mkdir()
@@ -351,3 +352,28 @@ def test_history_links_into_run_pages_and_lists_unreadable_runs(three_nightlies)
     assert "20260104T020000Z-nightly" in html and "schema 99" in html
     rerendered = html_report.write_run_page(first, list(results.values()), doc["meta"]).read_text()
     assert 'href="../history.html"' in rerendered
+
+
+def test_every_run_folder_gets_its_page_and_a_gate_run_shows_verdicts(tmp_path):
+    run = make_run(tmp_path, nightly_results())
+    page = (run / html_report.INDEX_NAME).read_text()
+    assert page.count('class="cell') >= len(nightly_results()) and "REGRESSED" not in page
+    verdicts = {r.case_id: "REGRESSED" if r.case_id in RED else "PASS" for r in nightly_results()}
+    run_report.write_run(run, nightly_results(), META, verdicts=verdicts, verdict_order=gate.ORDER)
+    assert "REGRESSED" in (run / html_report.INDEX_NAME).read_text()
+
+
+def test_report_cli_writes_history_and_refuses_a_folder_without_runs(three_nightlies, tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["report", "--history", str(three_nightlies), "--last", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (three_nightlies / "history.html").is_file() and "over 2 run(s), 1 red now" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--history", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run folder with a results.json" in err
+    assert not (empty / "history.html").exists()
+    first = three_nightlies / "20260101T020000Z-nightly"
+    assert main(["report", str(first)]) == 0 and (first / html_report.INDEX_NAME).is_file()
