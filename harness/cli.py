@@ -204,6 +204,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from harness.reporting import coverage
+
+    results: list[CaseResult] = []
+    if args.run:
+        try:
+            results = list(run_document.load_run(args.run)[1].values())
+        except (FileNotFoundError, ValueError) as err:
+            raise InputError(str(err)) from None
+    rows = coverage.coverage(_load(args), coverage.outcomes_for(results))
+    if args.markdown:
+        print(coverage.markdown(rows), end="")
+        return EXIT_OK
+    from tabulate import tabulate
+
+    table = [[r.architecture, r.family or "-", *(run_report.clip(s.text, args.width) for s in r.lanes)] for r in rows]
+    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in coverage.lanes.LANES)],
+                   tablefmt="simple"))
+    covered = sum(bool(r.family) for r in rows)
+    red = sum(s.status in coverage.RED for r in rows for s in r.lanes)
+    print(f"\n{len(rows)} registered architectures, {covered} covered by a family; {red} lane(s) failing "
+          f"in a way golden/ does not pin (source: golden/{f' + run {args.run}' if args.run else ''})")
+    return EXIT_FAIL if red else EXIT_OK
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -316,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default=None, metavar="DIR", help="write DIR/history.html over the runs in DIR")
     p.add_argument("--last", type=int, default=20, metavar="N", help="with --history: the last N runs (default 20)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("coverage", help="every architecture the Bridge registers, and its status on each lane")
+    p.add_argument("--run", default=None, help="take outcomes from this run (over golden/) for its lane")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (README, PR comments)")
+    p.add_argument("--width", type=int, default=70, help="widest cell of the text table (words shorten, numbers never)")
+    p.set_defaults(func=cmd_coverage)
 
     p = sub.add_parser("gate", help="run the matrix against a candidate tree; verdicts vs golden/ and a baseline")
     _add_trees(p)

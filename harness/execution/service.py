@@ -41,6 +41,7 @@ class RunMeta:
     injected_faults: list[str] = field(default_factory=list)
     source_trees: list[SourceTree] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    cases_dir: str = ""  # the case files the run was selected from (its summary's coverage section)
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +87,7 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
         injected_faults=list(request.faults),
         source_trees=list(request.source_trees),
         versions=provenance.package_versions(),
+        cases_dir=str(request.cases_dir),
     )
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
     say(f"harness: {len(request.cases)} case(s) -> {run.path}")

@@ -137,7 +137,9 @@ def classify(architecture: str) -> tuple[str, str, str]:
 @functools.lru_cache(maxsize=4)
 def _registered(root: Path) -> tuple[RegisteredArchitecture, ...]:
     out: dict[str, RegisteredArchitecture] = {}
-    for file in sorted(root.rglob("*.py")):
+    files = sorted(Path(folder) / name for folder, _, names in os.walk(root, followlinks=True)
+                   for name in names if name.endswith(".py"))
+    for file in files:
         if file.relative_to(root).parts[0] == "conversion":  # the dispatch machinery and its docstring examples
             continue
         for source, bridge, target, _ in _registrations(file):

@@ -13,6 +13,7 @@ Schema of one file (unknown keys are errors that name the file and the field)::
         where: moe                        # optional, with ['*'] only: moe | dense
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
+        sweep: square                     # optional: generated variants (harness.matrix.coincidences)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
         paths: [memory/roundtrip, torch_dist/roundtrip]
         sets: [default]                   # default (CI; implies full) or full (nightly only)
@@ -32,6 +33,7 @@ from typing import Any, Iterable
 from harness import workspace
 from harness.errors import InputError
 from harness.matrix import zoo
+from harness.matrix.coincidences import SWEEPS
 from harness.matrix.layouts import Layout, LayoutError
 from harness.runtimes import lanes as lane_rules
 
@@ -50,7 +52,7 @@ LANES = lane_rules.LANES
 DEFAULT_TIMEOUT_S = 300.0
 
 _VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_ENTRY_FIELDS = {"families", "where", "variants", "layouts", "paths", "sets", "timeout_s", "expect"}
+_ENTRY_FIELDS = {"families", "where", "variants", "sweep", "layouts", "paths", "sets", "timeout_s", "expect"}
 # `families: ['*']`: every family of the zoo, i.e. every text LM the Bridge in use registers
 # (harness.matrix.bridge_registry), so a new upstream bridge brings its cases with it. `where`
 # narrows it; layouts an architecture does not allow (EP without experts) are left out.
@@ -230,6 +232,8 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
         models = [m for m in models if FAMILY_FILTERS[kind](m)]
     if "variants" in entry:
         models = _with_variants(models, entry["variants"], source, f"{where}.variants")
+    if "sweep" in entry:
+        models = _with_sweep(models, entry["sweep"], source, f"{where}.sweep")
     expect = entry.get("expect")
     if expect not in (None, "invalid"):
         raise _field_error(source, f"{where}.expect", f"unknown value {expect!r} (the only one is 'invalid')")
@@ -299,6 +303,21 @@ def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, wher
                 zoo.validate_overrides(spec)
             except ValueError as err:
                 raise _field_error(source, f"{where}.{name}", str(err)) from None
+            out.append(spec)
+    return out
+
+
+def _with_sweep(models: list[zoo.ModelSpec], sweep: Any, source: str, where: str) -> list[zoo.ModelSpec]:
+    """family x generated variants (``harness.matrix.coincidences``): ``family@<coincidence>``."""
+    if sweep not in SWEEPS:
+        raise _field_error(source, where, f"unknown sweep {sweep!r} (known: {', '.join(SWEEPS)})")
+    out = []
+    for model in models:
+        if model.variant:
+            raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
+        for name, overrides in SWEEPS[sweep](model.hf_config).items():
+            spec = zoo.ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
+            zoo.validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
             out.append(spec)
     return out
 

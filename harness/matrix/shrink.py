@@ -47,6 +47,7 @@ RULES: dict[str, Any] = {
     "n_routed_experts": 4,
     "moe_num_experts": 4,
     "num_experts_per_tok": 3,
+    "moe_k": 3,  # Ernie 4.5's top-k
     "moe_intermediate_size": 40,
     "shared_expert_intermediate_size": 48,
     "n_shared_experts": 1,

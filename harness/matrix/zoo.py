@@ -71,7 +71,7 @@ class Family:
 
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
-_ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "provider", "variants"}
+_ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "extra_config", "provider", "variants"}
 
 
 def family_name(arch: RegisteredArchitecture) -> str:
@@ -96,8 +96,9 @@ def family_entries(path: Path = FAMILIES_FILE) -> dict[str, dict[str, Any]]:
 def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
     from harness.matrix import hf_source, shrink
 
+    overrides = {**(entry.get("config") or {}), **(entry.get("extra_config") or {})}
     config = shrink.tiny_config(hf_source.config_fields(arch.hf_config_class),
-                                hf_source.config_defaults(arch.hf_config_class), entry.get("config") or {})
+                                hf_source.config_defaults(arch.hf_config_class), overrides)
     variants = {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}))
                 for name, v in (entry.get("variants") or {}).items()}
     return Family(name=entry.get("name") or family_name(arch), architecture=arch, config=config,
@@ -127,6 +128,10 @@ def __getattr__(name: str) -> Any:
     if name == "FAMILIES":  # computed on first use: it reads the Bridge's and transformers' sources
         return families()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Megatron model classes of hybrid Mamba architectures (bridge_registry's ``target``).
+MAMBA_TARGETS = ("HybridModel", "MambaModel", "FalconH1Model")
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,16 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def has_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek V2/V3, GLM-4.7-Flash, GLM-5): low-rank q/kv."""
+        return "kv_lora_rank" in self.hf_config
+
+    @property
+    def has_mamba(self) -> bool:
+        """Mamba (SSM) layers (Nemotron-H, Falcon-H1): Megatron builds them from mamba-ssm."""
+        return self.family_def.architecture.target in MAMBA_TARGETS
 
     @property
     def has_gdn(self) -> bool:
@@ -298,8 +313,25 @@ def _draw(name: str, shape, generator):
     return torch.empty(tuple(shape), dtype=torch.float32).normal_(mean, INIT_STD, generator=generator)
 
 
+def _draw_expert_table(shape, num_experts: int, generator):
+    """A token -> expert-ids table ``[vocab, top_k]`` (DeepSeek-V4's hash router ``tid2eid``):
+    each row top_k distinct experts, seeded. transformers initialises it to zeros (every token
+    to expert 0), which would hide a swapped or dropped table."""
+    import torch
+
+    rows = [torch.randperm(num_experts, generator=generator)[: shape[1]] for _ in range(shape[0])]
+    return torch.stack(rows)
+
+
+# Integer tables that need values of their own kind: state-dict name suffix -> drawer(shape, model config, gen).
+INTEGER_TABLES = {
+    "tid2eid": lambda shape, config, gen: _draw_expert_table(shape, config.num_local_experts, gen),
+}
+
+
 def redraw_parameters(model, seed: int) -> None:
-    """Overwrite every saved floating tensor with seeded noise, in a fixed (name-sorted) order.
+    """Overwrite every saved floating tensor with seeded noise, in a fixed (name-sorted) order,
+    and the integer tables of ``INTEGER_TABLES`` with valid seeded values.
 
     "Saved" = the state dict: parameters *and* persistent buffers such as DeepSeek's
     ``e_score_correction_bias``, which HF initialises to zeros.
@@ -311,6 +343,8 @@ def redraw_parameters(model, seed: int) -> None:
         for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
             if tensor.is_floating_point():
                 tensor.copy_(_draw(name, tensor.shape, gen).to(tensor.dtype))
+            elif (table := INTEGER_TABLES.get(name.rsplit(".", 1)[-1])) is not None:
+                tensor.copy_(table(tensor.shape, model.config, gen).to(tensor.dtype))
 
 
 def build(spec: ModelSpec, out_dir: Path) -> Path:

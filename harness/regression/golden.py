@@ -73,6 +73,12 @@ def load(lane: str, case_id: str, root: Path | None = None) -> GoldenEntry | Non
     return GoldenEntry(path, json.loads(path.read_text()))
 
 
+def entries(lane: str, root: Path | None = None) -> list[GoldenEntry]:
+    """Every golden file of ``lane``."""
+    folder = (root or workspace.golden_root()) / lane
+    return [GoldenEntry(p, json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
 def document(result: CaseResult, provenance: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
     doc = {
         "golden_format": GOLDEN_FORMAT,

@@ -11,7 +11,8 @@ from typing import Any, Iterable
 
 from harness import workspace
 from harness.execution.run_dir import RunDir
-from harness.reporting import html_report, run_document
+from harness.matrix.cases import load_cases
+from harness.reporting import coverage, html_report, run_document
 from harness.results import CRASHED, FAIL, PASS, SKIP, CaseResult, status_counts
 
 
@@ -88,7 +89,18 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
         if verdicts and r.unchecked and r.status == PASS:
             label += "*"
         lines.append(f"| {label} | `{r.case_id}` | {failing.replace('|', '¦')} | {key_numbers(r).replace('|', '¦')} |")
+    lines += ["", coverage_section(results, meta)]
     return "\n".join(lines) + "\n"
+
+
+def coverage_section(results: list[CaseResult], meta: dict[str, Any]) -> str:
+    """Every registered architecture's status per lane (this run's outcomes over golden/)."""
+    cases_dir = Path(meta["cases_dir"]) if meta.get("cases_dir") else None
+    rows = coverage.coverage(load_cases(cases_dir), coverage.outcomes_for(results))
+    red = sum(s.status in coverage.RED for r in rows for s in r.lanes)
+    return (f"<details><summary>Coverage: {sum(bool(r.family) for r in rows)} of {len(rows)} registered "
+            f"architectures have a family; {red} lane(s) failing beyond golden/</summary>\n\n"
+            f"{coverage.markdown(rows)}\n</details>")
 
 
 # ----------------------------------------------------------------------------------- tables

@@ -23,17 +23,27 @@ if TYPE_CHECKING:
 CPU, GPU = "cpu", "gpu"
 LANES = (CPU, GPU)
 
-# Families whose Megatron model cannot even be built on CPU.
+# Features whose Megatron modules cannot be built on CPU: rules on model facts (ModelSpec), so
+# they cover every family with the feature, including one a new bridge brings.
+MLA_ON_CPU = ("MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "
+              "DotProductAttention, which rejects it, and TE modules refuse to build without CUDA")
+GDN_ON_CPU = ("Gated DeltaNet layers need the TE layer spec (the local spec asserts experimental_attention_variant "
+              "is None; the GDN block spec asserts transformer_impl='transformer_engine', and TE modules refuse to "
+              "build without CUDA) and flash-linear-attention's Triton kernels")
+MAMBA_NOT_INSTALLED = ("Mamba layers need mamba-ssm (and causal-conv1d), CUDA-kernel sdists that are not in "
+                       "requirements/lock.txt (megatron/core/ssm/mamba_mixer.py raises ImportError without them): "
+                       "neither lane can build the model until they are locked and built for the GPU image")
+# Families whose Megatron model cannot be built on CPU for a reason of their own.
 CPU_CONVERT_BLOCKERS: dict[str, str] = {
-    "deepseek-v3": "MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "
-                   "DotProductAttention, which rejects it, and TE modules refuse to build without CUDA",
-    "qwen3-next": "the Gated DeltaNet block spec asserts transformer_impl='transformer_engine' (TE modules refuse to "
-                  "build without CUDA) and GDN needs flash-linear-attention's Triton kernels",
     "gemma2": "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, "
               "TERowParallelLinearLayerNorm), which refuse to build without CUDA; the local torch norm rejects "
               "zero_centered_gamma",
     "gemma3": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma and TE modules refuse "
               "to build without CUDA",
+    "gemma": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma (torch_norm.py) and TE "
+             "modules refuse to build without CUDA",
+    "nemotron": "Nemotron's layernorm1p is a zero-centred (1 + w) LayerNorm: the local torch norm rejects "
+                "zero_centered_gamma (torch_norm.py) and TE modules refuse to build without CUDA",
 }
 # Families that convert on CPU but whose Megatron forward pass cannot run there (none today: the
 # sliding-window mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu).
@@ -49,7 +59,13 @@ CP_FORWARD = "CP > 1 needs the load-balanced sequence split in the forward pass;
 
 def model_blocker(model: "ModelSpec", lane: str) -> str:
     """Why ``model`` cannot be built as a Megatron model on ``lane`` ('' if it can)."""
+    if model.has_mamba:
+        return MAMBA_NOT_INSTALLED
     if lane == CPU:
+        if model.has_mla:
+            return MLA_ON_CPU
+        if model.has_gdn:
+            return GDN_ON_CPU
         return CPU_CONVERT_BLOCKERS.get(model.family, "") or (BF16_NEEDS_GPU if model.bf16 else "")
     return ""
 
@@ -78,7 +94,7 @@ def forward_blocker(model: "ModelSpec", layout: "Layout", lane: str) -> str:
 
 
 def lanes_for(case: "Case") -> tuple[str, ...]:
-    """Every case runs on the GPU lane; the CPU lane takes those that can build on CPU."""
+    """The lanes that can build the case (the GPU lane all but those needing an uninstalled package)."""
     return tuple(lane for lane in LANES if not case_blocker(case, lane))
 
 
@@ -88,7 +104,8 @@ def note(case: "Case", lane: str) -> str:
         return f"invalid (expected, not run): {case.invalid_reason}"
     blocker = case_blocker(case, lane)
     if blocker:
-        return f"{'GPU' if lane == CPU else 'CPU'} only: {blocker}"
+        others = [other for other in lanes_for(case) if other != lane]
+        return f"{others[0].upper()} only: {blocker}" if others else f"no lane: {blocker}"
     forward = forward_blocker(case.model, case.load_layout or case.layout, lane)
     if lane == CPU and forward:
         return f"CPU: no logit check ({forward})"

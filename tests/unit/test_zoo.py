@@ -39,7 +39,10 @@ def test_every_parameter_is_redrawn(family, tmp_path):
     for key, tensor in hf_format.iter_tensors(path):
         assert not torch.all(tensor == 1), f"{key} is all ones"
         assert not torch.all(tensor == 0), f"{key} is all zeros"
-        assert tensor.float().std() > 0.05, f"{key} is nearly constant"
+        if tensor.numel() >= 16:
+            assert tensor.float().std() > 0.05, f"{key} is nearly constant"
+        else:  # a handful of N(0, 0.1) draws can have a small sample std; they must still all differ
+            assert tensor.float().unique().numel() == tensor.numel(), f"{key} repeats a value"
         if tensor.dim() >= 1 and tensor.shape[0] > 1:
             assert not torch.equal(tensor[0], tensor[1]), f"{key} has two equal rows"
         for other_key, other in seen:
@@ -53,7 +56,7 @@ def test_llama_shapes_expose_layout_bugs():
     assert cfg["vocab_size"] % 128, "vocab must not be a multiple of Megatron's padding"
     assert cfg["num_attention_heads"] > cfg["num_key_value_heads"], "GQA"
     assert cfg["intermediate_size"] != cfg["hidden_size"], "gate/up orientation must show"
-    assert cfg["tie_word_embeddings"] is False
+    assert zoo.ModelSpec(family="llama").tied_embeddings is False
 
 
 def test_materialize_is_cached_and_atomic(tmp_path, monkeypatch):
