@@ -70,6 +70,10 @@ def megatron_logits(chunks: list[torch.nn.Module], batch: Batch, vocab_size: int
 
     hidden_shape = None
     logits = None
+    # Inference mode, as HF's side: a provider whose bridge leaves a dropout unmapped (Ernie 4.5
+    # keeps Megatron's attention_dropout 0.1) would otherwise add noise to every logit.
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
         # Global stage order is (chunk 0: rank 0..P-1), (chunk 1: rank 0..P-1), ...: each rank
         # walks its chunks in order, receiving from the previous stage and sending to the next.

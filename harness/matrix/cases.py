@@ -259,7 +259,8 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                 problems = [
                     f"{model.id} cannot be split as {each.id}: {'; '.join(p)}"
                     for each in filter(None, (layout, load_layout))
-                    if (p := each.violations(model.hf_config, vocab_padded=model.vocab_padded))
+                    if (p := each.violations(model.hf_config, vocab_padded=model.vocab_padded)
+                        + _refused_by_the_bridge(model, each))
                 ]
                 if problems and every_family and expect != "invalid":
                     continue  # a layout this architecture does not allow: not a case
@@ -282,6 +283,12 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                     )
                 )
     return cases
+
+
+def _refused_by_the_bridge(model: zoo.ModelSpec, layout: Layout) -> list[str]:
+    """Parallel dimensions the family's bridge refuses by design (``families.yaml``)."""
+    return [f"{dim}{getattr(layout, dim)}: {why}" for dim, why in model.family_def.unsupported_parallelism.items()
+            if getattr(layout, dim) > 1]
 
 
 def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, where: str) -> list[zoo.ModelSpec]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from harness.matrix.zoo import config_num_experts
+
 Config = Mapping[str, Any]
 
 
@@ -30,9 +32,12 @@ class Coincidence:
     value: Callable[[Config], int]  # the value of ``field`` that makes it so
 
     mla: bool = True  # also for multi-head latent attention (whose q/k/v are not [heads x head_dim, hidden])
+    experts: bool = False  # an expert weight: only for a model that has routed experts
 
     def applies(self, cfg: Config) -> bool:
         if not self.mla and "kv_lora_rank" in cfg:
+            return False
+        if self.experts and not config_num_experts(cfg):
             return False
         return self.field in cfg and self.axis(cfg) != cfg["hidden_size"] and self.value(cfg) >= 1
 
@@ -47,11 +52,11 @@ COINCIDENCES: tuple[Coincidence, ...] = (
     Coincidence("sq-fc1", "fused [gate; up] fc1 [2 x ffn, hidden]", "intermediate_size",
                 lambda c: 2 * c["intermediate_size"], lambda c: c["hidden_size"] // 2),
     Coincidence("sq-expert", "expert gate/up/down [moe_ffn, hidden]", "moe_intermediate_size",
-                lambda c: c["moe_intermediate_size"], lambda c: c["hidden_size"]),
+                lambda c: c["moe_intermediate_size"], lambda c: c["hidden_size"], experts=True),
     Coincidence("sq-expert-fc1", "fused expert fc1 [2 x moe_ffn, hidden]", "moe_intermediate_size",
-                lambda c: 2 * c["moe_intermediate_size"], lambda c: c["hidden_size"] // 2),
+                lambda c: 2 * c["moe_intermediate_size"], lambda c: c["hidden_size"] // 2, experts=True),
     Coincidence("sq-shared", "shared expert [shared_ffn, hidden]", "shared_expert_intermediate_size",
-                lambda c: c["shared_expert_intermediate_size"], lambda c: c["hidden_size"]),
+                lambda c: c["shared_expert_intermediate_size"], lambda c: c["hidden_size"], experts=True),
     Coincidence("sq-q", "q / o projections [heads x head_dim, hidden]", "head_dim",
                 lambda c: c["num_attention_heads"] * _head_dim(c), lambda c: c["hidden_size"] // c["num_attention_heads"], mla=False),
     Coincidence("sq-kv", "k / v projections [kv_heads x head_dim, hidden]", "num_key_value_heads",

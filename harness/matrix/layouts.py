@@ -104,7 +104,7 @@ class Layout:
         problems: list[str] = []
         heads = cfg.get("num_attention_heads")
         kv_heads = cfg.get("num_key_value_heads") or heads
-        layers = cfg.get("num_hidden_layers")
+        layers = cfg.get("num_hidden_layers") or len(cfg.get("layers_block_type") or ()) or None
         experts = config_num_experts(cfg)
 
         if heads is not None and heads % self.tp:

@@ -68,6 +68,18 @@ RULES: dict[str, Any] = {
     "linear_value_head_dim": 16,
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
+    # Mamba-2 mixers (Nemotron-H, Falcon-H1): 8 heads of 16 = expand 2 x hidden 64, 2 groups.
+    "ssm_state_size": 16,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "n_groups": 2,
+    "chunk_size": 16,
+    "mamba_d_ssm": 128,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_n_groups": 2,
+    "mamba_d_state": 16,
+    "mamba_chunk_size": 16,
     # Local attention within the 24-token test batch.
     "sliding_window": 16,
     # Gemma's attention scale 1/sqrt(query_pre_attn_scalar): not head_dim (16), so that a dropped

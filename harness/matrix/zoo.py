@@ -59,6 +59,8 @@ class Family:
     # Named variants, addressed as "<family>@<variant>" in case files and IDs.
     variants: Mapping[str, Variant] = field(default_factory=dict)
     tokenizer: str = "wordlevel"  # harness.matrix.tokenizer.KINDS: the kind the family's tokenizer class reads
+    # Parallel dimensions the family's bridge refuses by design: dimension (tp, pp, ep, ...) -> why.
+    unsupported_parallelism: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def hf_architecture(self) -> str:
@@ -71,7 +73,8 @@ class Family:
 
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
-_ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "extra_config", "provider", "variants"}
+_ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "extra_config", "provider", "variants",
+                 "unsupported_parallelism"}
 
 
 def family_name(arch: RegisteredArchitecture) -> str:
@@ -103,7 +106,8 @@ def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
                 for name, v in (entry.get("variants") or {}).items()}
     return Family(name=entry.get("name") or family_name(arch), architecture=arch, config=config,
                   description=entry.get("description", ""), provider=dict(entry.get("provider") or {}),
-                  variants=variants, tokenizer=entry.get("tokenizer", "wordlevel"))
+                  variants=variants, tokenizer=entry.get("tokenizer", "wordlevel"),
+                  unsupported_parallelism=dict(entry.get("unsupported_parallelism") or {}))
 
 
 @functools.lru_cache(maxsize=4)

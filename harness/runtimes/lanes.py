@@ -10,6 +10,7 @@ No torch import (the CLI lists cases with this module).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -33,6 +34,54 @@ GDN_ON_CPU = ("Gated DeltaNet layers need the TE layer spec (the local spec asse
 MAMBA_NOT_INSTALLED = ("Mamba layers need mamba-ssm (and causal-conv1d), CUDA-kernel sdists that are not in "
                        "requirements/lock.txt (megatron/core/ssm/mamba_mixer.py raises ImportError without them): "
                        "neither lane can build the model until they are locked and built for the GPU image")
+SEQUENTIAL_EXPERTS_UNMAPPED = (
+    "the bridge maps experts only under TEGroupedMLP names (experts.linear_fc1.weight<i>); the local spec "
+    "always builds SequentialMLP (megatron/core/models/backends.py), whose experts.local_experts.<i>.* "
+    "parameters have no mapping, so load_hf_weights meets a None conversion task (model_bridge.py:1100)"
+)
+FULL_DIM_QK_NORM_SPEC_IS_TE = (
+    "the bridge's own layer spec (full-width q/k norms: olmoe_provider.py OLMoESelfAttention, minimax_m2_provider.py "
+    "FullDimQNorm/FullDimKNorm) is built on the TE spec, which needs CUDA; the generic local spec builds per-head "
+    "q/k norms (k_layernorm [16] vs HF [kv_heads x head_dim]) and SequentialMLP experts, which the bridge does not map"
+)
+def _megatron_core_file(relative: str) -> Path | None:
+    """A source file of the megatron-core in use (``HARNESS_MEGATRON_LM``'s tree, else the installed
+    package), found without importing it."""
+    import importlib.util
+
+    tree = os.environ.get("HARNESS_MEGATRON_LM")
+    roots = [Path(tree) / "megatron"] if tree else []
+    spec = importlib.util.find_spec("megatron")  # a namespace package: finding it imports nothing
+    roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return next((root / "core" / relative for root in roots if (root / "core" / relative).is_file()), None)
+
+
+def megatron_core_has(relative: str, needle: str) -> bool:
+    return _has(os.environ.get("HARNESS_MEGATRON_LM", ""), relative, needle)
+
+
+@functools.lru_cache(maxsize=None)
+def _has(_tree: str, relative: str, needle: str) -> bool:  # _tree: the cache key
+    file = _megatron_core_file(relative)
+    return file is not None and needle in file.read_text(errors="replace")
+
+
+# Bridges that need a megatron-core feature the one in use lacks: (family, megatron-core file, the
+# feature's name in it, why). Checked against the source, so the cases run again, unchanged, once
+# a Megatron-LM bump brings the feature.
+MEGATRON_CORE_GAPS: tuple[tuple[str, str, str, str], ...] = (
+    ("deepseek-v4", "models/gpt/experimental_attention_variant_module_specs.py", "dsv4_hybrid",
+     "deepseek_v4_bridge.py sets experimental_attention_variant='dsv4_hybrid', which this megatron-core does not "
+     "have (experimental_attention_variant_module_specs.py raises 'Invalid experimental attention variant'): "
+     "a Bridge / megatron-core version mismatch, on every lane"),
+)
+
+
+def megatron_core_gap(model: "ModelSpec") -> str:
+    return next((why for family, relative, needle, why in MEGATRON_CORE_GAPS
+                 if model.family == family and not megatron_core_has(relative, needle)), "")
+
+
 # Families whose Megatron model cannot be built on CPU for a reason of their own.
 CPU_CONVERT_BLOCKERS: dict[str, str] = {
     "gemma2": "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, "
@@ -44,10 +93,22 @@ CPU_CONVERT_BLOCKERS: dict[str, str] = {
              "modules refuse to build without CUDA",
     "nemotron": "Nemotron's layernorm1p is a zero-centred (1 + w) LayerNorm: the local torch norm rejects "
                 "zero_centered_gamma (torch_norm.py) and TE modules refuse to build without CUDA",
+    "exaone4": "EXAONE 4 is post-LayerNorm: its layer spec (exaone4_provider.py) is built from TE modules "
+               "(TERowParallelLinearLayerNorm), which refuse to build without CUDA; the generic local spec is "
+               "pre-LayerNorm, a different architecture the bridge has no mapping for",
+    **{family: SEQUENTIAL_EXPERTS_UNMAPPED for family in ("exaone-moe", "glm4-moe")},
+    **{family: FULL_DIM_QK_NORM_SPEC_IS_TE for family in ("olmoe", "minimax-m2")},
 }
-# Families that convert on CPU but whose Megatron forward pass cannot run there (none today: the
-# sliding-window mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu).
-CPU_FORWARD_BLOCKERS: dict[str, str] = {}
+GEMMA4_MOE_ON_CPU = ("Gemma 4's MoE block spec is TE-only (modeling_gemma4.py hard-codes Gemma4TEDotProductAttention "
+                     "and puts the post-attention norm inside TE's linear_proj) and its experts are mapped under "
+                     "TEGroupedMLP names only")
+# Families that convert on CPU but whose Megatron forward pass cannot run there (the sliding-window
+# mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu, so it is not among them).
+CPU_FORWARD_BLOCKERS: dict[str, str] = {
+    "gemma4": "Gemma4DenseProvider builds its own layer spec (gemma4_provider.py) and the block's final norm is TE's "
+              "(transformer_block.py: TENorm), which fails on CPU tensors (CUDAGuardImpl initialized with non-CUDA "
+              "DeviceType: cpu)",
+}
 FSDP_NEEDS_GPU = "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
 BF16_NEEDS_GPU = "bf16 variants exercise the GPU lane's mixed-precision path; the CPU lane is fp32"
 MOE_TP_FORWARD_ON_CPU = (
@@ -61,11 +122,15 @@ def model_blocker(model: "ModelSpec", lane: str) -> str:
     """Why ``model`` cannot be built as a Megatron model on ``lane`` ('' if it can)."""
     if model.has_mamba:
         return MAMBA_NOT_INSTALLED
+    if gap := megatron_core_gap(model):
+        return gap
     if lane == CPU:
         if model.has_mla:
             return MLA_ON_CPU
         if model.has_gdn:
             return GDN_ON_CPU
+        if model.family == "gemma4" and model.is_moe:
+            return GEMMA4_MOE_ON_CPU
         return CPU_CONVERT_BLOCKERS.get(model.family, "") or (BF16_NEEDS_GPU if model.bf16 else "")
     return ""
 
