@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from harness import workspace
-from harness.errors import InputError
+from harness.errors import InputError, load_yaml
 from harness.matrix import zoo
 from harness.matrix.coincidences import SWEEPS
 from harness.matrix.layouts import Layout, LayoutError
@@ -286,9 +286,13 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
 
 
 def _refused_by_the_bridge(model: zoo.ModelSpec, layout: Layout) -> list[str]:
-    """Parallel dimensions the family's bridge refuses by design (``families.yaml``)."""
-    return [f"{dim}{getattr(layout, dim)}: {why}" for dim, why in model.family_def.unsupported_parallelism.items()
-            if getattr(layout, dim) > 1]
+    """Parallel dimensions the family's bridge (or megatron-core for it) refuses by design
+    (``families.yaml``); expert TP counts as TP where the layout leaves it unset."""
+    def size(dim: str) -> int:
+        value = getattr(layout, dim)
+        return layout.tp if dim == "etp" and value is None else value
+
+    return [f"{dim}{size(dim)}: {why}" for dim, why in model.family_def.unsupported_parallelism.items() if size(dim) > 1]
 
 
 def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, where: str) -> list[zoo.ModelSpec]:
@@ -329,22 +333,9 @@ def _with_sweep(models: list[zoo.ModelSpec], sweep: Any, source: str, where: str
     return out
 
 
-def _yaml_error_line(source: str, err: Exception) -> str:
-    """``file:line:column: not valid YAML: what is wrong`` (PyYAML's own message spans 5 lines)."""
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-    what = " ".join(filter(None, [getattr(err, "problem", None), getattr(err, "context", None)])) or str(err)
-    return f"{where}: not valid YAML: {' '.join(what.split())}"
-
-
 def load_file(path: Path) -> list[Case]:
-    import yaml
-
     source = str(path.relative_to(workspace.REPO_ROOT)) if path.is_relative_to(workspace.REPO_ROOT) else str(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise CaseFileError(_yaml_error_line(source, err)) from None
+    doc = load_yaml(path, source, CaseFileError)
     if not isinstance(doc, dict):
         raise CaseFileError(f"{source}: expected a mapping with a 'matrix' list at the top level")
     unknown = sorted(set(doc) - _FILE_FIELDS)

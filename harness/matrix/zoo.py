@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from harness import workspace
+from harness.errors import load_yaml
 from harness.matrix import bridge_registry
 from harness.matrix.bridge_registry import RegisteredArchitecture
 from harness.matrix.tokenizer import save_tokenizer
@@ -84,9 +85,7 @@ def family_name(arch: RegisteredArchitecture) -> str:
 
 def family_entries(path: Path = FAMILIES_FILE) -> dict[str, dict[str, Any]]:
     """architecture -> its entry in ``families.yaml`` (schema errors name the file and field)."""
-    import yaml
-
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = load_yaml(path) or {}
     entries = doc.get("families") or {}
     for arch, entry in entries.items():
         unknown = sorted(set(entry or {}) - _ENTRY_FIELDS)

@@ -16,6 +16,7 @@ from typing import Any
 
 import harness
 from harness import workspace
+from harness.errors import load_yaml
 from harness.matrix.cases import matches
 from harness.results import PASS, CaseResult
 
@@ -40,12 +41,10 @@ class KnownFailure:
 
 
 def known_failures(root: Path | None = None) -> list[KnownFailure]:
-    import yaml
-
     path = (root or workspace.golden_root()) / KNOWN_FAILURES
     if not path.exists():
         return []
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = load_yaml(path) or {}
     return [KnownFailure(cases=tuple(e["cases"]), lanes=tuple(e["lanes"]), checks=tuple(e.get("checks", [])),
                          upstream=e["upstream"], diagnosis=" ".join(e["diagnosis"].split()),
                          evidence=e.get("evidence", ""))
