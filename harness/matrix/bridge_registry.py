@@ -45,12 +45,12 @@ class RegisteredArchitecture:
     def why_not_covered(self) -> str:
         """'' for a text LM; otherwise the reason the zoo has no family for it."""
         if self.kind == MULTIMODAL:
-            return (f"not a text LM ({self.architecture} -> {self.target}): vision-language and audio models "
-                    "are listed, not yet covered")
+            return ("not a text LM (vision-language or audio: its Megatron target is not a text decoder); listed, "
+                    "not yet covered")
         if self.kind == REMOTE_CODE:
-            return (f"transformers {hf_source.transformers_version()} has no {self.architecture}: its model code "
-                    "ships with the checkpoint (trust_remote_code) and nothing may be downloaded here, so no tiny "
-                    "HF model can be built")
+            return (f"no such class in transformers {hf_source.transformers_version()}: the model code ships with "
+                    "the checkpoint (trust_remote_code) and nothing may be downloaded here, so no tiny HF model can "
+                    "be built")
         return ""
 
 

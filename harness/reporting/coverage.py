@@ -140,14 +140,22 @@ def outcomes_for(results: Iterable[CaseResult] = ()) -> dict[str, dict[str, Outc
 
 
 def markdown(rows: list[ArchitectureRow]) -> str:
-    """The coverage table (README, summary.md)."""
+    """The coverage table (README, summary.md): a short cell per lane, each distinct reason once,
+    numbered under the table, so the table reads at a glance."""
+    reasons: dict[str, int] = {}
+
+    def cell(s: LaneStatus) -> str:
+        if s.status in (CANNOT_RUN, NOT_COVERED):
+            return f"{s.status} [{reasons.setdefault(s.detail, len(reasons) + 1)}]"
+        return s.text.replace("|", "¦")
+
     lines = ["| architecture | family | " + " | ".join(f"{lane} lane" for lane in lanes.LANES) + " |",
              "|---|---|" + "---|" * len(lanes.LANES)]
     for row in rows:
-        cells = [s.text.replace("|", "¦") for s in row.lanes]
-        lines.append(f"| `{row.architecture}` | {f'`{row.family}`' if row.family else '—'} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{row.architecture}` | {f'`{row.family}`' if row.family else '—'} | "
+                     + " | ".join(cell(s) for s in row.lanes) + " |")
     covered = sum(bool(r.family) for r in rows)
-    lines.append("")
-    lines.append(f"{len(rows)} registered architectures: {covered} text LMs with a family, "
-                 f"{len(rows) - covered} not covered (reason in the row).")
+    lines += ["", f"{len(rows)} registered architectures: {covered} text LMs with a family, "
+                  f"{len(rows) - covered} not covered.", ""]
+    lines += [f"[{n}] {why.replace('|', '¦')}" + "  " for why, n in reasons.items()]
     return "\n".join(lines) + "\n"

@@ -82,15 +82,14 @@ def megatron_core_gap(model: "ModelSpec") -> str:
                  if model.family == family and not megatron_core_has(relative, needle)), "")
 
 
+ZERO_CENTRED_NORM_ON_CPU = ("zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma "
+                            "(torch_norm.py) and TE modules refuse to build without CUDA")
 # Families whose Megatron model cannot be built on CPU for a reason of their own.
 CPU_CONVERT_BLOCKERS: dict[str, str] = {
     "gemma2": "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, "
               "TERowParallelLinearLayerNorm), which refuse to build without CUDA; the local torch norm rejects "
               "zero_centered_gamma",
-    "gemma3": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma and TE modules refuse "
-              "to build without CUDA",
-    "gemma": "zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma (torch_norm.py) and TE "
-             "modules refuse to build without CUDA",
+    **{family: ZERO_CENTRED_NORM_ON_CPU for family in ("gemma", "gemma3")},
     "nemotron": "Nemotron's layernorm1p is a zero-centred (1 + w) LayerNorm: the local torch norm rejects "
                 "zero_centered_gamma (torch_norm.py) and TE modules refuse to build without CUDA",
     "exaone4": "EXAONE 4 is post-LayerNorm: its layer spec (exaone4_provider.py) is built from TE modules "
