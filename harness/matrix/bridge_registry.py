@@ -149,10 +149,10 @@ def _registered(root: Path) -> tuple[RegisteredArchitecture, ...]:
     return tuple(sorted(out.values(), key=lambda a: a.architecture))
 
 
-def registered_architectures() -> tuple[RegisteredArchitecture, ...]:
-    """Every architecture the Bridge in use registers, sorted by name."""
-    return _registered(bridge_models_root())
+def registered_architectures(root: Path | None = None) -> tuple[RegisteredArchitecture, ...]:
+    """Every architecture the Bridge at ``root`` (default: the one in use) registers, by name."""
+    return _registered(root or bridge_models_root())
 
 
-def text_lms() -> tuple[RegisteredArchitecture, ...]:
-    return tuple(a for a in registered_architectures() if a.kind == TEXT_LM)
+def text_lms(root: Path | None = None) -> tuple[RegisteredArchitecture, ...]:
+    return tuple(a for a in registered_architectures(root) if a.kind == TEXT_LM)

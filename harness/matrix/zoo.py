@@ -113,7 +113,7 @@ def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
 def _families(bridge_models: Path) -> dict[str, Family]:
     entries = family_entries()
     out: dict[str, Family] = {}
-    for arch in bridge_registry.text_lms():
+    for arch in bridge_registry.text_lms(bridge_models):
         family = _family(arch, entries.get(arch.architecture, {}))
         if family.name in out:
             raise ValueError(f"family {family.name!r} for both {out[family.name].hf_architecture} and "
