@@ -37,6 +37,7 @@ RULES: dict[str, Any] = {
     "rms_norm_eps": 1e-3,
     "layer_norm_eps": 1e-3,
     "norm_eps": 1e-3,
+    "layer_norm_epsilon": 1e-3,
     "bos_token_id": 1,
     "eos_token_id": 2,
     "pad_token_id": 0,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ class Family:
     # Named variants, addressed as "<family>@<variant>" in case files and IDs.
     variants: Mapping[str, Variant] = field(default_factory=dict)
     tokenizer: str = "wordlevel"  # harness.matrix.tokenizer.KINDS: the kind the family's tokenizer class reads
+    # DeepSeek-style multi-token-prediction weights the zoo writes itself (``_add_mtp_layers``):
+    # real checkpoints carry them, transformers neither builds nor saves them.
+    writes_mtp_layers: bool = False
     # Parallel dimensions the family's bridge refuses by design: dimension (tp, pp, ep, ...) -> why.
     unsupported_parallelism: Mapping[str, str] = field(default_factory=dict)
 
@@ -75,7 +79,7 @@ class Family:
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
 _ENTRY_FIELDS = {"name", "description", "tokenizer", "config", "extra_config", "provider", "variants",
-                 "unsupported_parallelism"}
+                 "unsupported_parallelism", "writes_mtp_layers"}
 
 
 def family_name(arch: RegisteredArchitecture) -> str:
@@ -106,7 +110,8 @@ def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
     return Family(name=entry.get("name") or family_name(arch), architecture=arch, config=config,
                   description=entry.get("description", ""), provider=dict(entry.get("provider") or {}),
                   variants=variants, tokenizer=entry.get("tokenizer", "wordlevel"),
-                  unsupported_parallelism=dict(entry.get("unsupported_parallelism") or {}))
+                  unsupported_parallelism=dict(entry.get("unsupported_parallelism") or {}),
+                  writes_mtp_layers=bool(entry.get("writes_mtp_layers", False)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -240,13 +245,22 @@ class ModelSpec:
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(
-            # Only what determines the HF files: provider-only variants share a checkpoint.
-            {"family": self.family, "config": self.hf_config, "seed": self.seed, "std": INIT_STD,
-             "tokenizer": get_family(self.family).tokenizer},
-            sort_keys=True,
-        )
+        family = get_family(self.family)
+        # Only what determines the HF files: provider-only variants share a checkpoint.
+        doc = {"family": self.family, "config": self.hf_config, "seed": self.seed, "std": INIT_STD,
+               "tokenizer": family.tokenizer, "mtp_layers": family.writes_mtp_layers, "builder": _builder_digest()}
+        blob = json.dumps(doc, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def _builder_digest() -> str:
+    """The code that writes a checkpoint (this module and the tokenizer's): a cached checkpoint
+    built by older code is never reused."""
+    from harness.matrix import tokenizer
+
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], tokenizer))
+                          ).hexdigest()[:12]
 
 
 def config_num_experts(cfg: Mapping[str, Any]) -> int:
@@ -369,7 +383,7 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
-    if getattr(config, "num_nextn_predict_layers", 0):
+    if family.writes_mtp_layers and getattr(config, "num_nextn_predict_layers", 0):
         _add_mtp_layers(out_dir, model_cls, config, spec.seed, dtype)
     save_tokenizer(out_dir, vocab_size=config.vocab_size, kind=family.tokenizer)
     return out_dir

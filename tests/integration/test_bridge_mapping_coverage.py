@@ -24,8 +24,11 @@ KNOWN_UNCLAIMED = {
                         "layers.*.attn.compressor.*, hc_head_*), not the names transformers' DeepseekV4ForCausalLM "
                         "saves (model.embed_tokens.weight, model.layers.*.self_attn.*, model.hc_head.*): of 80 "
                         "tensors only head.weight is claimed"),
-    "nemotron-h": (1, "nemotron_h_bridge.py maps backbone.embeddings.weight (the released checkpoints' name); "
-                      "transformers 5.12.1's NemotronHForCausalLM saves backbone.embedding.weight"),
+    "nemotron-h": (3, "nemotron_h_bridge.py maps backbone.embeddings.weight (the released checkpoints' name), "
+                      "but transformers 5.12.1's NemotronHForCausalLM saves backbone.embedding.weight; and with "
+                      "use_bias the Mamba mixer's in_proj.bias / out_proj.bias have no mapping"),
+    "falcon-h1": (2, "with projectors_bias (mapped to add_bias_linear) the Mamba mixer's out_proj.bias has no "
+                     "mapping in falconh1_bridge.py: it would be silently dropped on import"),
 }
 
 
