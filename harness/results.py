@@ -44,17 +44,26 @@ class CheckResult:
 def error_headline(error: str) -> str:
     """The line of an error text that says what went wrong.
 
-    For a Python traceback that is its last line (the exception, after any chained ones), not
-    ``Traceback (most recent call last):``; for the launcher's own messages the first line. Rank
-    log tails the launcher appends are never the headline.
+    For a Python traceback that is the exception (the last one, after any chained ones, with a
+    message over several lines joined), not ``Traceback (most recent call last):`` nor the last
+    line of a long message; for the launcher's own messages the first line. Rank log tails the
+    launcher appends are never the headline.
     """
     block = error.split(_LOG_TAIL_MARK, 1)[0]
-    lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
+    lines = [line.rstrip() for line in block.strip("\n").splitlines() if line.strip()]
     if not lines:
         return ""
-    if any(line.startswith("Traceback (most recent call last)") for line in lines):
-        return lines[-1]
-    return lines[0]
+    if any(line.strip().startswith("Traceback (most recent call last)") for line in lines):
+        # The exception starts at column 0 (frames and code are indented); a message that spans
+        # lines (``Shape mismatch ...:\n  Expected ...``) is joined into one.
+        starts = [i for i, line in enumerate(lines)
+                  if not line[:1].isspace() and not line.startswith(_TRACEBACK_FRAMING)]
+        return " ".join(line.strip() for line in lines[starts[-1]:]) if starts else lines[-1].strip()
+    return lines[0].strip()
+
+
+_TRACEBACK_FRAMING = ("Traceback (most recent call last)", "During handling of the above exception",
+                      "The above exception was the direct cause")
 
 
 @dataclass

@@ -155,6 +155,18 @@ def test_a_crash_headline_is_the_exception_line_not_traceback():
         "case ran past its 25s timeout"
 
 
+def test_a_message_over_several_lines_is_one_headline_and_a_chained_crash_names_the_last_exception():
+    error = ("Traceback (most recent call last):\n  File \"a.py\", line 3, in f\n    g()\n"
+             "KeyError: 'x'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+             "Traceback (most recent call last):\n  File \"b.py\", line 9, in load\n    raise ValueError(msg)\n"
+             "ValueError: Shape mismatch for megatron param embedding.word_embeddings.weight:\n"
+             "  Expected shape: torch.Size([256, 64])\n  Got shape: torch.Size([250, 64])\n"
+             "  HF mapping: model.embed_tokens.weight\n")
+    assert error_headline(error) == (
+        "ValueError: Shape mismatch for megatron param embedding.word_embeddings.weight: Expected shape: "
+        "torch.Size([256, 64]) Got shape: torch.Size([250, 64]) HF mapping: model.embed_tokens.weight")
+
+
 def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_installed(monkeypatch):
     """On the H100, transformers bound flash-linear-attention's Triton kernels for Qwen3-Next and
     the CPU reference crashed in them; inside pure_torch_reference the module takes torch's."""
