@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="take outcomes from this run (over golden/) for its lane")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (README, PR comments)")
     p.add_argument("--width", type=int, default=70, help="widest cell of the text table (words shorten, numbers never)")
+    _add_trees(p)
     p.set_defaults(func=cmd_coverage)
 
     p = sub.add_parser("gate", help="run the matrix against a candidate tree; verdicts vs golden/ and a baseline")
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", default=None, choices=cases_mod.LANES)
     p.add_argument("--set", default=None, choices=cases_mod.SETS)
     p.add_argument("--ids-only", action="store_true")
+    _add_trees(p)
     p.set_defaults(func=cmd_list)
     return parser
 
@@ -401,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "lane", None) is None and args.command != "list":
             args.lane = "cpu"
+        if getattr(args, "megatron_lm", None) or getattr(args, "megatron_bridge", None):
+            from harness.execution import source_trees
+
+            source_trees.select(getattr(args, "megatron_lm", None), getattr(args, "megatron_bridge", None))
         return args.func(args)
     except InputError as err:
         if args.debug:

@@ -69,6 +69,15 @@ def validate(kind: str, path: str | Path) -> SourceTree:
     return SourceTree(kind=kind, path=str(root), import_root=str(import_root), sha=sha, dirty=dirty)
 
 
+def select(megatron_lm: str | None = None, megatron_bridge: str | None = None) -> None:
+    """Make the given trees the ones in use for this process and its children, as if set in the
+    environment: case loading (the Bridge's registry, megatron-core feature checks) and every rank
+    then read the same trees as the ranks import."""
+    for kind, given in (("megatron-lm", megatron_lm), ("megatron-bridge", megatron_bridge)):
+        if given:
+            os.environ[ENV[kind]] = str(Path(given).resolve())
+
+
 def resolve(megatron_lm: str | None = None, megatron_bridge: str | None = None) -> list[SourceTree]:
     """Trees from explicit arguments, falling back to the environment variables."""
     trees = []

@@ -121,3 +121,16 @@ def test_the_shrink_rules_make_bugs_visible_in_every_family(family):
         top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_k") or cfg.get("top_k_experts") or 0
         assert spec.num_experts > top_k > 2, "experts > top-k > 2"
         assert cfg.get("moe_intermediate_size", 0) != cfg["hidden_size"]
+
+
+def test_the_megatron_bridge_flag_selects_the_tree_whose_families_are_listed(bridge_tree_with_a_new_bridge, capsys,
+                                                                           monkeypatch):
+    from harness.cli import main
+
+    tree = os.environ["HARNESS_MEGATRON_BRIDGE"]
+    monkeypatch.delenv("HARNESS_MEGATRON_BRIDGE")
+    assert main(["list", "--ids-only", "-k", "qwen2-moe/tp1/memory"]) == 0
+    assert capsys.readouterr().out == ""  # the installed Bridge has no such family
+    assert main(["list", "--ids-only", "-k", "qwen2-moe/tp1/memory", "--megatron-bridge", tree]) == 0
+    assert capsys.readouterr().out.split() == ["qwen2-moe/tp1/memory/roundtrip"]
+    assert os.environ["HARNESS_MEGATRON_BRIDGE"] == tree  # and every rank it launches reads the same tree
