@@ -118,3 +118,16 @@ def test_wrong_value_in_exported_config_json_fails_generation(case_set, cpu_runt
     assert result.check("tensors").passed and result.check("logits-hf-vs-megatron").passed
     generation = result.check("generation")
     assert not generation.passed and "diverge" in generation.summary
+
+
+def test_a_megatron_forward_left_in_training_mode_fails_the_logit_check(case_set, cpu_runtime, monkeypatch):
+    """llama@dropout maps attention_dropout 0.5 into Megatron. HF's forward runs in eval mode;
+    Megatron's must too (harness.conversion.forward.megatron_logits), or dropout noise reaches the
+    logits. Seeded: Megatron modules ignore eval()."""
+    from megatron.core.transformer.module import MegatronModule
+
+    case = case_set.get("llama@dropout/tp1/memory/roundtrip")
+    assert runner.run_case(case, cpu_runtime, runner.Hooks()).check("logits-hf-vs-megatron").passed
+    monkeypatch.setattr(MegatronModule, "eval", lambda self: self, raising=False)
+    check = runner.run_case(case, cpu_runtime, runner.Hooks()).check("logits-hf-vs-megatron")
+    assert not check.passed and check.metrics["max_abs_diff"] > 0.1
