@@ -18,6 +18,7 @@ INVALID = "invalid"
 INFRA_ERROR = "infra-error"
 OK_STATUSES = (PASS, SKIP, INVALID)
 CRASHED = (ERROR, TIMEOUT)
+FAILED = (FAIL, *CRASHED)  # ran and did not pass: what golden/ can pin as a known upstream failure
 
 _LOG_TAIL_MARK = "\n--- "  # the launcher appends rank log tails after this marker
 

@@ -18,7 +18,7 @@ import harness
 from harness import workspace
 from harness.errors import load_yaml
 from harness.matrix.cases import matches
-from harness.results import PASS, CaseResult
+from harness.results import FAILED, PASS, CaseResult
 
 GOLDEN_FORMAT = 1
 SAME, NEW, CHANGED = "same", "new", "changed"  # a run's case against its golden file
@@ -131,6 +131,15 @@ def compare(golden: dict[str, Any], result: CaseResult) -> list[str]:
         if got_l["max_abs_diff"] > tol.get("max_abs", float("inf")):
             diffs.append(f"logits: max|d| {got_l['max_abs_diff']:.2e} over the golden tolerance {tol.get('max_abs')}")
     return diffs
+
+
+def fails_as_pinned(golden_doc: dict[str, Any], result: CaseResult, differences: list[str] | None = None) -> bool:
+    """``result`` failed, exactly as ``golden_doc`` pins it (same status, failing checks and
+    digests): a known failure, nothing new. A pinned case that fails *differently* is news.
+    ``differences``: ``compare(golden_doc, result)`` where the caller has it already."""
+    if differences is None:
+        differences = compare(golden_doc, result)
+    return result.status in FAILED and golden_doc.get("status") in FAILED and not differences
 
 
 def write(result: CaseResult, provenance: dict[str, Any], root: Path | None = None) -> Path:

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 from harness.matrix import bridge_registry, zoo
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import golden
-from harness.results import ERROR, FAIL, PASS, SKIP, TIMEOUT, CaseResult
+from harness.results import FAILED, PASS, SKIP, CaseResult
 from harness.runtimes import lanes
 
 COVERED_PASS, KNOWN, FAILING, CANNOT_RUN, NOT_RUN, NOT_COVERED = (
@@ -41,7 +41,7 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.status in (FAIL, ERROR, TIMEOUT)
+        return self.status in FAILED
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ def run_outcomes(results: Iterable[CaseResult]) -> dict[str, Outcome]:
     out = {}
     for r in results:
         entry = golden.load(r.lane, r.case_id)
-        pinned = entry is not None and entry.doc["status"] == r.status and not golden.compare(entry.doc, r)
-        known = (entry.doc.get("known_failure") or {}).get("upstream", "") if pinned and entry else ""
+        pinned = entry is not None and golden.fails_as_pinned(entry.doc, r)
+        known = (entry.doc.get("known_failure") or {}).get("upstream", "") if pinned else ""
         out[r.case_id] = Outcome(r.status, known)
     return out
 

@@ -35,7 +35,6 @@ INDEX_NAME = "index.html"
 HISTORY_NAME = "history.html"
 LOGIT_CHECK = "logits-hf-vs-megatron"  # whose max|d| the history plots (named in conversion.routes.logits_vs_hf)
 LOG_TAIL_LINES = 40
-FAILING = (FAIL, ERROR, TIMEOUT)  # statuses a golden file can pin as a known upstream failure
 
 
 # ------------------------------------------------------------------------------- case IDs
@@ -129,28 +128,20 @@ class GoldenView:
     golden_status: str
     differences: tuple[str, ...]
     known_failure: dict[str, Any]  # the pinned {upstream, diagnosis, headline}, if any
+    fails_as_pinned: bool = False  # golden.fails_as_pinned: a known failure, not red
 
     @property
     def exists(self) -> bool:
         return bool(self.path)
-
-    @property
-    def pins_a_failure(self) -> bool:
-        return self.golden_status in FAILING
 
 
 def golden_view(result: CaseResult) -> GoldenView:
     entry = golden.load(result.lane, result.case_id)
     if entry is None:
         return GoldenView("", "", (), {})
-    return GoldenView(str(entry.path), entry.doc.get("status", ""), tuple(golden.compare(entry.doc, result)),
-                      entry.doc.get("known_failure") or {})
-
-
-def is_known_upstream_failure(result: CaseResult, view: GoldenView) -> bool:
-    """Failed now, exactly as golden/ pins it (same status, same failing checks, same digests):
-    nothing new to look at. A pinned case that fails *differently* is red."""
-    return result.status in FAILING and view.pins_a_failure and not view.differences
+    differences = golden.compare(entry.doc, result)
+    return GoldenView(str(entry.path), entry.doc.get("status", ""), tuple(differences),
+                      entry.doc.get("known_failure") or {}, golden.fails_as_pinned(entry.doc, result, differences))
 
 
 # ---------------------------------------------------------------------------------- grid
@@ -186,7 +177,7 @@ class Cell:
 def build_cell(result: CaseResult, view: GoldenView, verdict: str = "") -> Cell:
     if verdict:
         look = VERDICT_LOOKS.get(verdict) or Look("error", verdict, True, "unknown verdict")
-    elif is_known_upstream_failure(result, view):
+    elif view.fails_as_pinned:
         look = KNOWN_LOOK
     else:
         look = status_look(result.status)
