@@ -44,12 +44,13 @@ FULL_DIM_QK_NORM_SPEC_IS_TE = (
     "FullDimQNorm/FullDimKNorm) is built on the TE spec, which needs CUDA; the generic local spec builds per-head "
     "q/k norms (k_layernorm [16] vs HF [kv_heads x head_dim]) and SequentialMLP experts, which the bridge does not map"
 )
-def _megatron_core_file(relative: str) -> Path | None:
-    """A source file of the megatron-core in use (``HARNESS_MEGATRON_LM``'s tree, else the installed
-    package), found without importing it."""
+
+
+def _megatron_core_file(tree: str, relative: str) -> Path | None:
+    """A source file of megatron-core: in the Megatron-LM ``tree`` if given, else in the installed
+    package, found without importing it."""
     import importlib.util
 
-    tree = os.environ.get("HARNESS_MEGATRON_LM")
     roots = [Path(tree) / "megatron"] if tree else []
     spec = importlib.util.find_spec("megatron")  # a namespace package: finding it imports nothing
     roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
@@ -57,12 +58,14 @@ def _megatron_core_file(relative: str) -> Path | None:
 
 
 def megatron_core_has(relative: str, needle: str) -> bool:
+    """The megatron-core in use (``HARNESS_MEGATRON_LM``'s tree, else the installed package) has
+    ``needle`` in its source file ``relative``."""
     return _has(os.environ.get("HARNESS_MEGATRON_LM", ""), relative, needle)
 
 
 @functools.lru_cache(maxsize=None)
-def _has(_tree: str, relative: str, needle: str) -> bool:  # _tree: the cache key
-    file = _megatron_core_file(relative)
+def _has(tree: str, relative: str, needle: str) -> bool:
+    file = _megatron_core_file(tree, relative)
     return file is not None and needle in file.read_text(errors="replace")
 
 
