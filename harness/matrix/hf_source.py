@@ -48,20 +48,29 @@ def _is_classvar(annotation: ast.expr) -> bool:
         isinstance(node, ast.Attribute) and node.attr == "ClassVar")
 
 
-@functools.lru_cache(maxsize=None)
-def config_fields(class_name: str) -> frozenset[str]:
-    """Constructor fields of a transformers config class (its own and its config bases')."""
+def _class_node(class_name: str) -> ast.ClassDef:
     file = _class_files().get(class_name)
     if file is None:
         raise KeyError(f"transformers has no config class {class_name!r}")
     node = next((n for n in _parsed(file).body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
     if node is None:
         raise KeyError(f"{file}: no class {class_name}")
+    return node
+
+
+def _config_bases(node: ast.ClassDef) -> list[str]:
+    """The config classes ``node`` derives from (``PreTrainedConfig`` included)."""
+    names = [b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "" for b in node.bases]
+    return [name for name in names if name in _class_files() and name != node.name]
+
+
+@functools.lru_cache(maxsize=None)
+def config_fields(class_name: str) -> frozenset[str]:
+    """Constructor fields of a transformers config class (its own and its config bases')."""
+    node = _class_node(class_name)
     fields: set[str] = set()
-    for base in node.bases:
-        name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
-        if name in _class_files() and name != class_name:
-            fields |= config_fields(name)
+    for base in _config_bases(node):
+        fields |= config_fields(base)
     for stmt in node.body:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and not _is_classvar(stmt.annotation):
             fields.add(stmt.target.id)
@@ -112,20 +121,14 @@ def model_class_exists(name: str) -> bool:
     return name in _model_classes()
 
 
-_NO_DEFAULT = object()
-
-
 @functools.lru_cache(maxsize=None)
 def config_defaults(class_name: str) -> dict[str, object]:
     """The literal defaults of a config class's fields (its bases' first); a field whose default
     is computed (``interval(...)(default=...)``, a factory) or absent is left out."""
-    file = _class_files()[class_name]
-    node = next(n for n in _parsed(file).body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    node = _class_node(class_name)
     out: dict[str, object] = {}
-    for base in node.bases:
-        name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
-        if name in _class_files() and name != class_name:
-            out.update(config_defaults(name))
+    for base in _config_bases(node):
+        out.update(config_defaults(base))
     for stmt in node.body:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
             try:

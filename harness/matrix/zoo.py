@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from harness import workspace
-from harness.errors import load_yaml
+from harness.errors import InputError, load_yaml
 from harness.matrix import bridge_registry
 from harness.matrix.bridge_registry import RegisteredArchitecture
 from harness.matrix.tokenizer import save_tokenizer
@@ -94,7 +94,7 @@ def family_entries(path: Path = FAMILIES_FILE) -> dict[str, dict[str, Any]]:
     for arch, entry in entries.items():
         unknown = sorted(set(entry or {}) - _ENTRY_FIELDS)
         if unknown:
-            raise ValueError(f"{path.name}: families.{arch}.{unknown[0]}: unknown field "
+            raise InputError(f"{path.name}: families.{arch}.{unknown[0]}: unknown field "
                              f"(known: {', '.join(sorted(_ENTRY_FIELDS))})")
     return {arch: dict(entry or {}) for arch, entry in entries.items()}
 
