@@ -67,11 +67,29 @@ def _check_faults(specs: list[str] | None) -> list[str]:
     return list(specs or [])
 
 
+def _placement(args: argparse.Namespace):
+    """``--ranks-per-gpu`` as a lane placement; a wrong one is an input error."""
+    from harness.runtimes import lanes
+
+    ranks_per_gpu = getattr(args, "ranks_per_gpu", 1)
+    if why := lanes.placement_error(ranks_per_gpu, args.lane):
+        raise InputError(why)
+    return lanes.Placement(ranks_per_gpu)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise InputError(f"--jobs must be at least 1, not {jobs}")
+    return jobs
+
+
 def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
              trees: list[SourceTree] | None = None) -> service.RunRequest:
     return service.RunRequest(
         cases=selected, lane=args.lane, label=label, faults=_check_faults(getattr(args, "inject", None)),
         source_trees=_source_trees(args) if trees is None else trees, cases_dir=_cases_dir(args),
+        placement=_placement(args), jobs=_jobs(args),
     )
 
 
@@ -284,7 +302,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from harness.regression import selftest
 
     outcome = selftest.run_selftest(_load(args), args.lane, args.only or None, _source_trees(args), args.label,
-                                    cases_dir=_cases_dir(args), stream=sys.stderr)
+                                    cases_dir=_cases_dir(args), stream=sys.stderr, placement=_placement(args),
+                                    jobs=_jobs(args))
     print(selftest.table(outcome.rows))
     fps = outcome.false_positives
     detected = sum(r.detected == selftest.YES for r in outcome.rows)
@@ -305,6 +324,14 @@ def _add_trees(p: argparse.ArgumentParser) -> None:
                    help="Megatron-Bridge source tree (env HARNESS_MEGATRON_BRIDGE)")
 
 
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks-per-gpu", type=int, default=1, metavar="N",
+                   help="GPU lane: put N ranks on each GPU, so multi-rank cases fit on fewer GPUs; their process "
+                        "group is then gloo with CUDA tensors, since NCCL refuses shared GPUs (default 1: NCCL)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N launches of one world size at once (a GPU machine's spare cores; default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -318,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]",
                    help="apply a seeded fault from harness.regression.faults (for testing the harness)")
     _add_trees(p)
+    _add_placement(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("matrix", help="run a case set (the main CPU job)")
@@ -327,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None)
     p.add_argument("--inject", action="append", metavar="FAULT[@CASE_GLOB]", help=argparse.SUPPRESS)
     _add_trees(p)
+    _add_placement(p)
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("golden", help="compare a run with golden/ expectations, or update them explicitly")
@@ -356,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("-k", default=None, metavar="EXPR")
     p.add_argument("--label", default=None)
+    _add_placement(p)
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("bisect", help="find the first Megatron-LM commit that breaks a case (git bisect run)")
@@ -371,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="FAULT", help="run only these regressions")
     p.add_argument("--label", default=None)
     _add_trees(p)
+    _add_placement(p)
     p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser("bisect-step", help="(internal) one `git bisect run` step: exit 0 good, 1 bad, 125 skip")

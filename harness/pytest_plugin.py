@@ -5,7 +5,8 @@ and ``slow`` (cases only in the full, nightly set). Running is lazy and grouped:
 a (lane, world size) group runs *every selected test of that group* through the same service as
 the CLI (``harness.execution.service``), so ``-k``/``-m`` selections still pay the import cost once
 per group and every group leaves a complete run folder. Under pytest-xdist, ``xdist_group`` marks
-keep a group on one worker (``--dist loadgroup``).
+keep a group on one worker (``--dist loadgroup``). ``--ranks-per-gpu N`` and ``--harness-jobs N``
+(``add_options``) are the CLI's ``--ranks-per-gpu`` and ``--jobs``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,25 @@ from harness.execution import service
 from harness.matrix.cases import Case, CaseSet, load_cases
 from harness.reporting import run_report
 from harness.results import CaseResult
+from harness.runtimes import lanes
 
 PARAM = "matrix_case"
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """The matrix's run options (registered from tests/conftest.py, an initial conftest)."""
+    group = parser.getgroup("harness")
+    group.addoption("--ranks-per-gpu", type=int, default=1, metavar="N",
+                    help="GPU lane: N ranks share each GPU (gloo with CUDA tensors when N > 1; lanes.Placement)")
+    group.addoption("--harness-jobs", type=int, default=1, metavar="N",
+                    help="run up to N launches of one world size at once")
+
+
+def placement(config: pytest.Config) -> lanes.Placement:
+    ranks_per_gpu = config.getoption("--ranks-per-gpu", 1)
+    if why := lanes.placement_error(ranks_per_gpu, lanes.GPU):
+        raise pytest.UsageError(why)
+    return lanes.Placement(ranks_per_gpu)
 
 
 def params(case_set: CaseSet) -> list:
@@ -52,7 +70,7 @@ class MatrixRunner:
 
     def skip_reason(self, lane: str, case_id: str) -> str:
         """Why this machine cannot run the case (e.g. the GPU lane without enough GPUs)."""
-        return service.not_runnable_here(self.case_set.get(case_id), lane)
+        return service.not_runnable_here(self.case_set.get(case_id), lane, placement=placement(self.session.config))
 
     def result(self, lane: str, case_id: str) -> CaseResult:
         key = (lane, case_id)
@@ -67,7 +85,10 @@ class MatrixRunner:
             if (sel_lane == lane and case.world_size == world_size and not case.invalid_reason
                     and (lane, case_id) not in self.results):
                 group.append(case)
-        request = service.RunRequest(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}")
+        config = self.session.config
+        request = service.RunRequest(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}",
+                                     placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
+                                     jobs=max(1, config.getoption("--harness-jobs", 1)))
         outcome = service.run_selection(request, stream=None)
         self.runs[(lane, world_size)] = outcome
         for result in outcome.results:

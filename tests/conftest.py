@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_addoption(parser):
+    from harness import pytest_plugin
+
+    pytest_plugin.add_options(parser)
+
+
 @pytest.fixture(scope="session")
 def gloo_world():
     """A one-rank gloo process group for in-process Megatron tests (one per xdist worker)."""

@@ -2,7 +2,9 @@
 
 Cases that need the same number of ranks share one launch (``torch.distributed.run`` for more than
 one rank, a plain subprocess for one), so the ~12 s import of megatron.bridge is paid once per
-group. The launcher itself imports neither torch nor Megatron: it watches the files the ranks
+group. With ``jobs`` > 1 a group is split round-robin over that many concurrent launches: a
+machine with cores (and GPU memory) to spare runs several rank groups at once, each paying the
+import once. The launcher itself imports neither torch nor Megatron: it watches the files the ranks
 write (``harness.execution.run_dir``) and enforces per-case timeouts from outside:
 
 * a case that runs past its timeout, or a rank that dies, fails *that* case with the tail of the
@@ -20,11 +22,13 @@ listens on it, so two harness runs on one machine never fight over a port.
 from __future__ import annotations
 
 import os
-import signal
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -34,7 +38,7 @@ from harness.execution.run_dir import Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
 from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult
-from harness.runtimes.lanes import rank_environment
+from harness.runtimes.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
@@ -55,6 +59,8 @@ class LaunchOptions:
     faults: list[str] = field(default_factory=list)  # seeded regressions (harness.regression.faults)
     source_trees: list[SourceTree] = field(default_factory=list)  # ahead of the installed wheels
     cases_dir: Path = workspace.CASES_DIR
+    placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
+    jobs: int = 1  # concurrent launches per world size
 
 
 class Progress:
@@ -67,6 +73,7 @@ class Progress:
         self.stream = stream
 
     def update(self, result: CaseResult) -> None:
+        """Called from one thread at a time (``run_cases`` serialises its callbacks)."""
         self.done += 1
         elapsed = time.monotonic() - self.started
         left = self.total - self.done
@@ -93,6 +100,12 @@ def group_by_world_size(cases: Iterable[Case]) -> dict[int, list[Case]]:
     return dict(sorted(groups.items()))
 
 
+def split_round_robin(cases: list[Case], jobs: int) -> list[list[Case]]:
+    """``cases`` dealt over at most ``jobs`` launches, none empty (neighbouring cases, often of
+    one family and so of similar cost, go to different launches)."""
+    return [chunk for chunk in (cases[j::jobs] for j in range(max(1, jobs))) if chunk]
+
+
 def run_cases(
     cases: list[Case],
     run: RunDir,
@@ -100,7 +113,15 @@ def run_cases(
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
     """Run every case; returns results in the order given. Declared-invalid cases are not run:
-    their result says which layout rule they break."""
+    their result says which layout rule they break. ``on_result`` is never called from two
+    threads at once."""
+    if on_result is not None:
+        lock, report = threading.Lock(), on_result
+
+        def on_result(result: CaseResult) -> None:
+            with lock:
+                report(result)
+
     by_id: dict[str, CaseResult] = {}
     for case in cases:
         if case.invalid_reason:
@@ -109,7 +130,14 @@ def run_cases(
                 on_result(by_id[case.id])
     runnable = [c for c in cases if not c.invalid_reason]
     for ws, group in group_by_world_size(runnable).items():
-        for result in _run_group(group, ws, run, options, on_result):
+        chunks = split_round_robin(group, options.jobs)
+        if len(chunks) == 1:
+            outcomes = [_run_group(group, ws, f"ws{ws}", run, options, on_result)]
+        else:
+            with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+                outcomes = list(pool.map(lambda job: _run_group(chunks[job], ws, f"ws{ws}j{job}", run, options,
+                                                                on_result), range(len(chunks))))
+        for result in (r for outcome in outcomes for r in outcome):
             by_id[result.case_id] = result
     return [by_id[c.id] for c in cases]
 
@@ -122,13 +150,15 @@ class _InfraFailure(Exception):
         self.reason, self.tail = reason, tail
 
 
-def _run_group(cases, ws, run: RunDir, options, on_result) -> list[CaseResult]:
+def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[CaseResult]:
+    """Launch ``cases`` (one rank group of ``ws``), relaunching for the rest after a crash; the
+    launches are ``<name>-<attempt>``."""
     pending = list(cases)
     results: list[CaseResult] = []
     attempt, infra_failures = 0, 0
     while pending:
         attempt += 1
-        group = f"ws{ws}-{attempt}"
+        group = f"{name}-{attempt}"
         try:
             finished = _launch_once(pending, ws, group, run, options, on_result)
         except _InfraFailure as failure:
@@ -161,6 +191,7 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
         source_trees=list(options.source_trees),
         # Gloo/NCCL collectives give up a little after the longest case would be killed.
         collective_timeout_s=max(c.timeout_s for c in cases) + 60,
+        placement=options.placement,
     ))
     worker = ["-m", "harness.execution.worker", "--plan", str(plan_file)]
     if ws == 1:
@@ -206,7 +237,7 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                 result = run.read_case_result(case.id)
                 if result is not None:
                     finished[case.id] = result
-        current, since = _current_case(run, ws, by_id, finished)
+        current, since = _current_case(run, group, ws, by_id, finished)
         code = proc.poll()
         if code is not None:
             # Pick up results written in the last instant before exit.
@@ -280,10 +311,10 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
             run.write_case_result(result)
 
 
-def _current_case(run: RunDir, ws: int, by_id: dict, finished: dict) -> tuple[str | None, float | None]:
+def _current_case(run: RunDir, group: str, ws: int, by_id: dict, finished: dict) -> tuple[str | None, float | None]:
     """The earliest-started unfinished case (the one the slowest rank is in), and when it began."""
     current, since = None, None
-    for event in run.progress(ws):
+    for event in run.progress(group, ws):
         if event.case in by_id and event.event == ProgressEvent.START and event.case not in finished:
             if since is None or event.t < since:
                 current, since = event.case, event.t

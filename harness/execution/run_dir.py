@@ -6,8 +6,9 @@ Layout of one run (``reports/<UTC timestamp>-<label>/``)::
     results.json             run summary + every case result (see harness.reporting.run_report)
     junit.xml, summary.md    the same for CI test reporting and PR comments
     plans/<group>.json       what one launch of a rank group runs (``Plan``), read by every rank
-    progress/rank<R>.jsonl   one ``ProgressEvent`` per line, so the launcher knows which case a
-                             hung or dead rank was in, and since when
+    progress/<group>/rank<R>.jsonl
+                             one ``ProgressEvent`` per line, so the launcher knows which case a
+                             hung or dead rank of that launch was in, and since when
     cases/<slug>.json        one case result each, written atomically by rank 0 when the case ends
     cases/<slug>.rank<R>.err a non-zero rank's traceback when it failed alone
     logs/<group>/rank<R>.log this rank's stdout and stderr; launcher.log: torchrun's own output
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 from harness import workspace
 from harness.execution.source_trees import SourceTree
 from harness.results import CaseResult
+from harness.runtimes.lanes import Placement
 
 RESULTS_NAME = "results.json"
 LATEST = "latest"
@@ -40,13 +42,14 @@ class Plan:
     """What one launch of a rank group runs: written by the launcher, read by every rank."""
 
     run_dir: str
-    group: str  # "ws<world size>-<attempt>"
+    group: str  # "ws<world size>-<attempt>", or "ws<world size>j<job>-<attempt>" with concurrent launches
     lane: str
     cases: list[str]
     cases_dir: str
     faults: list[str] = field(default_factory=list)  # seeded regressions (harness.regression.faults)
     source_trees: list[SourceTree] = field(default_factory=list)
     collective_timeout_s: float = 360.0
+    placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +58,7 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         data = dict(data)
         data["source_trees"] = [SourceTree(**t) for t in data.get("source_trees", [])]
+        data["placement"] = Placement(**data.get("placement", {}))
         return cls(**data)
 
 
@@ -143,22 +147,23 @@ class RunDir:
 
     # -- progress ---------------------------------------------------------------------------
 
-    def progress_file(self, rank: int) -> Path:
-        return self.path / "progress" / f"rank{rank}.jsonl"
+    def progress_file(self, group: str, rank: int) -> Path:
+        return self.path / "progress" / group / f"rank{rank}.jsonl"
 
-    def append_progress(self, event: ProgressEvent) -> None:
-        """One line, flushed and fsynced: the launcher reads it while the rank runs."""
-        file = self.progress_file(event.rank)
+    def append_progress(self, group: str, event: ProgressEvent) -> None:
+        """One line, flushed and fsynced: the launcher reads it while the rank runs. One file per
+        launch and rank, so concurrent launches never write into the same file."""
+        file = self.progress_file(group, event.rank)
         file.parent.mkdir(parents=True, exist_ok=True)
         with open(file, "a") as fh:
             fh.write(json.dumps(asdict(event)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def progress(self, ranks: int) -> Iterator[ProgressEvent]:
-        """Every complete progress line of ranks 0..ranks-1 (a line being written is skipped)."""
+    def progress(self, group: str, ranks: int) -> Iterator[ProgressEvent]:
+        """Every complete progress line of ranks 0..ranks-1 of one launch (a line being written is skipped)."""
         for rank in range(ranks):
-            file = self.progress_file(rank)
+            file = self.progress_file(group, rank)
             if not file.exists():
                 continue
             for line in file.read_text().splitlines():

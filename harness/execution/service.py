@@ -40,6 +40,8 @@ class RunMeta:
     python: str = ""
     injected_faults: list[str] = field(default_factory=list)
     source_trees: list[SourceTree] = field(default_factory=list)
+    ranks_per_gpu: int = 1  # GPU lane: ranks sharing one GPU (over gloo when > 1; lanes.Placement)
+    jobs: int = 1  # concurrent launches per world size
     versions: dict[str, str] = field(default_factory=dict)
     cases_dir: str = ""  # the case files the run was selected from (its summary's coverage section)
     wall_s: float = 0.0
@@ -56,6 +58,8 @@ class RunRequest:
     faults: list[str] = field(default_factory=list)  # seeded regressions, harness.regression.faults
     source_trees: list[SourceTree] = field(default_factory=list)
     cases_dir: Path = workspace.CASES_DIR
+    placement: lanes.Placement = field(default_factory=lanes.Placement)
+    jobs: int = 1  # concurrent launches per world size (harness.execution.launch)
 
 
 @dataclass
@@ -65,11 +69,13 @@ class RunOutcome:
     meta: RunMeta
 
 
-def not_runnable_here(case: Case, lane: str, gpus: int | None = None) -> str:
+def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
+                      placement: lanes.Placement = lanes.Placement()) -> str:
     """Why ``case`` will not be launched on ``lane`` on this machine ('' if it will)."""
     if case.invalid_reason:
         return ""  # reported as invalid by the launcher, never run
-    return lanes.case_blocker(case, lane) or lanes.capacity_blocker(case.world_size, lane, gpus)
+    return (lanes.case_blocker(case, lane)
+            or lanes.capacity_blocker(case.world_size, lane, gpus, placement.ranks_per_gpu))
 
 
 def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
@@ -88,11 +94,16 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
         source_trees=list(request.source_trees),
         versions=provenance.package_versions(),
         cases_dir=str(request.cases_dir),
+        ranks_per_gpu=request.placement.ranks_per_gpu,
+        jobs=request.jobs,
     )
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
     say(f"harness: {len(request.cases)} case(s) -> {run.path}")
     for tree in request.source_trees:
         say(f"harness: using {tree.kind} {tree.path} @ {tree.sha[:12]}{' (dirty)' if tree.dirty else ''}")
+    if request.placement.ranks_per_gpu > 1:
+        say(f"harness: {request.placement.ranks_per_gpu} ranks per GPU: multi-rank cases use gloo with CUDA tensors "
+            f"({lanes.NCCL_ONE_RANK_PER_GPU})")
     if request.faults:
         say(f"harness: INJECTING seeded faults {request.faults}: results do not describe the real stack")
 
@@ -109,7 +120,7 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
     by_id: dict[str, CaseResult] = {}
     to_launch = []
     for case in request.cases:
-        reason = not_runnable_here(case, request.lane, gpus)
+        reason = not_runnable_here(case, request.lane, gpus, request.placement)
         if reason:
             by_id[case.id] = CaseResult(case_id=case.id, status=SKIP, error=reason, lane=request.lane,
                                         world_size=case.world_size)
@@ -117,7 +128,8 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
         else:
             to_launch.append(case)
     options = launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
-                                   source_trees=list(request.source_trees))
+                                   source_trees=list(request.source_trees), placement=request.placement,
+                                   jobs=request.jobs)
     for result in launch.run_cases(to_launch, run, options, on_result=record):
         by_id[result.case_id] = result
     meta.wall_s = round(time.monotonic() - started, 2)

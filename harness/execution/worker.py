@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.runtimes import make_runtime
 
     imported = source_trees.verify_imports(plan.source_trees)  # raises (-> every case errors) on a wrong import
-    runtime = make_runtime(plan.lane)
+    runtime = make_runtime(plan.lane, plan.placement)
     if rank == 0:
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     with runtime:
         for case_id in plan.cases:
             case = case_set.get(case_id)
-            run.append_progress(ProgressEvent(case_id, ProgressEvent.START, time.time(), rank))
+            run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.START, time.time(), rank))
             started = time.monotonic()
             try:
                 with faults.active(plan.faults, case_id):
@@ -81,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                     run.write_case_result(result)
                 else:
                     run.write_rank_error(case_id, rank, result.error)
-                run.append_progress(ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+                run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
                 if world > 1:
                     exit_code = EXIT_CASE_ERROR
                     break
                 continue
             if rank == 0:
                 run.write_case_result(result)
-            run.append_progress(ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+            run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
     if rank == 0:  # again, now with what the runtime decided while building the models
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
     if exit_code:

@@ -193,11 +193,11 @@ class SelftestOutcome:
 
 def run_selftest(case_set: CaseSet, lane: str, only: list[str] | None = None,
                  source_trees: list[SourceTree] | None = None, label: str | None = None,
-                 cases_dir=None, stream=None) -> SelftestOutcome:
+                 cases_dir=None, stream=None, placement: lanes.Placement | None = None, jobs: int = 1) -> SelftestOutcome:
     """Run every (regression, case) pair and the clean cases in one run; write selftest.json/.md."""
     selected, specs = plan(case_set, lane, only)
     request = service.RunRequest(cases=selected, lane=lane, label=label or f"selftest-{lane}", faults=specs,
-                                 source_trees=list(source_trees or []),
+                                 source_trees=list(source_trees or []), placement=placement or lanes.Placement(), jobs=jobs,
                                  **({"cases_dir": cases_dir} if cases_dir else {}))
     outcome = service.run_selection(request, stream=stream)
     rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, lane, only)

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.runtimes.base import Runtime
+    from harness.runtimes.lanes import Placement
 
 
-def make_runtime(lane: str) -> "Runtime":
-    """The runtime of ``lane`` (not yet entered)."""
+def make_runtime(lane: str, placement: "Placement | None" = None) -> "Runtime":
+    """The runtime of ``lane`` (not yet entered); ``placement`` says how GPU ranks share devices."""
     if lane == "cpu":
         from harness.runtimes.cpu import CpuRuntime
 
@@ -24,5 +25,5 @@ def make_runtime(lane: str) -> "Runtime":
     if lane == "gpu":
         from harness.runtimes.gpu import GpuRuntime
 
-        return GpuRuntime()
+        return GpuRuntime(placement=placement) if placement is not None else GpuRuntime()
     raise ValueError(f"unknown lane {lane!r}")

@@ -1,5 +1,6 @@
-"""The GPU lane's runtime: NCCL, one rank per GPU, Megatron as users run it (TE layer spec, fused
-kernels), with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
+"""The GPU lane's runtime: NCCL, one rank per GPU (or several ranks per GPU over gloo, when asked:
+``harness.runtimes.lanes.Placement``), Megatron as users run it (TE layer spec, fused kernels),
+with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
 result must know them (findings: ../shared/notes/gpu-lane-findings.md):
 
 1. **dtype**: the model runs in fp32 unless the case is a ``@bf16`` variant. Some bridges force
@@ -30,7 +31,7 @@ import torch
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
-from harness.runtimes.lanes import GPU, rank_environment
+from harness.runtimes.lanes import GPU, Placement, rank_environment
 
 DEFAULT_SEED = 1234
 
@@ -51,14 +52,22 @@ def flash_attn_installed() -> bool:
 @dataclass
 class GpuRuntime:
     seed: int = DEFAULT_SEED
+    placement: Placement = field(default_factory=Placement)
     lane = GPU
-    backend = "nccl"
     use_cpu_initialization = False
     decisions: dict[str, Any] = field(default_factory=dict)  # what configure_provider changed, and why
 
     @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def backend(self) -> str:
+        return self.placement.backend(self.world_size)
+
+    @property
     def device(self) -> torch.device:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", self.placement.device_index(int(os.environ.get("LOCAL_RANK", "0"))))
 
     def __enter__(self) -> "GpuRuntime":
         missing = {k: v for k, v in rank_environment(GPU).items() if os.environ.get(k) != v}
@@ -102,4 +111,5 @@ class GpuRuntime:
                 "auto instead of flash: " + ("fp32 model" if not model.bf16 else "flash-attn not installed"))
 
     def provenance(self) -> dict[str, Any]:
-        return {"lane": self.lane, "environment": rank_environment(GPU), "provider_decisions": dict(self.decisions)}
+        return {"lane": self.lane, "environment": rank_environment(GPU), "backend": self.backend,
+                "ranks_per_gpu": self.placement.ranks_per_gpu, "provider_decisions": dict(self.decisions)}

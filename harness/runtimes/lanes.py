@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -220,16 +221,75 @@ def _driver_gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
 
 
-def capacity_blocker(world_size: int, lane: str, gpus: int | None = None) -> str:
+def capacity_blocker(world_size: int, lane: str, gpus: int | None = None, ranks_per_gpu: int = 1) -> str:
     """Why a case of ``world_size`` ranks cannot run on ``lane`` on this machine ('' if it can).
 
-    The GPU lane runs one rank per GPU; the CPU lane has no such limit (gloo ranks share cores).
+    The GPU lane runs ``ranks_per_gpu`` ranks per GPU (one unless asked, ``Placement``); the CPU
+    lane has no such limit (gloo ranks share cores).
     """
     if lane != GPU:
         return ""
     gpus = gpu_count() if gpus is None else gpus
     if gpus == 0:
         return "GPU lane: no CUDA GPU on this machine"
-    if world_size > gpus:
-        return f"GPU lane: needs {world_size} GPUs, this machine has {gpus}"
+    needed = Placement(ranks_per_gpu).gpus_needed(world_size)
+    if needed > gpus:
+        if ranks_per_gpu == 1:
+            return f"GPU lane: needs {world_size} GPUs, this machine has {gpus}"
+        return f"GPU lane: needs {needed} GPUs at {ranks_per_gpu} ranks per GPU, this machine has {gpus}"
+    return ""
+
+
+# ------------------------------------------------------------------- several ranks on one GPU
+
+# Why ranks sharing a GPU cannot use NCCL: since NCCL 2.5, ncclCommInitRank fails with
+# ncclInvalidUsage, "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device ..." (nccl
+# src/init.cc); its maintainers say it would not work even without the check, because the topology
+# search assumes one rank per device (NVIDIA/nccl#418).
+NCCL_ONE_RANK_PER_GPU = ("NCCL refuses several ranks on one GPU ('Duplicate GPU detected', ncclInvalidUsage, "
+                         "NVIDIA/nccl#418)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a GPU-lane launch puts its ranks on devices.
+
+    ``ranks_per_gpu`` > 1 fits a TP2/EP2/DP2 case on fewer GPUs (one machine with one GPU runs
+    world size 2 and 4). Everything stays real but the collectives' transport: the process group
+    is gloo, which takes CUDA tensors (through pinned host buffers; torch's ProcessGroupGloo
+    implements allreduce, allgather, gather, scatter, broadcast and alltoall for CUDA, and
+    reduce_scatter_tensor as an allreduce), because NCCL refuses shared devices
+    (``NCCL_ONE_RANK_PER_GPU``). Megatron-FSDP, TE and the checkpoint formats are untouched;
+    ranks still own disjoint shards. Gathers are bitwise under any transport; a sum's order may
+    differ from NCCL's, which only logits (with their tolerance) see. Written without a GPU at
+    hand: ``scripts/gpu/probe_collectives.py`` checks both transports on the device first.
+    """
+
+    ranks_per_gpu: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ranks_per_gpu < 1:
+            raise ValueError(f"ranks per GPU must be at least 1, not {self.ranks_per_gpu}")
+
+    def gpus_needed(self, world_size: int) -> int:
+        return -(-world_size // self.ranks_per_gpu)
+
+    def shares_gpus(self, world_size: int) -> bool:
+        return min(self.ranks_per_gpu, world_size) > 1
+
+    def backend(self, world_size: int) -> str:
+        """The process group's backend: NCCL unless ranks share a GPU (a world of one never does)."""
+        return "gloo" if self.shares_gpus(world_size) else "nccl"
+
+    def device_index(self, local_rank: int) -> int:
+        """The GPU of ``local_rank``: consecutive ranks share one, so a TP pair sits on one device."""
+        return local_rank // self.ranks_per_gpu
+
+
+def placement_error(ranks_per_gpu: int, lane: str) -> str:
+    """Why ``--ranks-per-gpu`` cannot be used as asked ('' if it can)."""
+    if ranks_per_gpu < 1:
+        return f"--ranks-per-gpu must be at least 1, not {ranks_per_gpu}"
+    if ranks_per_gpu > 1 and lane != GPU:
+        return f"--ranks-per-gpu {ranks_per_gpu} applies to the GPU lane only (the CPU lane has no GPUs to share)"
     return ""

@@ -185,3 +185,73 @@ def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_install
     assert layer.chunk_gated_delta_rule is qwen3_next.torch_chunk_gated_delta_rule
     assert qwen3_next.chunk_gated_delta_rule is triton_kernel, "restored on exit"
     assert qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).chunk_gated_delta_rule is triton_kernel
+
+
+# ---------------------------------------------------------------- several ranks on one GPU
+
+
+@pytest.mark.parametrize("world,gpus,ranks_per_gpu,reason", [
+    (2, 1, 2, ""),
+    (4, 1, 4, ""),
+    (4, 1, 2, "GPU lane: needs 2 GPUs at 2 ranks per GPU, this machine has 1"),
+    (8, 4, 2, ""),
+    (3, 1, 2, "GPU lane: needs 2 GPUs at 2 ranks per GPU, this machine has 1"),
+])
+def test_ranks_per_gpu_fits_multi_rank_cases_on_fewer_gpus_and_refuses_what_still_does_not_fit(
+        world, gpus, ranks_per_gpu, reason):
+    assert capacity_blocker(world, GPU, gpus, ranks_per_gpu) == reason
+
+
+def test_ranks_sharing_a_gpu_use_gloo_and_consecutive_ranks_share_a_device():
+    from harness.runtimes.lanes import Placement
+
+    shared = Placement(2)
+    assert [shared.device_index(r) for r in range(4)] == [0, 0, 1, 1]
+    assert shared.backend(2) == "gloo", "NCCL refuses two ranks on one GPU"
+    assert shared.backend(1) == "nccl", "a world of one shares nothing: it runs exactly as without the option"
+    assert Placement().backend(8) == "nccl" and [Placement().device_index(r) for r in range(2)] == [0, 1]
+    with pytest.raises(ValueError):
+        Placement(0)
+
+
+def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_path, monkeypatch):
+    from harness.execution.run_dir import Plan, RunDir
+    from harness.runtimes import make_runtime
+    from harness.runtimes.lanes import Placement
+
+    run = RunDir(tmp_path)
+    path = run.write_plan(Plan(run_dir=str(tmp_path), group="ws2-1", lane=GPU, cases=["x"], cases_dir=".",
+                               placement=Placement(2)))
+    plan = RunDir.read_plan(path)
+    assert plan.placement == Placement(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    runtime = make_runtime(plan.lane, plan.placement)
+    assert (runtime.backend, runtime.device) == ("gloo", torch.device("cuda", 0))
+    assert runtime.provenance()["backend"] == "gloo" and runtime.provenance()["ranks_per_gpu"] == 2
+    one_per_gpu = make_runtime(GPU)
+    assert (one_per_gpu.backend, one_per_gpu.device) == ("nccl", torch.device("cuda", 1))
+
+
+def test_a_two_rank_case_on_a_one_gpu_machine_is_launched_only_with_two_ranks_per_gpu(case_set):
+    from harness.execution import service
+    from harness.runtimes.lanes import Placement
+
+    case = next(c for c in case_set.select(lane=GPU) if c.world_size == 2 and not c.invalid_reason)
+    assert service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
+    assert service.not_runnable_here(case, GPU, gpus=1, placement=Placement(2)) == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["matrix", "--ranks-per-gpu", "2"], "--ranks-per-gpu 2 applies to the GPU lane only"),
+    (["matrix", "--lane", "gpu", "--ranks-per-gpu", "0"], "--ranks-per-gpu must be at least 1, not 0"),
+    (["matrix", "--jobs", "0"], "--jobs must be at least 1, not 0"),
+])
+def test_a_wrong_placement_is_a_one_line_input_error_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
+    from harness import cli
+
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path))
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == f"harness: error: {message}" + (" (the CPU lane has no GPUs to share)" if "lane only" in message else "") + "\n"
+    assert not any(tmp_path.iterdir()), "no run folder is created for a refused request"
