@@ -21,7 +21,7 @@ from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix import cases as cases_mod
 from harness.reporting import run_document, run_report
-from harness.results import INFRA_ERROR, OK_STATUSES, CaseResult
+from harness.results import INFRA_ERROR, OK_STATUSES, SKIP, CaseResult
 
 # 0 every case passed (or was skipped / declared invalid); 1 a case failed, crashed or timed out;
 # 2 bad input; 3 no case failed, but the machine kept some from running (infrastructure errors).
@@ -105,7 +105,9 @@ def _execute(request: service.RunRequest) -> int:
             print(results[0].error.rstrip())
     bad = [r for r in results if r.status not in OK_STATUSES]
     infra = sum(r.status == INFRA_ERROR for r in results)
-    print(f"\n{len(results) - len(bad)}/{len(results)} passed in {outcome.meta.wall_s:.1f}s"
+    skipped = sum(r.status == SKIP for r in results)
+    print(f"\n{len(results) - len(bad) - skipped}/{len(results)} passed"
+          f"{f' ({skipped} skipped: not runnable on this machine)' if skipped else ''} in {outcome.meta.wall_s:.1f}s"
           f"{f'; {infra} not run because of infrastructure errors (exit {EXIT_INFRA})' if infra else ''}; "
           f"report: {outcome.run.results_file}")
     return exit_code(results)
@@ -175,8 +177,13 @@ def cmd_golden(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise InputError(str(err)) from None
     reviews = golden.review_run(results, args.k)
+    not_run = len(golden.not_run_here(results, args.k))
     if not reviews:
-        raise InputError(f"run {args.run} has no case matching -k {args.k!r}")
+        raise InputError(f"run {args.run} ran no case{f' matching -k {args.k!r}' if args.k else ''} on its machine"
+                         f"{f' ({not_run} skipped or infrastructure errors: nothing to compare)' if not_run else ''}")
+    if not_run:
+        print(f"harness: {not_run} case(s) of run {args.run} did not run on its machine (skip, infra-error): "
+              "neither compared nor written", file=sys.stderr)
     if args.action == "check":
         rows = [[r.label, r.case_id, run_report.clip("; ".join(r.differences), 150)] for r in reviews]
         print(tabulate(rows, headers=["golden", "case", "differences"], tablefmt="simple"))

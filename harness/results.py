@@ -19,6 +19,9 @@ INFRA_ERROR = "infra-error"
 OK_STATUSES = (PASS, SKIP, INVALID)
 CRASHED = (ERROR, TIMEOUT)
 FAILED = (FAIL, *CRASHED)  # ran and did not pass: what golden/ can pin as a known upstream failure
+# This machine, not the stack, decided the outcome (too few GPUs, a rendezvous that failed): no
+# verdict on the code under test, and never something golden/ pins.
+NOT_RUN_HERE = (SKIP, INFRA_ERROR)
 
 _LOG_TAIL_MARK = "\n--- "  # the launcher appends rank log tails after this marker
 

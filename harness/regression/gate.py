@@ -24,7 +24,7 @@ from harness.execution import service
 from harness.execution.source_trees import validate, worktree
 from harness.regression import golden
 from harness.reporting import run_document, run_report
-from harness.results import INFRA_ERROR, INVALID, PASS as PASSED, SKIP, CaseResult
+from harness.results import INFRA_ERROR, INVALID, NOT_RUN_HERE, PASS as PASSED, CaseResult
 
 PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
 ORDER = {REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, PASS: 4}
@@ -43,7 +43,7 @@ class Verdict:
 
 
 def judge(result: CaseResult, golden_doc: dict | None, baseline: CaseResult | None) -> Verdict:
-    if result.status in (SKIP, INVALID, INFRA_ERROR):
+    if result.status in (*NOT_RUN_HERE, INVALID):
         return Verdict(result.case_id, NOT_RUN, (result.headline,))
     reasons: list[str] = []
     now_ok = result.status == PASSED

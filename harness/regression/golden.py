@@ -18,7 +18,7 @@ import harness
 from harness import workspace
 from harness.errors import load_yaml
 from harness.matrix.cases import matches
-from harness.results import FAILED, PASS, CaseResult
+from harness.results import FAILED, NOT_RUN_HERE, PASS, CaseResult
 
 GOLDEN_FORMAT = 1
 SAME, NEW, CHANGED = "same", "new", "changed"  # a run's case against its golden file
@@ -179,11 +179,22 @@ class Review:
         return {SAME: "match", NEW: "NO GOLDEN", CHANGED: "MISMATCH"}[self.kind]
 
 
+def _matching(results: dict[str, CaseResult], k: str | None) -> dict[str, CaseResult]:
+    return {case_id: r for case_id, r in results.items() if not k or matches(case_id, k)}
+
+
+def not_run_here(results: dict[str, CaseResult], k: str | None = None) -> list[str]:
+    """The cases (matching ``-k``) that ``review_run`` leaves out: this machine did not run them."""
+    return [case_id for case_id, r in _matching(results, k).items() if r.status in NOT_RUN_HERE]
+
+
 def review_run(results: dict[str, CaseResult], k: str | None = None, root: Path | None = None) -> list[Review]:
-    """Every case of a run (matching ``-k``) against golden/."""
+    """Every case of a run (matching ``-k``) that ran, against golden/. A case this machine did
+    not run (``NOT_RUN_HERE``: a GPU case on too few GPUs) is neither compared nor pinned: a
+    one-GPU run must not write ``skip`` where an eight-GPU nightly expects ``pass``."""
     out = []
-    for case_id, result in results.items():
-        if k and not matches(case_id, k):
+    for case_id, result in _matching(results, k).items():
+        if result.status in NOT_RUN_HERE:
             continue
         kind, diffs = changes(result, root)
         out.append(Review(case_id, kind, tuple(diffs)))

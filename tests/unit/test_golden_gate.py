@@ -137,6 +137,27 @@ def test_golden_cli_check_and_update(tmp_path):
     assert r.returncode == 1 and "MISMATCH" in r.stdout and "different bytes" in r.stdout
 
 
+def test_a_case_this_machine_did_not_run_is_neither_compared_nor_pinned(tmp_path, monkeypatch, capsys):
+    """A one-GPU run skips the 2-rank cases; pinning that ``skip`` would fail every 8-GPU nightly."""
+    from harness import cli
+
+    skipped = CaseResult(case_id="llama/tp2/memory/roundtrip", status="skip", lane="gpu",
+                         error="GPU lane: needs 2 GPUs, this machine has 1")
+    infra = CaseResult(case_id="qwen2/tp2/memory/roundtrip", status="infra-error", lane="gpu", error="EADDRINUSE")
+    ran = make_result()
+    ran.lane = "gpu"
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path / "reports"))
+    monkeypatch.setenv("HARNESS_GOLDEN", str(tmp_path / "golden"))
+    run = RunDir.create("g", root=tmp_path / "reports")
+    run_report.write_run(run, [ran, skipped, infra], {"label": "g", "lane": "gpu", "versions": {}})
+    assert [r.case_id for r in golden.review_run({r.case_id: r for r in (ran, skipped, infra)})] == [ran.case_id]
+    assert cli.main(["golden", "update", "--run", "latest"]) == cli.EXIT_OK
+    assert sorted(p.name for p in (tmp_path / "golden" / "gpu").iterdir()) == ["llama__tp1__memory__roundtrip.json"]
+    assert "2 case(s) of run latest did not run on its machine" in capsys.readouterr().err
+    assert cli.main(["golden", "check", "--run", "latest", "-k", "tp2"]) == cli.EXIT_USAGE
+    assert "nothing to compare" in capsys.readouterr().err
+
+
 def test_source_tree_that_is_not_megatron_is_refused(tmp_path):
     from harness.errors import InputError
     from harness.execution.source_trees import validate
