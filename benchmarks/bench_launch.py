@@ -4,10 +4,11 @@ Measures, in one run:
   1. the default CPU matrix, as `harness matrix` runs it (grouped launches);
   2. the world-size-1 cases of that set in one launch: amortised seconds per case;
   3. the same world-size-1 cases the naive way, one `torchrun --nproc_per_node=1` per case
-     (how Megatron-Bridge's functional tests launch each conversion).
+     (how Megatron-Bridge's functional tests launch each conversion);
+  4. with ``--jobs N``: the world-size-1 cases over N concurrent launches (``harness --jobs``).
 Writes reports/<stamp>-bench-launch/bench.json and prints a table.
 
-    .venv/bin/python benchmarks/bench_launch.py [--naive-limit N]
+    .venv/bin/python benchmarks/bench_launch.py [--naive-limit N] [--jobs N] [--skip-matrix]
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ def naive_one(case, run: RunDir) -> tuple[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--naive-limit", type=int, default=0, help="time only the first N cases the naive way (0 = all)")
+    parser.add_argument("--jobs", type=int, default=0, help="also time the world-size-1 cases over N concurrent launches")
+    parser.add_argument("--skip-matrix", action="store_true", help="do not time the whole default matrix")
     args = parser.parse_args()
     cases = load_cases().select(set_name="default", lane="cpu")
     ws1 = [c for c in cases if c.world_size == 1]
     run = RunDir.create("bench-launch")
     opts = launch.LaunchOptions(lane="cpu")
 
-    matrix, matrix_s = timed(lambda: launch.run_cases(cases, RunDir(run / "matrix"), opts))
+    matrix, matrix_s = ([], 0.0) if args.skip_matrix else timed(lambda: launch.run_cases(cases, RunDir(run / "matrix"), opts))
     grouped, grouped_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-grouped"), opts))
     naive_cases = ws1[: args.naive_limit] if args.naive_limit else ws1
     naive = [naive_one(c, RunDir(run / "ws1-naive")) for c in naive_cases]
@@ -63,6 +66,9 @@ def main() -> int:
 
     per_grouped = grouped_s / len(ws1)
     per_naive = naive_s / len(naive)
+    if args.jobs:
+        concurrent_opts = launch.LaunchOptions(lane="cpu", jobs=args.jobs)
+        concurrent, concurrent_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-jobs"), concurrent_opts))
     doc = {
         "default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
                                "passed": sum(r.status == "pass" for r in matrix)},
@@ -73,12 +79,20 @@ def main() -> int:
                                             "passed": sum(s == "pass" for s, _ in naive)},
         "speedup": round(per_naive / per_grouped, 1),
     }
+    if args.jobs:
+        doc[f"ws1_jobs_{args.jobs}"] = {"cases": len(ws1), "wall_s": round(concurrent_s, 1),
+                                        "per_case_s": round(concurrent_s / len(ws1), 2),
+                                        "passed": sum(r.status == "pass" for r in concurrent),
+                                        "speedup_over_one_launch": round(grouped_s / concurrent_s, 2)}
     workspace.atomic_write_json(run / "bench.json", doc)
     rows = [
         ["default CPU matrix (grouped)", len(cases), f"{matrix_s:.1f}", f"{matrix_s / len(cases):.2f}"],
         ["world size 1, one launch", len(ws1), f"{grouped_s:.1f}", f"{per_grouped:.2f}"],
         ["world size 1, one torchrun per case", len(naive), f"{naive_s:.1f}", f"{per_naive:.2f}"],
     ]
+    if args.jobs:
+        rows.append([f"world size 1, {args.jobs} launches at once", len(ws1), f"{concurrent_s:.1f}",
+                     f"{concurrent_s / len(ws1):.2f}"])
     print(tabulate(rows, headers=["what", "cases", "wall s", "s / case"], tablefmt="simple"))
     print(f"\namortised speed-up at world size 1: {doc['speedup']}x   ({run / 'bench.json'})")
     return 0
