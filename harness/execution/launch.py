@@ -179,6 +179,23 @@ def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[Ca
     return results
 
 
+def launch_environment(options: LaunchOptions, ws: int) -> dict[str, str]:
+    """The environment a launch starts with: lane variables that must precede CUDA (TF32 off),
+    the harness on ``PYTHONPATH`` behind any source trees, and a thread budget per launch when
+    several run at once (torchrun already gives each of its ranks one thread; a world of one
+    would otherwise take every core, ``jobs`` times over)."""
+    env = dict(os.environ)
+    env.update(rank_environment(options.lane))  # before CUDA starts in the rank (e.g. TF32 off)
+    env.update(options.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))
+    if ws == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        if options.jobs > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.jobs)))
+    return env
+
+
 def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: LaunchOptions,
                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     plan_file = run.write_plan(Plan(
@@ -199,13 +216,7 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
     else:
         cmd = [options.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ws}",
                "--max_restarts=0", *worker]
-    env = dict(os.environ)
-    env.update(rank_environment(options.lane))  # before CUDA starts in the rank (e.g. TF32 off)
-    env.update(options.env)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))
-    if ws == 1:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env = launch_environment(options, ws)
     run.log_dir(group).mkdir(parents=True, exist_ok=True)
     with open(run.launcher_log(group), "ab") as launcher_log:
         proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -40,3 +40,14 @@ def test_two_launches_run_at_once_and_each_case_passes_in_its_own_group(tmp_path
         assert run.rank_log(group, 0).exists()
     (a0, a1), (b0, b1) = spans.values()
     assert a0 < b1 and b0 < a1, f"the two launches' cases did not overlap in time: {spans}"
+
+
+def test_concurrent_launches_share_the_cores_and_a_thread_count_given_is_kept(monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert launch.launch_environment(launch.LaunchOptions(jobs=4), 1)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in launch.launch_environment(launch.LaunchOptions(jobs=1), 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert launch.launch_environment(launch.LaunchOptions(jobs=4), 1)["OMP_NUM_THREADS"] == "2"
