@@ -70,8 +70,8 @@ def main() -> int:
         concurrent_opts = launch.LaunchOptions(lane="cpu", jobs=args.jobs)
         concurrent, concurrent_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-jobs"), concurrent_opts))
     doc = {
-        "default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
-                               "passed": sum(r.status == "pass" for r in matrix)},
+        **({} if args.skip_matrix else {"default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
+                                                               "passed": sum(r.status == "pass" for r in matrix)}}),
         "ws1_grouped": {"cases": len(ws1), "wall_s": round(grouped_s, 1), "per_case_s": round(per_grouped, 2),
                         "passed": sum(r.status == "pass" for r in grouped)},
         "ws1_naive_one_torchrun_per_case": {"cases": len(naive), "wall_s": round(naive_s, 1),
@@ -85,8 +85,9 @@ def main() -> int:
                                         "passed": sum(r.status == "pass" for r in concurrent),
                                         "speedup_over_one_launch": round(grouped_s / concurrent_s, 2)}
     workspace.atomic_write_json(run / "bench.json", doc)
-    rows = [
-        ["default CPU matrix (grouped)", len(cases), f"{matrix_s:.1f}", f"{matrix_s / len(cases):.2f}"],
+    rows = [] if args.skip_matrix else [
+        ["default CPU matrix (grouped)", len(cases), f"{matrix_s:.1f}", f"{matrix_s / len(cases):.2f}"]]
+    rows += [
         ["world size 1, one launch", len(ws1), f"{grouped_s:.1f}", f"{per_grouped:.2f}"],
         ["world size 1, one torchrun per case", len(naive), f"{naive_s:.1f}", f"{per_naive:.2f}"],
     ]
