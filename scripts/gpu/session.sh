@@ -6,7 +6,8 @@
 #   bash scripts/gpu/session.sh [PHASE ...]        # default: setup probe ws1 selftest shared
 #
 # Phases:
-#   setup     bash .gpu/base/setup.sh (installs into /tmp/site once; ~3 min the first time)
+#   setup     scripts/gpu/install.sh: the staged stack into /tmp/site, once (~1 min with the TE
+#             extension prebuilt by scripts/gpu/prebuild_te.sh, ~3 min when setup.sh must build it)
 #   probe     scripts/gpu/probe_collectives.py: NCCL and gloo with 2 ranks on one GPU, gloo with 4
 #   ws1       python3 -m pytest -m gpu: every GPU case this machine can hold (world size 1)
 #   selftest  python3 -m harness selftest --lane gpu
@@ -67,7 +68,7 @@ export ART JOBS PY
 say "phases: ${PHASES[*]}; deadline ${DEADLINE_S}s; jobs $JOBS; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)"
 for phase in "${PHASES[@]}"; do
   case $phase in
-    setup) run_phase setup 300 bash .gpu/base/setup.sh ;;
+    setup) run_phase setup 300 bash scripts/gpu/install.sh ;;
     probe)
       run_phase probe-nccl-2-on-1 60 probe nccl-2-on-1 nccl 2 2
       run_phase probe-gloo-2-on-1 60 probe gloo-2-on-1 gloo 2 2
