@@ -15,7 +15,8 @@
 #   golden    harness golden update from every run above (candidates for golden/gpu, to review)
 #
 # A phase that would start after DEADLINE_S seconds (default 540) is skipped, and a running one is
-# stopped at its own limit, so the call returns inside the tool's 600 s and $OUT comes back:
+# stopped at its own limit, so the call returns inside the tool's 600 s and $OUT comes back. Set
+# DEADLINE_S to the device time left minus a minute where that is less (device `status`):
 #   $OUT/session.log         everything printed, phase by phase, with timings
 #   $OUT/artifacts.tar.gz    probe JSON, each run folder (results.json, summary.md, junit.xml,
 #                            cases/, provenance/, logs/; no checkpoints), and gpu/: the golden/gpu
@@ -27,12 +28,21 @@ JOBS=${JOBS:-4}
 PY=${PY:-python3}  # the device image's interpreter; the stack is on PYTHONPATH
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-ART=/tmp/gpu-session
+ART=${ART:-/tmp/gpu-session}  # run folders and probe results, packed into $OUT
 mkdir -p "$ART/probe"
 export HARNESS_REPORTS=$ART/reports HARNESS_GOLDEN=${HARNESS_GOLDEN:-$PWD/golden} PYTHONPATH=/tmp/site:$PWD NVIDIA_TF32_OVERRIDE=0 PYTHONUNBUFFERED=1
 LOG=$OUT/session.log
 PHASES=("$@")
 [[ ${#PHASES[@]} -gt 0 ]] || PHASES=(setup probe ws1 selftest shared golden)
+
+# pack: $OUT/artifacts.tar.gz, replaced atomically after every phase, so a call the device tool
+# stops at its time limit still returns everything finished before (session.log is written as it goes).
+pack() {
+  local golden=()
+  [[ -d $HARNESS_GOLDEN/gpu ]] && golden=(-C "$HARNESS_GOLDEN" gpu)
+  tar -czf "$OUT/.artifacts.tmp" --exclude='*/scratch' -C / "${ART#/}" "${golden[@]}" 2>>"$LOG" \
+    && mv "$OUT/.artifacts.tmp" "$OUT/artifacts.tar.gz"
+}
 
 say() { echo "[session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -47,6 +57,7 @@ run_phase() {
   timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$LOG"  # bash -c: phases may be functions
   local rc=${PIPESTATUS[0]}
   say "$name: exit $rc in $(( $(date +%s) - t0 ))s$( ((rc == 124)) && echo ' (stopped at its limit)')"
+  pack
 }
 
 probe() {  # probe NAME BACKEND RANKS RANKS_PER_GPU
@@ -88,6 +99,5 @@ for phase in "${PHASES[@]}"; do
   esac
 done
 
-golden=(); [[ -d $HARNESS_GOLDEN/gpu ]] && golden=(-C "$HARNESS_GOLDEN" gpu)
-tar -czf "$OUT/artifacts.tar.gz" --exclude='*/scratch' -C / "${ART#/}" "${golden[@]}" 2>>"$LOG"
+pack  # once more, with everything
 say "artifacts: $(du -h "$OUT/artifacts.tar.gz" | cut -f1) in $OUT/artifacts.tar.gz"
