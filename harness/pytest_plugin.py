@@ -33,6 +33,12 @@ def add_options(parser: pytest.Parser) -> None:
                     help="run up to N launches of one world size at once")
 
 
+def check_options(config: pytest.Config) -> None:
+    placement(config)
+    if config.getoption("--harness-jobs", 1) < 1:
+        raise pytest.UsageError(f"--harness-jobs must be at least 1, not {config.getoption('--harness-jobs')}")
+
+
 def placement(config: pytest.Config) -> lanes.Placement:
     ranks_per_gpu = config.getoption("--ranks-per-gpu", 1)
     if why := lanes.placement_error(ranks_per_gpu, lanes.GPU):
@@ -88,7 +94,7 @@ class MatrixRunner:
         config = self.session.config
         request = service.RunRequest(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}",
                                      placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
-                                     jobs=max(1, config.getoption("--harness-jobs", 1)))
+                                     jobs=config.getoption("--harness-jobs", 1))
         outcome = service.run_selection(request, stream=None)
         self.runs[(lane, world_size)] = outcome
         for result in outcome.results:

@@ -11,6 +11,12 @@ def pytest_addoption(parser):
     pytest_plugin.add_options(parser)
 
 
+def pytest_configure(config):
+    from harness import pytest_plugin
+
+    pytest_plugin.check_options(config)  # a wrong --ranks-per-gpu is a usage error before collection
+
+
 @pytest.fixture(scope="session")
 def gloo_world():
     """A one-rank gloo process group for in-process Megatron tests (one per xdist worker)."""

@@ -255,3 +255,16 @@ def test_a_wrong_placement_is_a_one_line_input_error_before_anything_runs(argv, 
     err = capsys.readouterr().err
     assert err == f"harness: error: {message}" + (" (the CPU lane has no GPUs to share)" if "lane only" in message else "") + "\n"
     assert not any(tmp_path.iterdir()), "no run folder is created for a refused request"
+
+
+@pytest.mark.parametrize("option,message", [("--ranks-per-gpu=0", "--ranks-per-gpu must be at least 1, not 0"),
+                                            ("--harness-jobs=0", "--harness-jobs must be at least 1, not 0")])
+def test_pytest_refuses_a_wrong_placement_before_collecting_anything(option, message):
+    import subprocess
+    import sys
+
+    from harness import workspace
+
+    r = subprocess.run([sys.executable, "-m", "pytest", option, "--co", "-q", "-p", "no:cacheprovider",
+                        "tests/unit/test_layouts.py"], capture_output=True, text=True, cwd=workspace.REPO_ROOT, timeout=120)
+    assert r.returncode == 4 and message in r.stderr, r.stdout + r.stderr
