@@ -68,13 +68,9 @@ def _check_faults(specs: list[str] | None) -> list[str]:
 
 
 def _placement(args: argparse.Namespace):
-    """``--ranks-per-gpu`` as a lane placement; a wrong one is an input error."""
     from harness.runtimes import lanes
 
-    ranks_per_gpu = getattr(args, "ranks_per_gpu", 1)
-    if why := lanes.placement_error(ranks_per_gpu, args.lane):
-        raise InputError(why)
-    return lanes.Placement(ranks_per_gpu)
+    return lanes.placement(getattr(args, "ranks_per_gpu", 1), args.lane)
 
 
 def _jobs(args: argparse.Namespace) -> int:

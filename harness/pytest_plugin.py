@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness.errors import InputError
 from harness.execution import service
 from harness.matrix.cases import Case, CaseSet, load_cases
 from harness.reporting import run_report
@@ -40,10 +41,10 @@ def check_options(config: pytest.Config) -> None:
 
 
 def placement(config: pytest.Config) -> lanes.Placement:
-    ranks_per_gpu = config.getoption("--ranks-per-gpu", 1)
-    if why := lanes.placement_error(ranks_per_gpu, lanes.GPU):
-        raise pytest.UsageError(why)
-    return lanes.Placement(ranks_per_gpu)
+    try:
+        return lanes.placement(config.getoption("--ranks-per-gpu", 1), lanes.GPU)
+    except InputError as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 def params(case_set: CaseSet) -> list:

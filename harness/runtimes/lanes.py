@@ -286,10 +286,13 @@ class Placement:
         return local_rank // self.ranks_per_gpu
 
 
-def placement_error(ranks_per_gpu: int, lane: str) -> str:
-    """Why ``--ranks-per-gpu`` cannot be used as asked ('' if it can)."""
+def placement(ranks_per_gpu: int, lane: str) -> Placement:
+    """``--ranks-per-gpu`` as a ``Placement``; ``InputError`` (one line) where it cannot be used."""
+    from harness.errors import InputError
+
     if ranks_per_gpu < 1:
-        return f"--ranks-per-gpu must be at least 1, not {ranks_per_gpu}"
+        raise InputError(f"--ranks-per-gpu must be at least 1, not {ranks_per_gpu}")
     if ranks_per_gpu > 1 and lane != GPU:
-        return f"--ranks-per-gpu {ranks_per_gpu} applies to the GPU lane only (the CPU lane has no GPUs to share)"
-    return ""
+        raise InputError(f"--ranks-per-gpu {ranks_per_gpu} applies to the GPU lane only "
+                         "(the CPU lane has no GPUs to share)")
+    return Placement(ranks_per_gpu)
