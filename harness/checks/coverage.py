@@ -22,13 +22,21 @@ def _preview(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f", +{len(names) - 3} more" if len(names) > 3 else "")
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a Megatron-FSDP DTensor's local shard (each element lives
+    on exactly one rank; a whole-tensor op would redistribute it), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def check_fully_loaded(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *, name: str = NAME) -> CheckResult:
     """Every parameter on this rank was overwritten by the load (no sentinel left)."""
     untouched = []
     total = 0
     for pname, param in named_parameters:
         total += 1
-        if torch.isnan(param).any():
+        if torch.isnan(local_shard(param)).any():
             untouched.append(pname)
     if untouched:
         return CheckResult(

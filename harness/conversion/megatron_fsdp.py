@@ -56,6 +56,7 @@ def build_fsdp_model(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, 
         ddp_config=_ddp_config(),
         use_megatron_fsdp=True,
         wrap_with_ddp=True,
+        use_cpu_initialization=runtime.use_cpu_initialization,
         mixed_precision_wrapper=Float16Module if bf16 else None,
     )
     return bridge_calls.MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout, provider=provider)

@@ -9,7 +9,8 @@ Schema of one file (unknown keys are errors that name the file and the field)::
     description: free text
     matrix:
       - families: [llama, qwen2]          # zoo family names, or family@variant (zoo variants);
-                                          #   ['*'] = every family (a case named elsewhere wins)
+                                          #   ['*'] = every family (a case named elsewhere wins),
+                                          #   ['*@bf16'] = every family at a variant all have
         where: moe                        # optional, with ['*'] only: moe | dense
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
@@ -214,9 +215,10 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
             raise _field_error(source, f"{where}.{required}", "required field is missing")
 
     families = _as_list(entry["families"], source, f"{where}.families")
-    every_family = families == [ALL_FAMILIES]
+    every_family = len(families) == 1 and str(families[0]).partition("@")[0] == ALL_FAMILIES
     if every_family:
-        families = list(zoo.families())
+        variant = str(families[0]).partition("@")[2]  # '*@bf16': every family at its bf16 variant
+        families = [f"{name}@{variant}" if variant else name for name in zoo.families()]
     elif "where" in entry:
         raise _field_error(source, f"{where}.where", f"only for families: ['{ALL_FAMILIES}']")
     models = []
@@ -260,7 +262,7 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                     f"{model.id} cannot be split as {each.id}: {'; '.join(p)}"
                     for each in filter(None, (layout, load_layout))
                     if (p := each.violations(model.hf_config, vocab_padded=model.vocab_padded)
-                        + _refused_by_the_bridge(model, each))
+                        + _refused_by_the_bridge(model, each) + each.format_violations(path.split("/")[0]))
                 ]
                 if problems and every_family and expect != "invalid":
                     continue  # a layout this architecture does not allow: not a case

@@ -15,6 +15,12 @@ from typing import Any, Mapping
 
 from harness.matrix.zoo import config_num_experts
 
+# Megatron-FSDP builds its device mesh over the whole world as (dp_cp, ep, tp)
+# (megatron/core/distributed/fsdp/mcore_fsdp_adapter.py _get_dp_tp_mesh, megatron-core 0.19.2), so
+# with PP > 1 the world does not factor: "Shape mismatch, 4 != 2" at PP2 x DP2 on CPU.
+FSDP_REFUSES_PP = ("Megatron-FSDP's device mesh has no pipeline dimension (mcore_fsdp_adapter.py _get_dp_tp_mesh "
+                   "rearranges the whole world as (dp_cp ep tp)), so the adapter refuses PP > 1")
+
 _ORDER = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp")
 _TOKEN = re.compile(r"^(tp|pp|vpp|ep|etp|cp|dp)(\d+)$")
 
@@ -123,6 +129,12 @@ class Layout:
             elif experts % self.ep:
                 problems.append(f"experts {experts} not divisible by ep{self.ep}")
         return problems
+
+    def format_violations(self, fmt: str) -> list[str]:
+        """Rules a checkpoint format's writer imposes on the layout (empty list: none)."""
+        if fmt == "fsdp_dtensor" and self.pp > 1:
+            return [f"pp{self.pp}: {FSDP_REFUSES_PP}"]
+        return []
 
     def validate(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> None:
         problems = self.violations(cfg, vocab_padded=vocab_padded)

@@ -87,6 +87,16 @@ def family_name(arch: RegisteredArchitecture) -> str:
     return arch.model_type.replace("_", "-").removesuffix("-text")
 
 
+def _variants(doc: Mapping[str, Any] | None) -> dict[str, Variant]:
+    return {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}))
+            for name, v in (doc or {}).items()}
+
+
+def every_family_variants(path: Path = FAMILIES_FILE) -> dict[str, Variant]:
+    """Variants every family has (``families.yaml`` ``every_family_variants``), e.g. ``bf16``."""
+    return _variants((load_yaml(path) or {}).get("every_family_variants"))
+
+
 def family_entries(path: Path = FAMILIES_FILE) -> dict[str, dict[str, Any]]:
     """architecture -> its entry in ``families.yaml`` (schema errors name the file and field)."""
     doc = load_yaml(path) or {}
@@ -105,8 +115,7 @@ def _family(arch: RegisteredArchitecture, entry: dict[str, Any]) -> Family:
     overrides = {**(entry.get("config") or {}), **(entry.get("extra_config") or {})}
     config = shrink.tiny_config(hf_source.config_fields(arch.hf_config_class),
                                 hf_source.config_defaults(arch.hf_config_class), overrides)
-    variants = {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}))
-                for name, v in (entry.get("variants") or {}).items()}
+    variants = {**every_family_variants(), **_variants(entry.get("variants"))}
     return Family(name=entry.get("name") or family_name(arch), architecture=arch, config=config,
                   description=entry.get("description", ""), provider=dict(entry.get("provider") or {}),
                   variants=variants, tokenizer=entry.get("tokenizer", "wordlevel"),

@@ -1,4 +1,4 @@
-"""Run real, unmodified Megatron on CPU (gloo, fp32).
+"""Run real, unmodified Megatron (and Megatron-FSDP) on CPU (gloo).
 
 This is the ONE place where the harness adapts Megatron to a machine without CUDA. It does five
 things, and only for the duration of a run (``CpuRuntime`` is a context manager):
@@ -7,35 +7,44 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
    tracker (``model_parallel_cuda_manual_seed`` needs CUDA; the inference tracker makes
    ``get_cuda_rng_tracker().fork()`` a no-op context);
 2. the local (non-TE) *block* spec: a local layer spec alone still builds TE's final norm;
-3. provider flags that select fused CUDA kernels are turned off, and the model is fp32;
-4. a handful of ``torch.cuda`` calls that only *decide placement* (``current_device``) or only
-   wait/record (``synchronize``, ``get_rng_state``) are redirected to CPU equivalents, and the few
-   upstream functions that allocate with a hard-coded ``device="cuda"`` (``CUDA_PLACED_CALLS``)
-   run with their tensor factories placed on the CPU (a ``TorchFunctionMode``; the function
-   itself runs unchanged);
+3. provider flags that select fused CUDA kernels are turned off; the model is fp32, or bf16 for
+   a ``@bf16`` case (Megatron-FSDP's mixed precision: ``Float16Module`` and fp32 main weights);
+4. the ``REDIRECTS`` table: each row names one upstream call that needs CUDA, what it becomes on
+   CPU and why that changes nothing under test. A redirect may change *where* a tensor lives
+   (placement), *which kernel* computes (the optimizer's Adam kernel) or how a collective
+   travels (gloo instead of NCCL); never what is converted, saved or loaded;
 5. the saved ``run_config.yaml`` of a torch_dist checkpoint names the provider's layer-spec
    callable, here ``harness.runtimes.cpu.local_block_spec``; Megatron-Bridge only instantiates
    allow-listed targets, so that one exact name is added to Megatron's public
    ``target_allowlist`` (``add_exact``) and removed again on exit.
 
-A redirect may change where a tensor lives; it must never change keys or values. Nothing here is
-applied at import time, and every redirected attribute is restored on exit, exception or not
-(tests/unit/test_cpu_runtime.py proves it). The GPU lane never enters this context.
+Nothing here is applied at import time. Every redirect is a ``unittest.mock.patch.object`` on one
+``ExitStack``, so each is undone on exit, exception or not, and one that fails to install undoes
+those before it (tests/unit/test_cpu_runtime.py proves it). The GPU lane never enters this
+context. What the CPU lane therefore does not test: NCCL, CUDA streams and the overlap of
+communication with compute, TE kernels, GPU memory behaviour (``NOT_TESTED``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
+
+# What a pass on the CPU lane does not vouch for; the report and the README say it.
+NOT_TESTED = ("NCCL", "CUDA streams and the overlap of communication with compute", "the NCCL user-buffer paths",
+              "TE kernels (fused norms, cuBLAS GEMMs, fused attention, FusedAdam's CUDA kernel)",
+              "GPU memory behaviour")
 
 # Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
 CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
@@ -46,14 +55,6 @@ CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
     "bias_dropout_fusion": False,
     "apply_rope_fusion": False,
     "cross_entropy_loss_fusion": False,
-}
-
-# fp32 everywhere on CPU: the round trip must be bitwise and logits comparable to HF's fp32.
-CPU_DTYPE_FLAGS: dict[str, Any] = {
-    "params_dtype": torch.float32,
-    "pipeline_dtype": torch.float32,
-    "bf16": False,
-    "fp16": False,
 }
 
 # MoE settings whose defaults need CUDA (observed with megatron-core 0.19.2):
@@ -68,40 +69,118 @@ CPU_MOE_FLAGS: dict[str, Any] = {
 }
 
 
-def _cpu_current_device() -> str:
-    return "cpu"
+def dtype_flags(model: ModelSpec) -> dict[str, Any]:
+    """fp32 everywhere (round trips bitwise, logits comparable to HF's fp32), except a ``@bf16``
+    case: bf16 parameters, as Megatron-FSDP's mixed precision runs them on a GPU."""
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
+    return {"params_dtype": dtype, "pipeline_dtype": dtype, "autocast_dtype": dtype, "bf16": model.bf16,
+            "fp16": False}
 
 
-def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
-    return torch.get_rng_state()
+# ------------------------------------------------------------------------------ redirects
 
 
-def _noop(*_args: Any, **_kwargs: Any) -> None:
-    return None
+class CpuDeviceOrdinal(str):
+    """What ``torch.cuda.current_device()`` returns on the CPU lane: ``"cpu"`` wherever it is used
+    as a device (``device=current_device()``, ``.to(current_device())``), and ``0`` where it is
+    formatted into a device string that is only compared, never allocated on
+    (megatron_fsdp.py: ``if self.device != torch.device(f"cuda:{torch.cuda.current_device()}")``
+    warns; the adapter is handed the CPU device explicitly, see ``_fsdp_adapter_on_cpu``)."""
+
+    def __format__(self, spec: str) -> str:
+        return "0"
 
 
-def _tensor_stays_put(self: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
-    return self
+def _cpu_current_device(_original: Callable) -> Callable[[], str]:
+    def current_device() -> str:
+        return CpuDeviceOrdinal("cpu")
+
+    return current_device
 
 
-# (owner, attribute) -> CPU replacement. Placement, synchronisation and RNG bookkeeping only.
-CUDA_REDIRECTS: dict[tuple[Any, str], Callable[..., Any]] = {
-    (torch.cuda, "current_device"): _cpu_current_device,  # used as `device=` for new tensors
-    (torch.cuda, "synchronize"): _noop,  # async checkpoint writer waits on the GPU
-    (torch.cuda, "get_rng_state"): _cpu_get_rng_state,  # checkpoint save collects RNG state even if unused
-    # Tied embeddings with PP > 1: the last stage's copy of the embedding is moved with
-    # `weight.data.cuda()` before the all-reduce that syncs it with the first stage.
-    (torch.Tensor, "cuda"): _tensor_stays_put,
-}
+def _noop(_original: Callable) -> Callable[..., None]:
+    def noop(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    return noop
 
 
-# Upstream functions that allocate with a hard-coded device="cuda" and nothing else CUDA-only:
-# they run unchanged, with their tensor factories placed on the CPU.
-CUDA_PLACED_CALLS: tuple[tuple[str, str], ...] = (
-    # The sliding-window attention mask (gpt-oss, gemma): megatron/core/transformer/utils.py,
-    # called by name from the local spec's softmax.
-    ("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask"),
-)
+def _cpu_rng_state(_original: Callable) -> Callable[..., torch.Tensor]:
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    return get_rng_state
+
+
+def _stays_put(_original: Callable) -> Callable[..., torch.Tensor]:
+    def cuda(self: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return self
+
+    return cuda
+
+
+def _is(replacement: Any) -> Callable[[Any], Any]:
+    return lambda _original: replacement
+
+
+def _mesh_on_cpu(original: Callable) -> Any:
+    def from_group(group, device_type, *args, **kwargs):
+        return original(group, "cpu", *args, **kwargs)
+
+    return staticmethod(from_group)
+
+
+def _fsdp_adapter_on_cpu(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self, *args, device=None, **kwargs):  # noqa: N807 - replaces an __init__
+        return original(self, *args, device=torch.device("cpu") if device is None else device, **kwargs)
+
+    return __init__
+
+
+def _uneven_all_gather(original: Callable) -> Callable:
+    """``dist.all_gather`` with NCCL's contract for outputs of different sizes (each rank's
+    tensor lands whole in its slot), which gloo refuses ("invalid tensor size"). Only such calls
+    are diverted: every input is padded to the largest size, gathered with the same collective,
+    and each slot takes its first n elements. Equal sizes go to the original."""
+
+    @functools.wraps(original)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        sizes = {t.numel() for t in tensor_list} | {tensor.numel()}
+        if len(sizes) == 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        largest = max(sizes)
+        padded = [torch.empty(largest, dtype=t.dtype, device=t.device) for t in tensor_list]
+        mine = torch.zeros(largest, dtype=tensor.dtype, device=tensor.device)
+        mine[: tensor.numel()] = tensor.reshape(-1)
+        original(padded, mine, group=group)
+        for out, got in zip(tensor_list, padded):
+            out.view(-1).copy_(got[: out.numel()])
+        return None
+
+    return all_gather
+
+
+def cpu_multi_tensor_adam(chunk_size, noop_flag, tensor_lists, lr, beta1, beta2, eps, step, mode,
+                          bias_correction, weight_decay, *_rest):
+    """TE's ``multi_tensor_adam`` kernel (transformer_engine/common/multi_tensor/adam.cu) in plain
+    torch, fp32 math: mode 1 is AdamW (decoupled weight decay), mode 0 Adam with L2. Lists are
+    [grads, params, exp_avg, exp_avg_sq]; updated in place."""
+    grads, params, exp_avgs, exp_avg_sqs = tensor_lists[:4]
+    correction1 = 1 - beta1 ** step if bias_correction else 1.0
+    correction2 = 1 - beta2 ** step if bias_correction else 1.0
+    for grad, param, exp_avg, exp_avg_sq in zip(grads, params, exp_avgs, exp_avg_sqs):
+        g, p = grad.float(), param.float()
+        if mode == 0:
+            g = g + weight_decay * p
+        m = exp_avg.float().mul(beta1).add(g, alpha=1 - beta1)
+        v = exp_avg_sq.float().mul(beta2).addcmul(g, g, value=1 - beta2)
+        update = (m / correction1) / ((v / correction2).sqrt() + eps)
+        if mode == 1:
+            update = update + weight_decay * p
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        param.copy_(p - lr * update)
 
 
 class _FactoriesOnCpu(TorchFunctionMode):
@@ -116,6 +195,8 @@ class _FactoriesOnCpu(TorchFunctionMode):
 
 
 def _placed_on_cpu(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The upstream function runs unchanged, with its tensor factories placed on the CPU."""
+
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         with _FactoriesOnCpu():
@@ -124,18 +205,78 @@ def _placed_on_cpu(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def placed_call_redirects() -> dict[tuple[Any, str], Callable[..., Any]]:
-    """``CUDA_PLACED_CALLS`` resolved (imports the modules) and wrapped."""
-    out = {}
-    for module_path, attribute in CUDA_PLACED_CALLS:
-        module = importlib.import_module(module_path)
-        out[(module, attribute)] = _placed_on_cpu(getattr(module, attribute))
-    return out
+@dataclass(frozen=True)
+class Redirect:
+    """One upstream call that needs CUDA, and what it is on the CPU lane.
+
+    ``owner`` is a module path, ``module:Class`` for a class attribute; ``make`` takes the
+    original and returns the replacement; ``needed_by`` names the upstream caller; ``why`` says
+    why the replacement changes nothing the harness checks.
+    """
+
+    owner: str
+    attribute: str
+    make: Callable[[Any], Any]
+    needed_by: str
+    why: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.owner.replace(':', '.')}.{self.attribute}"
+
+    def resolve(self) -> Any:
+        module_path, _, class_name = self.owner.partition(":")
+        owner: Any = importlib.import_module(module_path)
+        return getattr(owner, class_name) if class_name else owner
+
+    def patch(self) -> Any:
+        owner = self.resolve()
+        original = getattr(owner, self.attribute, None)
+        return mock.patch.object(owner, self.attribute, self.make(original), create=original is None)
 
 
-def _name(key: tuple[Any, str]) -> str:
-    owner, attribute = key
-    return f"{owner.__module__}.{owner.__name__}.{attribute}" if isinstance(owner, type) else f"{owner.__name__}.{attribute}"
+R = Redirect
+REDIRECTS: tuple[Redirect, ...] = (
+    R("torch.cuda", "current_device", _cpu_current_device,
+      "RotaryEmbedding.get_emb (.to(current_device())); Megatron-FSDP buffers (utils.py, device=current_device()); "
+      "megatron_fsdp.py's device check",
+      "placement only: a tensor asked for 'the current CUDA device' is made on the CPU"),
+    R("torch.cuda", "synchronize", _noop,
+      "the async checkpoint writer; Megatron-FSDP's param_and_grad_buffer.py",
+      "waits for GPU work; CPU work is synchronous"),
+    R("torch.cuda", "get_rng_state", _cpu_rng_state,
+      "the bridge's training/checkpointing.py get_rng_state (collected even with save_rng=False)",
+      "RNG bookkeeping only; the harness never saves or loads RNG state"),
+    R("torch:Tensor", "cuda", _stays_put,
+      "tied embeddings at PP > 1 (weight.data.cuda() before the all-reduce); uneven_dtensor.py's boundary check",
+      "placement only: the tensor stays where it is, values untouched"),
+    R("torch.cuda", "Stream", _is(torch.cpu.Stream),
+      "megatron/training/models/dist_utils.py _ddp_wrap; MegatronFSDP.__init__ (side streams)",
+      "CPU work runs in order on one stream, so a stream is only a handle"),
+    R("torch.cuda", "current_stream", _is(torch.cpu.current_stream),
+      "dist_utils.py _ddp_wrap (wait_stream); Megatron-FSDP's gather/reduce paths",
+      "as Stream"),
+    R("torch.distributed.device_mesh:DeviceMesh", "from_group", _mesh_on_cpu,
+      "mcore_fsdp_adapter.py _init_dist_index (DeviceMesh.from_group(..., device_type='cuda'))",
+      "the mesh the DTensors are sharded on keeps its groups, rank layout and dim names; only its device type is CPU"),
+    R("megatron.core.distributed.fsdp.mcore_fsdp_adapter:FullyShardedDataParallel", "__init__", _fsdp_adapter_on_cpu,
+      "the bridge's _ddp_wrap builds the adapter without a device (default cuda:{current_device()})",
+      "placement only: the adapter is given the CPU device, as a caller may; no other argument changes"),
+    R("torch.distributed", "all_gather", _uneven_all_gather,
+      "megatron_fsdp uneven_dtensor.py uneven_dtensor_to_full_tensor (export_hf_weights of every DTensor parameter)",
+      "transport only: NCCL accepts outputs of different sizes, gloo does not; the padded gather returns "
+      "exactly what NCCL returns (equal sizes go to the original)"),
+    R("transformer_engine_torch", "multi_tensor_adam", _is(cpu_multi_tensor_adam),
+      "TE FusedAdam.step, which the DistributedOptimizer runs with zero gradients to create the states a "
+      "checkpoint load then overwrites (distrib_optimizer.py _init_optimizer_states_with_dummy_values)",
+      "which kernel computes: the same Adam update in plain torch; every value it writes is replaced by the load"),
+    R("transformer_engine.pytorch.optimizers.fused_adam:FusedAdam", "__init__", _placed_on_cpu,
+      "FusedAdam.__init__ (its overflow flag: torch.tensor([0], device='cuda'))",
+      "placement only: the constructor runs unchanged with its tensor factories on the CPU"),
+    R("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask", _placed_on_cpu,
+      "the local spec's softmax (gpt-oss, gemma sliding windows): megatron/core/transformer/utils.py",
+      "placement only: the mask is built unchanged, on the CPU"),
+)
 
 _ACTIVE_LOCK = threading.Lock()
 
@@ -153,10 +294,8 @@ def local_block_spec(config, vp_stage: int | None = None):
 class CpuRuntime:
     """Context manager that makes Megatron run on CPU for one run, then undoes everything."""
 
-    redirects: dict[tuple[Any, str], Callable[..., Any]] = field(
-        default_factory=lambda: {**CUDA_REDIRECTS, **placed_call_redirects()})
-    _saved: dict[tuple[Any, str], Any] = field(default_factory=dict, init=False, repr=False)
-    _missing: set[tuple[Any, str]] = field(default_factory=set, init=False, repr=False)
+    redirects: tuple[Redirect, ...] = REDIRECTS
+    _stack: contextlib.ExitStack | None = field(default=None, init=False, repr=False)
     _allowlisted: list[str] = field(default_factory=list, init=False, repr=False)
 
     lane = "cpu"
@@ -165,49 +304,38 @@ class CpuRuntime:
     use_cpu_initialization = True
 
     @property
-    def touched(self) -> list[tuple[Any, str]]:
-        """The (owner, attribute) pairs this runtime replaces while active."""
-        return list(self.redirects)
-
-    @property
     def touched_names(self) -> list[str]:
-        return sorted(_name(key) for key in self.redirects)
+        return sorted(r.name for r in self.redirects)
 
     def __enter__(self) -> "CpuRuntime":
         if not _ACTIVE_LOCK.acquire(blocking=False):
             raise RuntimeError("CpuRuntime is already active; it is not re-entrant")
         try:
-            for (owner, attribute), replacement in self.redirects.items():
-                if attribute in vars(owner):
-                    self._saved[(owner, attribute)] = vars(owner)[attribute]
-                else:
-                    self._missing.add((owner, attribute))
-                setattr(owner, attribute, replacement)
+            with contextlib.ExitStack() as stack:
+                stack.callback(self._forget_allowlisted)
+                for redirect in self.redirects:
+                    stack.enter_context(redirect.patch())
+                self._stack = stack.pop_all()
         except BaseException:
-            self._restore()
+            _ACTIVE_LOCK.release()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
+        stack, self._stack = self._stack, None
         try:
-            for (owner, attribute), original in self._saved.items():
-                setattr(owner, attribute, original)
-            for owner, attribute in self._missing:
-                if attribute in vars(owner):
-                    delattr(owner, attribute)
-            if self._allowlisted:
-                from megatron.training.config.instantiate_utils import target_allowlist
-
-                for target in self._allowlisted:
-                    target_allowlist.remove_exact(target)
+            if stack is not None:
+                stack.close()
         finally:
-            self._saved.clear()
-            self._missing.clear()
-            self._allowlisted.clear()
             _ACTIVE_LOCK.release()
+
+    def _forget_allowlisted(self) -> None:
+        if self._allowlisted:
+            from megatron.training.config.instantiate_utils import target_allowlist
+
+            for target in self._allowlisted:
+                target_allowlist.remove_exact(target)
+            self._allowlisted.clear()
 
     def _allow_target(self, target: str) -> None:
         from megatron.training.config.instantiate_utils import target_allowlist
@@ -231,12 +359,12 @@ class CpuRuntime:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
     def configure_provider(self, provider, model: ModelSpec) -> None:
-        """Make a bridge provider build a CPU-runnable fp32 model with the local spec."""
+        """Make a bridge provider build a CPU-runnable model with the local spec."""
         provider.transformer_layer_spec = local_block_spec
         # The local torch norm rejects sequence parallelism; harness.runtimes.lanes says what that costs.
         provider.sequence_parallel = False
         self._allow_target(f"{local_block_spec.__module__}.{local_block_spec.__qualname__}")
-        for flags in (CPU_UNSAFE_PROVIDER_FLAGS, CPU_DTYPE_FLAGS, CPU_MOE_FLAGS if model.is_moe else {}):
+        for flags in (CPU_UNSAFE_PROVIDER_FLAGS, dtype_flags(model), CPU_MOE_FLAGS if model.is_moe else {}):
             for key, value in flags.items():
                 if hasattr(provider, key):
                     setattr(provider, key, value)
@@ -244,7 +372,7 @@ class CpuRuntime:
 
     def provenance(self) -> dict[str, Any]:
         return {"lane": self.lane, "redirected": self.touched_names,
-                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS), "dtype": "float32"}
+                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS), "not_tested": list(NOT_TESTED)}
 
 
 def release_process_groups() -> int:
@@ -256,6 +384,11 @@ def release_process_groups() -> int:
     rank group's cases that is thousands of threads and a load average in the hundreds on 2 cores.
     Called between layouts, when no model of the old one is used any more (harness.conversion
     deletes it first); the default group, the rank group's own, stays.
+
+    DTensor's sharding-propagation caches are cleared too: they key on the DeviceMesh, which
+    compares equal by its rank layout alone, so a Megatron-FSDP model of the next layout would be
+    handed output specs that still name the destroyed groups ("Could not resolve the process group
+    registered under the name 2", seen on the first strict reload).
     """
     import torch.distributed as dist
     from torch.distributed import distributed_c10d
@@ -263,5 +396,14 @@ def release_process_groups() -> int:
     stale = [pg for pg in list(distributed_c10d._world.pg_map) if pg is not distributed_c10d.GroupMember.WORLD]
     for pg in stale:
         dist.destroy_process_group(pg)
+    if stale:
+        clear_dtensor_caches()
     return len(stale)
 
+
+def clear_dtensor_caches() -> None:
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _redistribute._gen_transform_infos.cache_clear()

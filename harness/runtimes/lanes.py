@@ -112,8 +112,6 @@ CPU_FORWARD_BLOCKERS: dict[str, str] = {
               "(transformer_block.py: TENorm), which fails on CPU tensors (CUDAGuardImpl initialized with non-CUDA "
               "DeviceType: cpu)",
 }
-FSDP_NEEDS_GPU = "Megatron-FSDP creates CUDA streams and a cuda DeviceMesh; fsdp_dtensor needs GPUs"
-BF16_NEEDS_GPU = "bf16 variants exercise the GPU lane's mixed-precision path; the CPU lane is fp32"
 MOE_TP_FORWARD_ON_CPU = (
     "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py raises without it), "
     "which the local torch norm does not support"
@@ -134,17 +132,14 @@ def model_blocker(model: "ModelSpec", lane: str) -> str:
             return GDN_ON_CPU
         if model.family == "gemma4" and model.is_moe:
             return GEMMA4_MOE_ON_CPU
-        return CPU_CONVERT_BLOCKERS.get(model.family, "") or (BF16_NEEDS_GPU if model.bf16 else "")
+        return CPU_CONVERT_BLOCKERS.get(model.family, "")
     return ""
 
 
 def case_blocker(case: "Case", lane: str) -> str:
     """Why ``case`` cannot run on ``lane`` at all ('' if it can)."""
-    if lane == CPU:
-        if case.kind == "key-contract":
-            return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
-        if case.format == "fsdp_dtensor":
-            return FSDP_NEEDS_GPU
+    if lane == CPU and case.kind == "key-contract":
+        return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
     return model_blocker(case.model, lane)
 
 

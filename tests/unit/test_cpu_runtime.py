@@ -6,10 +6,14 @@ import sys
 import pytest
 import torch
 
-from harness.runtimes.cpu import CUDA_REDIRECTS, CpuRuntime
+from harness.runtimes.cpu import REDIRECTS, CpuRuntime, Redirect
 
 pytestmark = pytest.mark.cpu
 ABSENT = object()
+
+
+def touched(redirects=REDIRECTS):
+    return [(r.resolve(), r.attribute) for r in redirects]
 
 
 def snapshot(keys):
@@ -24,12 +28,19 @@ def assert_same(before, after):
         assert before[key][1] == after[key][1], f"{key[1]}: resolved attribute not restored"
 
 
-def test_touches_torch_cuda_tensor_cuda_and_the_named_cuda_placed_calls_only():
+def test_touches_only_the_owners_of_the_redirect_table_each_with_its_reason():
     import megatron.core.fusions.fused_softmax as fused_softmax
+    import torch.distributed as dist
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformer_engine.pytorch.optimizers.fused_adam import FusedAdam
+    import sys
 
-    owners = {owner for owner, _ in CpuRuntime().touched}
-    assert owners == {torch.cuda, torch.Tensor, fused_softmax}
+    owners = {owner for owner, _ in touched()}
+    assert owners == {torch.cuda, torch.Tensor, dist, DeviceMesh, FullyShardedDataParallel, FusedAdam,
+                      sys.modules["transformer_engine_torch"], fused_softmax}
     assert "torch.cuda.current_device" in CpuRuntime().touched_names
+    assert all(r.needed_by and r.why for r in REDIRECTS), "every redirect names its upstream caller and why"
 
 
 def test_a_cuda_placed_call_runs_unchanged_on_the_cpu():
@@ -47,39 +58,39 @@ def test_a_cuda_placed_call_runs_unchanged_on_the_cpu():
 
 def test_redirects_are_active_inside_and_restored_after():
     runtime = CpuRuntime()
-    before = snapshot(runtime.touched)
+    before = snapshot(touched())
     with runtime:
-        assert torch.cuda.current_device() == "cpu"
+        assert torch.cuda.current_device() == "cpu" and f"cuda:{torch.cuda.current_device()}" == "cuda:0"
         torch.cuda.synchronize()  # would raise without CUDA
         assert isinstance(torch.cuda.get_rng_state(), torch.Tensor)
         t = torch.ones(2)
         assert t.cuda() is t
-        for (owner, attr), replacement in CUDA_REDIRECTS.items():
-            assert getattr(owner, attr) is replacement
-    assert_same(before, snapshot(runtime.touched))
+        assert isinstance(torch.cuda.Stream(), torch.cpu.Stream)
+        for key, (own, _) in before.items():
+            assert vars(key[0]).get(key[1], ABSENT) is not own, f"{key[1]} is not redirected"
+    assert_same(before, snapshot(touched()))
     assert "cuda" not in vars(torch.Tensor), "the Tensor.cuda override must be removed, not copied"
 
 
 def test_restored_when_the_run_raises():
     runtime = CpuRuntime()
-    before = snapshot(runtime.touched)
+    before = snapshot(touched())
     with pytest.raises(ZeroDivisionError):
         with runtime:
             assert torch.cuda.current_device() == "cpu"
             1 / 0
-    assert_same(before, snapshot(runtime.touched))
+    assert_same(before, snapshot(touched()))
 
 
 def test_restored_when_entering_fails_halfway():
     """A failure while installing redirects must undo the ones already installed."""
     key = (torch.cuda, "current_device")
 
-    class Boom(dict):
-        def items(self):
-            yield key, CUDA_REDIRECTS[key]
-            raise RuntimeError("boom while patching")
+    def boom(_original):
+        raise RuntimeError("boom while patching")
 
-    runtime = CpuRuntime(redirects=Boom())
+    runtime = CpuRuntime(redirects=(REDIRECTS[0], Redirect("torch.cuda", "synchronize", boom, "test", "test")))
+    assert (REDIRECTS[0].resolve(), REDIRECTS[0].attribute) == key
     before = snapshot([key])
     with pytest.raises(RuntimeError, match="boom"):
         runtime.__enter__()
@@ -89,7 +100,8 @@ def test_restored_when_entering_fails_halfway():
 
 
 def test_attribute_that_did_not_exist_is_removed_again():
-    runtime = CpuRuntime(redirects={(torch.cuda, "harness_test_only_attr"): lambda: None})
+    runtime = CpuRuntime(redirects=(Redirect("torch.cuda", "harness_test_only_attr", lambda _o: (lambda: None),
+                                             "test", "test"),))
     assert not hasattr(torch.cuda, "harness_test_only_attr")
     with runtime:
         assert hasattr(torch.cuda, "harness_test_only_attr")
