@@ -3,11 +3,12 @@
 Reads metadata only (no tensor data). Expectations come from the HF config of the model and the
 key grammar of ``harness.formats.megatron_keys`` (megatron-core 0.19.2):
 
-* every gated-MLP ``linear_fc1`` is stored as ``_w`` and ``_v`` (no unsplit key left), each
-  ``[F, H]`` with F the dense, expert or shared-expert intermediate size;
+* every SwiGLU ``linear_fc1`` is stored as ``_w`` and ``_v`` (no unsplit key left), each
+  ``[F, H]`` with F the dense, expert or shared-expert intermediate size; any other fc1 whole;
 * GDN ``in_proj.weight`` has the parts query|key|value|z|beta|alpha with sizes
   [qk, qk, v, v, nvh, nvh] and ``conv1d`` the parts query|key|value with sizes [qk, qk, v];
 * expert indices are global: every MoE layer holds exactly experts 0..E-1;
+* optimizer moments are split and numbered as their parameters are;
 * optimizer keys share one wrapper depth (``optimizer.state.module.module.module.<param>``),
   the one the save path produces (3 for bf16, 2 for fp32; see harness/checks/key_contract.py).
 """
@@ -25,7 +26,12 @@ from harness.results import CheckResult
 OPTIMIZER_DEPTH = keys.OPTIMIZER_DEPTH
 
 
-def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, optimizer_depth: int | None = None) -> CheckResult:
+def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, optimizer_depth: int | None = None,
+                       swiglu: bool = True) -> CheckResult:
+    """``swiglu``: the model's MLP is SwiGLU, whose fc1 the save must split; a gated MLP with
+    another activation (GPT-OSS's quick-GELU GLU, Gemma's GeGLU) is saved unsplit
+    (megatron/bridge/training/checkpointing.py preprocess_fsdp_dtensor_state_dict splits only
+    ``activation_func is F.silu``), and the audit then expects it whole."""
     hidden = cfg["hidden_size"]
     sizes = {
         "dense": cfg.get("intermediate_size"),
@@ -35,38 +41,46 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
     }
     has_gdn = "linear_num_key_heads" in cfg
     problems: list[str] = []
-    halves: dict[str, set[str]] = defaultdict(set)
-    experts_by_layer: dict[str, set[int]] = defaultdict(set)
-    gdn_parts: dict[str, dict[str, int]] = defaultdict(dict)
+    halves: dict[tuple[str, str], set[str]] = defaultdict(set)
+    experts_by_layer: dict[tuple[str, str], set[int]] = defaultdict(set)
+    gdn_parts: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
 
-    for stored in ckpt.model_keys():
-        key = keys.parse_fsdp_key(stored)
+    # Model keys, then every optimizer moment's key: the handlers split and number both alike.
+    entries = [("", keys.parse_fsdp_key(stored), stored) for stored in ckpt.model_keys()]
+    entries += [(moment, parsed, stored) for stored in ckpt.stored
+                if (found := keys.parse_fsdp_optimizer_key(stored)) for moment, parsed in [found]]
+    for moment, key, stored in entries:
         spec = ckpt.stored[stored]
         projection = key.projection
-        if projection == "fc1":
+        label = f"{key.base}{keys.part_suffix(key.part) if key.part else ''}" + (f" ({moment})" if moment else "")
+        if projection == "fc1" and not swiglu:
+            if key.part:
+                problems.append(f"{label}: split, but the MLP is not SwiGLU (its fc1 is saved whole)")
+        elif projection == "fc1":
             if not key.part:
-                problems.append(f"unsplit SwiGLU fc1: {key.base} (expected {key.base}_w and {key.base}_v)")
+                problems.append(f"unsplit SwiGLU fc1: {label} (expected {key.base}_w and {key.base}_v)")
             else:
-                halves[key.base].add(f"_{key.part}")
+                halves[(moment, key.base)].add(f"_{key.part}")
                 size = sizes[key.fc1_kind]
                 want = (size, hidden) if ".weight" in key.base else (size,)
                 if size and tuple(spec.shape) != want:
-                    problems.append(f"{key.base}_{key.part}: shape {list(spec.shape)}, expected {list(want)} (half of fc1)")
+                    problems.append(f"{label}: shape {list(spec.shape)}, expected {list(want)} (half of fc1)")
         if key.expert is not None:
-            experts_by_layer[key.layer].add(key.expert)
+            experts_by_layer[(moment, key.layer)].add(key.expert)
         if projection in ("in_proj", "conv1d"):
             if key.part:
-                gdn_parts[key.base][key.part] = spec.shape[0]
+                gdn_parts[(moment, key.base)][key.part] = spec.shape[0]
             elif has_gdn:
-                problems.append(f"unsplit GDN {projection}: {key.base}")
+                problems.append(f"unsplit GDN {projection}: {label}")
 
-    for base, parts in sorted(halves.items()):
+    for (moment, base), parts in sorted(halves.items()):
         if parts != {"_w", "_v"}:
             missing = sorted({"_w", "_v"} - parts)
-            problems.append(f"{base}: missing {', '.join(missing)}")
+            problems.append(f"{base}{f' ({moment})' if moment else ''}: missing {', '.join(missing)}")
 
     total = config_num_experts(cfg)
-    for layer, found in sorted(experts_by_layer.items()):
+    for (moment, layer), found in sorted(experts_by_layer.items()):
+        layer += f" ({moment})" if moment else ""
         if found != set(range(total)):
             top = max(found) + 1 if found else 0
             if found == set(range(top)) and 0 < top < total and total % top == 0:
@@ -79,10 +93,10 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
     if has_gdn:
         in_proj, conv = keys.gdn_split_sizes(cfg)
         expect = {"in_proj": dict(zip(keys.GDN_IN_PROJ_PARTS, in_proj)), "conv1d": dict(zip(keys.GDN_CONV1D_PARTS, conv))}
-        for base, parts in sorted(gdn_parts.items()):
+        for (moment, base), parts in sorted(gdn_parts.items()):
             want = expect["in_proj" if ".in_proj." in base else "conv1d"]
             if parts != want:
-                problems.append(f"{base}: GDN split sizes {parts}, expected {want}")
+                problems.append(f"{base}{f' ({moment})' if moment else ''}: GDN split sizes {parts}, expected {want}")
 
     depths = defaultdict(int)
     for key in ckpt.optimizer_keys():
@@ -97,12 +111,13 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
             f"optimizer keys carry {found} wrapper prefix(es) (optimizer.state.{'module.' * found}...), expected {optimizer_depth}"
         )
 
-    checked = f"{len(halves)} fc1 splits, {len(experts_by_layer)} MoE layers, {len(gdn_parts)} GDN projections, " \
-              f"{sum(depths.values())} optimizer keys"
+    model = {"fc1_splits": sum(1 for m, _ in halves if not m), "moe_layers": sum(1 for m, _ in experts_by_layer if not m),
+             "gdn_projections": sum(1 for m, _ in gdn_parts if not m)}
+    checked = f"{model['fc1_splits']} fc1 splits, {model['moe_layers']} MoE layers, {model['gdn_projections']} GDN " \
+              f"projections, {sum(depths.values())} optimizer keys"
     return CheckResult(
         name="fsdp-layout-audit",
         passed=not problems,
         summary=f"{len(problems)} problem(s): {problems[0]}" if problems else f"layout as expected ({checked})",
-        metrics={"problems": problems, "fc1_splits": len(halves), "moe_layers": len(experts_by_layer),
-                 "gdn_projections": len(gdn_parts), "optimizer_depths": dict(depths)},
+        metrics={"problems": problems, **model, "optimizer_depths": dict(depths)},
     )

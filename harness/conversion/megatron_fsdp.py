@@ -68,31 +68,61 @@ def save_fsdp_dtensor(model: bridge_calls.MegatronModel, path: Path) -> None:
     save_megatron_model(model.chunks, str(path), ckpt_format="fsdp_dtensor")
 
 
-def strict_load_config(model_config, path: Path):
-    """The ``ConfigContainer`` of a strict, model-only fsdp_dtensor load.
+def training_config(model_config, path: Path, *, optimizer: bool, load: bool):
+    """The ``ConfigContainer`` of an fsdp_dtensor save to, or strict load from, ``path``; with the
+    optimizer's state (a training checkpoint) or without (the conversion recipe's model-only one).
 
     ``save_rng=False`` as well as ``load_rng=False``: the loader builds the state dict it asks for
     from ``save_rng`` (megatron/bridge/training/checkpointing.py: generate_state_dict), so with the
-    default True it demands an ``rng_state`` that ``save_megatron_model`` never wrote.
+    default True it demands an ``rng_state`` that the harness never writes.
     """
     from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig
     from megatron.core.optimizer import OptimizerConfig
 
+    where = {"load": str(path)} if load else {"save": str(path)}
     return ConfigContainer(
         model=model_config,
         train=None,
-        optimizer=OptimizerConfig(use_distributed_optimizer=True),
+        optimizer=optimizer_config(model_config) if optimizer else OptimizerConfig(use_distributed_optimizer=True),
         ddp=_ddp_config(),
         scheduler=None,
         dataset=None,
         logger=LoggerConfig(),
         tokenizer=None,
         checkpoint=CheckpointConfig(
-            load=str(path), ckpt_format="fsdp_dtensor", strict_fsdp_dtensor_load=True,
-            load_optim=False, load_rng=False, save_rng=False, finetune=False,
+            **where, ckpt_format="fsdp_dtensor", strict_fsdp_dtensor_load=True, async_save=False,
+            save_optim=optimizer, load_optim=optimizer, load_rng=False, save_rng=False, finetune=False,
         ),
         dist=None,
     )
+
+
+def optimizer_config(model_config):
+    """Adam through Megatron's DistributedOptimizer, as training with Megatron-FSDP builds it."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, bf16=bool(model_config.bf16),
+                           params_dtype=model_config.params_dtype, use_distributed_optimizer=True)
+
+
+def build_optimizer(model: bridge_calls.MegatronModel):
+    """The real DistributedOptimizer over a Megatron-FSDP model's main weights."""
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.utils import get_model_config
+
+    return get_megatron_optimizer(optimizer_config(get_model_config(model.chunks[0])), model.chunks)
+
+
+def save_training_checkpoint(model: bridge_calls.MegatronModel, optimizer, path: Path) -> None:
+    """The bridge's training save (``training.checkpointing.save_checkpoint``): model and
+    optimizer state as one fsdp_dtensor checkpoint, through the SwiGLU/GDN/expert handlers."""
+    from megatron.bridge.training.checkpointing import save_checkpoint
+    from megatron.bridge.training.state import GlobalState
+    from megatron.core.utils import get_model_config
+
+    state = GlobalState()
+    state.cfg = training_config(get_model_config(model.chunks[0]), path, optimizer=True, load=False)
+    save_checkpoint(state, model.chunks, optimizer, None, 0)
 
 
 @contextlib.contextmanager
@@ -113,17 +143,18 @@ def num_microbatches_calculator(data_parallel_size: int) -> Iterator[None]:
         calculators._GLOBAL_NUM_MICROBATCHES_CALCULATOR = previous
 
 
-def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path) -> None:
-    """``load_checkpoint`` with strict_fsdp_dtensor_load=True and no optimizer/RNG state."""
+def load_fsdp_dtensor_strict(model: bridge_calls.MegatronModel, path: Path, optimizer=None) -> None:
+    """``load_checkpoint`` with strict_fsdp_dtensor_load=True, no RNG state, and the optimizer's
+    state when an optimizer is given."""
     from megatron.bridge.training.checkpointing import load_checkpoint
     from megatron.bridge.training.state import GlobalState
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
     state = GlobalState()
-    state.cfg = strict_load_config(get_model_config(model.chunks[0]), path)
+    state.cfg = training_config(get_model_config(model.chunks[0]), path, optimizer=optimizer is not None, load=True)
     with num_microbatches_calculator(parallel_state.get_data_parallel_world_size()):
-        load_checkpoint(state, model.chunks, optimizer=None, opt_param_scheduler=None, strict=True)
+        load_checkpoint(state, model.chunks, optimizer=optimizer, opt_param_scheduler=None, strict=True)
 
 
 def newest_iter(path: Path) -> Path:
@@ -135,18 +166,32 @@ def newest_iter(path: Path) -> Path:
     return found
 
 
-def audit_saved(path: Path, spec: ModelSpec) -> CheckResult:
+def is_swiglu(provider) -> bool:
+    """The model's MLP is SwiGLU: the fc1 halves the fsdp_dtensor save must store apart."""
+    import torch.nn.functional as F
+
+    return bool(getattr(provider, "gated_linear_unit", False)) and getattr(provider, "activation_func", None) is F.silu
+
+
+def audit_saved(path: Path, spec: ModelSpec, provider) -> list[CheckResult]:
+    """The layout audit, and for a training checkpoint the optimizer state on disk."""
+    from harness.checks import optimizer_state
     from harness.formats.megatron import FsdpDtensorCheckpoint
 
     ckpt = FsdpDtensorCheckpoint(newest_iter(path))
-    # save_megatron_model writes no optimizer state, so only the model-side rules apply here.
     depth = megatron_keys.OPTIMIZER_DEPTH["bf16" if spec.bf16 else "fp32"]
-    return fsdp_layout.audit_fsdp_dtensor(ckpt, spec.hf_config, optimizer_depth=depth)
+    results = [fsdp_layout.audit_fsdp_dtensor(ckpt, spec.hf_config, optimizer_depth=depth, swiglu=is_swiglu(provider))]
+    if ckpt.optimizer_keys():
+        results.append(optimizer_state.check_on_disk(ckpt, ckpt.optimized_params()))
+    return results
 
 
-def reload_fresh(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, saved: Path) -> bridge_calls.MegatronModel:
-    """A Megatron-FSDP model from another seed, NaN-filled, then strictly loaded from ``saved``."""
+def reload_fresh(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime, saved: Path, *,
+                 with_optimizer: bool) -> tuple[bridge_calls.MegatronModel, object]:
+    """A Megatron-FSDP model from another seed, NaN-filled, then strictly loaded from ``saved``,
+    with a fresh optimizer loaded too when ``with_optimizer`` (else None)."""
     model = build_fsdp_model(bridge, spec, layout, runtime, seed=RELOAD_SEED)
     bridge_calls.fill_sentinel(model)
-    load_fsdp_dtensor_strict(model, saved)
-    return model
+    optimizer = build_optimizer(model) if with_optimizer else None
+    load_fsdp_dtensor_strict(model, saved, optimizer)
+    return model, optimizer

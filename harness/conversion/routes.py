@@ -7,10 +7,11 @@ same steps); comparisons happen on rank 0 only. ``ROUTES`` maps each path of
     memory/roundtrip              HF -> Megatron(A) -> HF                               (in memory)
     torch_dist/roundtrip          HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF
     torch_dist/reshard            HF -> Megatron(A) -> torch_dist -> Megatron(B) -> HF
-    fsdp_dtensor/roundtrip        HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF
-    fsdp_dtensor/reshard          HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(B) -> HF
+    fsdp_dtensor/roundtrip        HF -> Megatron-FSDP(A) + optimizer -> fsdp_dtensor training checkpoint
+                                  -> fresh Megatron-FSDP(A) + optimizer -> HF
+    fsdp_dtensor/reshard          the same, reloaded at B
     fsdp_dtensor/from-torch_dist  HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF -> Megatron-FSDP
-                                  -> fsdp_dtensor -> fresh Megatron-FSDP -> HF
+                                  -> fsdp_dtensor (model only, the conversion recipe) -> fresh Megatron-FSDP -> HF
     fsdp_dtensor/key-contract     the imported SwiGLU / GDN fsdp_dtensor handlers resolve every key to
                                   its own parameter (CPU too: harness.checks.key_contract)
 """
@@ -228,8 +229,14 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     return results
 
 
-def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[CheckResult]:
-    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP -> HF + logits."""
+def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge, *, training: bool) -> list[CheckResult]:
+    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP -> HF + logits.
+
+    ``training``: a training checkpoint (the bridge's ``save_checkpoint``, with a real
+    DistributedOptimizer given known states, reloaded into a fresh optimizer too); otherwise the
+    conversion recipe's model-only ``save_megatron_model``.
+    """
+    from harness.checks import optimizer_state
     from harness.conversion import megatron_fsdp
 
     model = megatron_fsdp.build_fsdp_model(bridge, case.model, case.layout, ctx.runtime)
@@ -238,13 +245,22 @@ def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[Ch
     results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
     results += provider_vs_tp1(case, model, ctx)
     saved = shared_dir(ctx, "fsdp_dtensor")
-    megatron_fsdp.save_fsdp_dtensor(model, saved)
+    if training:
+        optimizer = megatron_fsdp.build_optimizer(model)
+        optimizer_state.set_known_states(optimizer)
+        megatron_fsdp.save_training_checkpoint(model, optimizer, saved)
+        del optimizer
+    else:
+        megatron_fsdp.save_fsdp_dtensor(model, saved)
     fingerprint_saved(ctx, "fsdp_dtensor", saved)
     if rank() == 0:
-        results.append(megatron_fsdp.audit_saved(saved, case.model))
+        results += megatron_fsdp.audit_saved(saved, case.model, model.provider)
     del model
-    loaded = megatron_fsdp.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime, saved)
+    loaded, optimizer = megatron_fsdp.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime,
+                                                   saved, with_optimizer=training)
     results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
+    if optimizer is not None:
+        results.append(coverage.merge_over_ranks(optimizer_state.check_in_memory(optimizer, optimizer._param_name)))
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
     return results
@@ -252,7 +268,7 @@ def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge) -> list[Ch
 
 def fsdp_dtensor_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     hf_dir = materialize_model(case.model)
-    return _fsdp_save_reload(case, ctx, hf_dir, bridge_calls.open_bridge(hf_dir))
+    return _fsdp_save_reload(case, ctx, hf_dir, bridge_calls.open_bridge(hf_dir), training=True)
 
 
 def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
@@ -264,7 +280,7 @@ def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     via = shared_dir(ctx, "hf_from_torch_dist")
     bridge.save_hf_pretrained(loaded.chunks, str(via))
     del loaded
-    results += _fsdp_save_reload(case, ctx, via, bridge)
+    results += _fsdp_save_reload(case, ctx, via, bridge, training=False)
     # The checks above compare against `via`; it must itself equal the original HF checkpoint.
     if rank() == 0:
         exported = dict(hf_format.iter_tensors(via))

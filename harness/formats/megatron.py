@@ -69,8 +69,10 @@ class TorchDistCheckpoint(_DcpReader):
 
     def _build(self) -> None:
         for stored, spec in self.stored.items():
-            for entry in keys.unstack_torch_dist(stored, spec.shape):
-                self._sources[entry.key] = (Source((stored,), entry.index), TensorSpec(entry.shape, spec.dtype))
+            moment, param = keys.split_torch_dist_optimizer_key(stored) or ("", stored)
+            for entry in keys.unstack_torch_dist(param, spec.shape):
+                key = keys.canonical_optimizer_key(moment, entry.key) if moment else entry.key
+                self._sources[key] = (Source((stored,), entry.index), TensorSpec(entry.shape, spec.dtype))
 
 
 class FsdpDtensorCheckpoint(_DcpReader):
@@ -81,11 +83,15 @@ class FsdpDtensorCheckpoint(_DcpReader):
         for stored in self.model_keys():
             parsed = keys.parse_fsdp_key(stored)
             groups.setdefault(parsed.canonical, {})[parsed.part] = stored
+        for stored in self.stored:
+            if found := keys.parse_fsdp_optimizer_key(stored):
+                moment, parsed = found
+                groups.setdefault(keys.canonical_optimizer_key(moment, parsed.canonical), {})[parsed.part] = stored
         for key, parts in groups.items():
             if set(parts) == {""}:
                 self._sources[key] = (Source((parts[""],)), self.stored[parts[""]])
                 continue
-            present = [p for p in keys.join_order(key) if p in parts]
+            present = [p for p in keys.join_order(key) if p in parts]  # an unknown part is left out: the audit names it
             stored = tuple(parts[p] for p in present)
             first = self.stored[stored[0]]
             rows = sum(self.stored[s].shape[0] for s in stored)
@@ -97,3 +103,10 @@ class FsdpDtensorCheckpoint(_DcpReader):
 
     def optimizer_keys(self) -> list[str]:
         return [k for k in self.metadata.state_dict_metadata if k.startswith(keys.FSDP_OPTIMIZER_PREFIX)]
+
+    def optimized_params(self) -> set[str]:
+        """Canonical parameters the optimizer says it holds state for (its ``param_to_group_meta``
+        records); buffers such as a router's ``expert_bias`` are saved with the model but have none."""
+        bases = {keys.parse_fsdp_key(stored).base for stored in self.model_keys()}
+        return {keys.canonical(param) for stored in self.metadata.state_dict_metadata
+                if (param := keys.fsdp_group_meta_param(stored, bases))}

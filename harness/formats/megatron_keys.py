@@ -6,7 +6,9 @@ A *canonical* key names one logical tensor of the unwrapped, unsharded model:
 * per expert, with *global* expert numbers: ``decoder.layers.<i>.mlp.experts.<e>.linear_fc1.weight``;
 * SwiGLU ``linear_fc1`` fused as ``[W; V]`` along dim 0;
 * GDN ``in_proj.weight`` fused as query|key|value|z|beta|alpha and ``conv1d`` as query|key|value;
-* no wrapper prefixes (``model.``, ``module.``); norms under the names torch_dist uses.
+* no wrapper prefixes (``model.``, ``module.``); norms under the names torch_dist uses;
+* optimizer state of a parameter: ``optimizer.state.<moment>.<canonical param key>`` (the order
+  torch_dist uses), one per moment (``exp_avg``, ``exp_avg_sq``).
 
 How the two DCP formats store a canonical tensor:
 
@@ -16,7 +18,9 @@ How the two DCP formats store a canonical tensor:
 * **fsdp_dtensor** (Megatron-FSDP) stores one entry per parameter under ``model.`` plus wrapper
   prefixes; SwiGLU fc1 as ``<key>_w`` / ``<key>_v``; GDN projections as ``<key>.<part>``; experts
   as GroupedMLP ``…experts.linear_fc1.weight<e>`` or SequentialMLP ``…experts.local_experts.<e>.…``
-  with global ``e``; optimizer moments under ``optimizer.state.<wrappers><param>.exp_avg``.
+  with global ``e``; optimizer moments under ``optimizer.state.<wrappers><param>.exp_avg``,
+  the param split and numbered as its model key is.
+* torch_dist keeps a distributed optimizer's moments under ``optimizer.state.<moment>.<stacked key>``.
 
 Conventions follow ``megatron/core/transformer/fsdp_dtensor_checkpoint.py`` and
 ``megatron/core/dist_checkpointing`` (megatron-core 0.19.2). The readers
@@ -46,6 +50,7 @@ NORM_ALIASES = {
 FSDP_MODEL_PREFIX = "model."
 FSDP_OPTIMIZER_PREFIX = "optimizer."
 FSDP_OPTIMIZER_STATE = "optimizer.state."
+FSDP_GROUP_META = "optimizer.param_to_group_meta."  # + <wrappers><param>.<param-group field>
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Wrapper prefixes on optimizer keys (FSDP adapter -> MegatronFSDP [-> Float16Module]) -> param.
 OPTIMIZER_DEPTH = {"bf16": 3, "fp16": 3, "fp32": 2}
@@ -235,6 +240,54 @@ def fsdp_stored_name(canonical_key: str, part: str = "", *, local_experts: int =
         index = int(m["e"]) % local_experts if local_experts else int(m["e"])
         base = f"{m['pre']}.{m['fc']}.{m['kind']}{index}"
     return base + (part_suffix(part) if part else "")
+
+
+def canonical_optimizer_key(moment: str, canonical_param: str) -> str:
+    """The canonical key of one optimizer moment of a canonical parameter."""
+    return f"{FSDP_OPTIMIZER_STATE}{moment}.{canonical_param}"
+
+
+def split_canonical_optimizer_key(key: str) -> tuple[str, str] | None:
+    """``(moment, canonical param)`` of a canonical optimizer key; None for a model key."""
+    if not key.startswith(FSDP_OPTIMIZER_STATE):
+        return None
+    moment, _, param = key.removeprefix(FSDP_OPTIMIZER_STATE).partition(".")
+    return (moment, param) if moment in OPTIMIZER_MOMENTS and param else None
+
+
+def parse_fsdp_optimizer_key(stored: str) -> tuple[str, FsdpKey] | None:
+    """``(moment, parsed param)`` of an fsdp_dtensor ``optimizer.state.<wrappers><param>.<moment>``
+    key; None for any other key (param groups, step counters)."""
+    if not stored.startswith(FSDP_OPTIMIZER_STATE):
+        return None
+    rest = stored.removeprefix(FSDP_OPTIMIZER_STATE)
+    for moment in sorted(OPTIMIZER_MOMENTS, key=len, reverse=True):
+        if rest.endswith(f".{moment}"):
+            return moment, parse_fsdp_key(rest.removesuffix(f".{moment}"))
+    return None
+
+
+def fsdp_group_meta_param(stored: str, params: set[str]) -> str | None:
+    """The wrapper-free parameter an ``optimizer.param_to_group_meta.<param>.<field>`` key
+    describes (the optimizer's own record of which parameters it holds state for): the longest
+    of ``params`` (wrapper-free, unsplit names) it starts with, else the key without its last
+    segment. None for any other key."""
+    if not stored.startswith(FSDP_GROUP_META):
+        return None
+    key = strip_wrappers(stored.removeprefix(FSDP_GROUP_META))[0]
+    segments = key.split(".")
+    for end in range(len(segments) - 1, 0, -1):
+        if (candidate := ".".join(segments[:end])) in params:
+            return candidate
+    return key.rpartition(".")[0]
+
+
+def split_torch_dist_optimizer_key(stored: str) -> tuple[str, str] | None:
+    """``(moment, stored param key)`` of a torch_dist ``optimizer.state.<moment>.<param>`` key."""
+    moment, _, param = stored.removeprefix(FSDP_OPTIMIZER_STATE).partition(".")
+    if stored.startswith(FSDP_OPTIMIZER_STATE) and moment in OPTIMIZER_MOMENTS and param:
+        return moment, param
+    return None
 
 
 def fsdp_optimizer_key(stored_param: str, depth: int, moment: str) -> str:

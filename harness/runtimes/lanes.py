@@ -116,6 +116,9 @@ MOE_TP_FORWARD_ON_CPU = (
     "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py raises without it), "
     "which the local torch norm does not support"
 )
+CP_ON_CPU = ("CP > 1 needs TEDotProductAttention: the local spec's attention asserts 'Context parallelism is only "
+             "supported by TEDotProductAttention' (megatron/core/transformer/dot_product_attention.py), and TE modules "
+             "refuse to build without CUDA")
 CP_FORWARD = "CP > 1 needs the load-balanced sequence split in the forward pass; logits are checked at CP1"
 
 
@@ -140,6 +143,8 @@ def case_blocker(case: "Case", lane: str) -> str:
     """Why ``case`` cannot run on ``lane`` at all ('' if it can)."""
     if lane == CPU and case.kind == "key-contract":
         return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
+    if lane == CPU and any(layout.cp > 1 for layout in filter(None, (case.layout, case.load_layout))):
+        return CP_ON_CPU
     return model_blocker(case.model, lane)
 
 

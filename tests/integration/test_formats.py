@@ -24,6 +24,7 @@ from harness.formats.detect import detect, open_checkpoint
 from harness.matrix.layouts import Layout
 
 pytestmark = pytest.mark.cpu
+MODEL_ONLY = fsdp_writer.Conventions(with_optimizer=False)  # as the model-only torch_dist it is compared with
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +76,7 @@ def test_torch_dist_is_unstacked_into_per_layer_canonical_keys(torch_dist_ckpts)
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
 def test_fsdp_dtensor_and_torch_dist_of_one_model_are_equal(torch_dist_ckpts, tmp_path, family):
     td = open_checkpoint(torch_dist_ckpts[family])
-    fsdp = open_checkpoint(write_fsdp(tmp_path, family, torch_dist_ckpts[family]))
+    fsdp = open_checkpoint(write_fsdp(tmp_path, family, torch_dist_ckpts[family], with_optimizer=False))
     assert any("linear_fc1.weight" in k and k.endswith("_w") for k in fsdp.model_keys())
     result, _ = checkpoint_diff.diff(td, fsdp)
     assert result.passed, result.summary
@@ -88,7 +89,7 @@ def test_diff_catches_swapped_gate_and_up(torch_dist_ckpts, tmp_path):
     key = "decoder.layers.1.mlp.linear_fc1.weight"
     w, v = torch.chunk(state[key], 2)
     state[key] = torch.cat([v, w])
-    broken = open_checkpoint(fsdp_writer.write_fsdp_dtensor(tmp_path / "swapped", state))
+    broken = open_checkpoint(fsdp_writer.write_fsdp_dtensor(tmp_path / "swapped", state, MODEL_ONLY))
     result, _ = checkpoint_diff.diff(open_checkpoint(td), broken)
     assert not result.passed and [r["key"] for r in result.details] == [key]
 
@@ -98,7 +99,8 @@ def test_diff_catches_a_lost_expert_and_a_nudged_element(torch_dist_ckpts, tmp_p
     state = canonical_state(open_checkpoint(td))
     del state["decoder.layers.0.mlp.experts.2.linear_fc2.weight"]
     state["decoder.layers.1.self_attention.linear_proj.weight"][3, 4] += 1e-3
-    result, _ = checkpoint_diff.diff(open_checkpoint(td), open_checkpoint(fsdp_writer.write_fsdp_dtensor(tmp_path / "b", state)))
+    result, _ = checkpoint_diff.diff(open_checkpoint(td), open_checkpoint(fsdp_writer.write_fsdp_dtensor(tmp_path / "b", state,
+                                                                                                   MODEL_ONLY)))
     assert not result.passed
     assert result.metrics["missing"] == ["decoder.layers.0.mlp.experts.2.linear_fc2.weight"]  # only in A
     assert result.metrics["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)

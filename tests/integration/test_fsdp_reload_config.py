@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.conversion import bridge_calls
-from harness.conversion.megatron_fsdp import strict_load_config
+from harness.conversion.megatron_fsdp import training_config
 from harness.matrix import zoo
 from harness.matrix.layouts import Layout
 
@@ -27,7 +27,7 @@ def test_the_strict_reload_does_not_ask_for_rng_state(cpu_runtime, tmp_path):
 
     spec = zoo.ModelSpec("llama")
     model = bridge_calls.build_model(bridge_calls.open_bridge(zoo.materialize(spec)), spec, Layout(), cpu_runtime)
-    config = strict_load_config(get_model_config(model.chunks[0]), tmp_path)
+    config = training_config(get_model_config(model.chunks[0]), tmp_path, optimizer=False, load=True)
     checkpoint = config.checkpoint
     assert checkpoint.strict_fsdp_dtensor_load and not checkpoint.load_optim and not checkpoint.load_rng
     assert "rng_state" not in requested_keys(checkpoint)

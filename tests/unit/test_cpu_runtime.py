@@ -33,12 +33,13 @@ def test_touches_only_the_owners_of_the_redirect_table_each_with_its_reason():
     import torch.distributed as dist
     from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
     from torch.distributed.device_mesh import DeviceMesh
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
     from transformer_engine.pytorch.optimizers.fused_adam import FusedAdam
     import sys
 
     owners = {owner for owner, _ in touched()}
     assert owners == {torch.cuda, torch.Tensor, dist, DeviceMesh, FullyShardedDataParallel, FusedAdam,
-                      sys.modules["transformer_engine_torch"], fused_softmax}
+                      MixedPrecisionOptimizer, sys.modules["transformer_engine_torch"], fused_softmax}
     assert "torch.cuda.current_device" in CpuRuntime().touched_names
     assert all(r.needed_by and r.why for r in REDIRECTS), "every redirect names its upstream caller and why"
 
@@ -148,3 +149,72 @@ def test_re_initialising_parallel_state_does_not_leak_process_groups_or_their_th
     parallel_state.destroy_model_parallel()  # without the release: the groups stay
     parallel_state.initialize_model_parallel()
     assert counts()[0] > first[0], "the check above could not see a leak"
+
+
+def test_the_device_ordinal_is_the_cpu_as_a_device_and_zero_in_a_device_string():
+    from harness.runtimes.cpu import CpuDeviceOrdinal
+
+    ordinal = CpuDeviceOrdinal("cpu")
+    assert torch.zeros(1, device=ordinal).device.type == "cpu"
+    assert torch.device(f"cuda:{ordinal}") == torch.device("cuda", 0)  # compared by megatron_fsdp.py, never used
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_the_cpu_adam_kernel_is_adam_as_torch_computes_it(mode):
+    """The stand-in for TE's multi_tensor_adam against torch's own Adam (mode 0, L2) and AdamW
+    (mode 1). The two order their fp32 operations differently (TE: m/bc1 / (sqrt(v/bc2) + eps);
+    torch: m / (sqrt(v)/sqrt(bc2) + eps) * lr/bc1; exp_avg by lerp), so they agree to a few ulps,
+    not bitwise: rtol 1e-6 (~8 fp32 ulps) plus atol 1e-7 for moments near a cancellation (values
+    ~0.1: ~7 ulps). A dropped bias correction moves the update by 10x (fails)."""
+    from harness.runtimes.cpu import cpu_multi_tensor_adam
+
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen) for _ in range(3)]
+    lr, betas, eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.1
+    ref = param.clone().requires_grad_(True)
+    reference = (torch.optim.AdamW if mode == 1 else torch.optim.Adam)([ref], lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    mine, exp_avg, exp_avg_sq = param.clone(), torch.zeros(64), torch.zeros(64)
+    for step, grad in enumerate(grads, start=1):
+        ref.grad = grad.clone()
+        reference.step()
+        cpu_multi_tensor_adam(2048, torch.zeros(1, dtype=torch.int), [[grad], [mine], [exp_avg], [exp_avg_sq]],
+                              lr, *betas, eps, step, mode, True, wd)
+    state = reference.state[ref]
+    torch.testing.assert_close(mine, ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(exp_avg, state["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(exp_avg_sq, state["exp_avg_sq"], rtol=1e-6, atol=1e-7)
+    no_correction = param.clone()
+    cpu_multi_tensor_adam(2048, None, [[grads[0]], [no_correction], [torch.zeros(64)], [torch.zeros(64)]],
+                          lr, *betas, eps, 1, mode, False, wd)
+    assert not torch.allclose(no_correction, param - lr * (torch.sign(grads[0]) + (wd * param if mode else 0)), rtol=1e-3)
+
+
+def test_released_groups_leave_no_dtensor_spec_naming_them(cpu_runtime):
+    """DTensor's sharding-propagation cache keys on the mesh, which compares equal by its rank
+    layout alone: without the cache cleared, an op on a mesh of new groups is handed the spec of
+    the old, destroyed ones (Megatron-FSDP's strict reload crashed on it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed import distributed_c10d
+
+    from harness.runtimes.cpu import clear_dtensor_caches, release_process_groups
+
+    def op_on_a_fresh_mesh():
+        mesh = DeviceMesh.from_group([dist.new_group([0]), dist.new_group([0])], "cpu", mesh=[[0]],
+                                     mesh_dim_names=["dp_cp", "tp"])
+        return (DTensor.from_local(torch.ones(4, 2), mesh, [Shard(0), Shard(1)]) * 2).device_mesh
+
+    def alive(mesh):
+        names = {pg.group_name for pg in distributed_c10d._world.pg_map}
+        return all(name in names for name in mesh._get_root_mesh()._dim_group_names)
+
+    op_on_a_fresh_mesh()
+    release_process_groups()
+    assert alive(op_on_a_fresh_mesh())
+    # The seeded bug: destroy the groups but keep the caches.
+    for pg in [pg for pg in distributed_c10d._world.pg_map if pg is not distributed_c10d.GroupMember.WORLD]:
+        dist.destroy_process_group(pg)
+    assert not alive(op_on_a_fresh_mesh()), "the check above could not see stale specs"
+    clear_dtensor_caches()
