@@ -167,7 +167,17 @@ def test_expected_invalid_layouts_are_kept_with_their_rule_and_never_run(tmp_pat
     with pytest.raises(CaseFileError, match="is valid, but the entry expects it to be refused"):
         load_cases(d2)
     sweep = [c for c in case_set.cases if c.invalid_reason]
-    assert sweep and all("not divisible by pp" in c.invalid_reason for c in sweep)
+    assert sweep and all("not divisible by pp" in c.invalid_reason or "Megatron-FSDP's device mesh has no pipeline"
+                         in c.invalid_reason for c in sweep)
+
+
+def test_a_layout_megatron_fsdp_refuses_is_invalid_only_for_fsdp_dtensor(tmp_path):
+    entry = "matrix:\n  - families: [llama]\n    layouts: [tp1-pp2-dp2]\n    paths: [{path}]\n{expect}"
+    (case,) = load_cases(write(tmp_path, entry.format(path="fsdp_dtensor/roundtrip", expect="    expect: invalid\n"))).cases
+    assert "pp2: Megatron-FSDP's device mesh has no pipeline dimension" in case.invalid_reason
+    (tmp_path / "b").mkdir()
+    (case,) = load_cases(write(tmp_path / "b", entry.format(path="memory/roundtrip", expect=""))).cases
+    assert not case.invalid_reason
 
 
 def test_invalid_cases_are_reported_not_launched(tmp_path):
