@@ -28,6 +28,7 @@ from typing import Iterator
 
 from harness.checks import fsdp_layout
 from harness.conversion import bridge_calls
+from harness.errors import InputError
 from harness.formats import megatron_keys
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
@@ -178,7 +179,10 @@ def audit_saved(path: Path, spec: ModelSpec, provider) -> list[CheckResult]:
     from harness.checks import optimizer_state
     from harness.formats.megatron import FsdpDtensorCheckpoint
 
-    ckpt = FsdpDtensorCheckpoint(newest_iter(path))
+    try:
+        ckpt = FsdpDtensorCheckpoint(newest_iter(path))
+    except InputError as err:  # e.g. chunks that do not tile a tensor: the save itself is wrong
+        return [CheckResult("fsdp-layout-audit", False, f"the saved checkpoint does not read back: {err}")]
     depth = megatron_keys.OPTIMIZER_DEPTH["bf16" if spec.bf16 else "fp32"]
     results = [fsdp_layout.audit_fsdp_dtensor(ckpt, spec.hf_config, optimizer_depth=depth, swiglu=is_swiglu(provider))]
     if ckpt.optimizer_keys():

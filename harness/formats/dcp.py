@@ -7,6 +7,7 @@ metadata points at exists (a truncated ``.distcp`` is reported, not half-loaded)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -44,6 +45,9 @@ def read_metadata(path: Path):
     except Exception as err:  # noqa: BLE001 - any unpickling error means a corrupt file
         raise InputError(f"{path / METADATA}: unreadable DCP metadata ({type(err).__name__}); pick another iter_* folder") from None
     check_storage(path, metadata)
+    if problems := chunk_problems(metadata):
+        raise InputError(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+                         + "; the save is corrupt, pick another iter_* folder")
     return metadata
 
 
@@ -62,6 +66,33 @@ def check_storage(path: Path, metadata) -> None:
                 f"{path / name}: truncated ({sizes[name]} bytes, {index.fqn!r} needs "
                 f"{info.offset + info.length}); re-copy it or pick another iter_* folder"
             )
+
+
+def chunk_problems(metadata) -> list[str]:
+    """Tensors whose saved chunks do not tile them exactly: a chunk out of bounds, two chunks that
+    overlap (a shard written twice, or at another rank's offset), or elements no chunk covers (a
+    shard dropped). A DCP load fills a gap with whatever the target held and lets overlapping
+    chunks overwrite each other, silently, so this is checked before anything is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    problems = []
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        size, chunks = tuple(meta.size), [(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks]
+        for offsets, sizes in chunks:
+            if any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, size)):
+                problems.append(f"{fqn}: chunk at {list(offsets)} of {list(sizes)} lies outside {list(size)}")
+        overlapping = [(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:]
+                       if all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1]))]
+        if overlapping:
+            (a, _), (b, _) = overlapping[0]
+            problems.append(f"{fqn}: chunks at {list(a)} and {list(b)} overlap (a shard written twice)")
+            continue
+        covered = sum(math.prod(sizes) for _, sizes in chunks)
+        if covered != math.prod(size):
+            problems.append(f"{fqn}: chunks cover {covered} of {math.prod(size)} elements (a shard dropped)")
+    return problems
 
 
 def tensor_specs(metadata) -> dict[str, TensorSpec]:

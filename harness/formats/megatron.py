@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from harness.errors import InputError
 from harness.formats import dcp
 from harness.formats import megatron_keys as keys
 from harness.formats.base import TensorSpec
@@ -96,6 +97,19 @@ class FsdpDtensorCheckpoint(_DcpReader):
             first = self.stored[stored[0]]
             rows = sum(self.stored[s].shape[0] for s in stored)
             self._sources[key] = (Source(stored, join_dim0=True), TensorSpec((rows, *first.shape[1:]), first.dtype))
+        self._check_optimizer_matches_model()
+
+    def _check_optimizer_matches_model(self) -> None:
+        """Every optimizer moment belongs to a parameter of the checkpoint and has its shape."""
+        specs = self.specs()
+        for key, spec in specs.items():
+            if (split := keys.split_canonical_optimizer_key(key)) is None:
+                continue
+            param = specs.get(split[1])
+            if param is None or param.shape != spec.shape:
+                what = "no such parameter" if param is None else f"the parameter is {list(param.shape)}"
+                raise InputError(f"{self.path}: the optimizer state does not match the model: {key} is "
+                                 f"{list(spec.shape)}, {what}; the checkpoint is corrupt or mixed")
 
     def model_keys(self) -> list[str]:
         """Stored model keys (optimizer state, RNG and the like are not: see optimizer_keys)."""

@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 
 @dataclass(frozen=True)
@@ -285,17 +286,34 @@ def _layer_offset():
         yield
 
 
+# Modules that bind the fsdp_dtensor handlers by name at import (``from ... import handle_...``):
+# a regression in a handler reaches the save and load paths through these bindings.
+_HANDLER_USERS = (_HANDLERS, "megatron.bridge.training.checkpointing", "megatron.core.optimizer.distrib_optimizer")
+
+
+@contextlib.contextmanager
+def _everywhere(name: str, replacement: Any) -> Iterator[Any]:
+    """Replace the fsdp_dtensor handler ``name`` in its module and in every module of
+    ``_HANDLER_USERS`` that bound it by name (as a regression in the handler itself would reach
+    them); yields the original."""
+    original = getattr(importlib.import_module(_HANDLERS), name)
+    with contextlib.ExitStack() as stack:
+        for module_path in _HANDLER_USERS:
+            module = importlib.import_module(module_path)
+            if getattr(module, name, None) is original:
+                stack.enter_context(mock.patch.object(module, name, replacement))
+        yield original
+
+
 @contextlib.contextmanager
 def _handed_model(handler_name: str, rewrap):
     """The fsdp_dtensor save/load path hands the handler a model at another wrapper depth."""
-    import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
-
-    original = getattr(handlers, handler_name)
+    original = getattr(importlib.import_module(_HANDLERS), handler_name)
 
     def handler(model, model_state_dict, optimizer_state_dict):
         return original(rewrap(model), model_state_dict, optimizer_state_dict)
 
-    with patched(_HANDLERS, handler_name, handler):
+    with _everywhere(handler_name, handler):
         yield
 
 
@@ -334,6 +352,83 @@ def _register_wrapped_key(handler_name: str, stem: str, how: str, rewrap, what: 
 for _handler, _stem in _WRAPPED_KEY_FAULTS:
     for _how, _rewrap, _what in _REWRAPS:
         _register_wrapped_key(_handler, _stem, _how, _rewrap, _what)
+
+
+@fault("optimizer-wv-swapped", "the SwiGLU handler swaps the _w and _v halves of every fc1's optimizer state, on save "
+                                "and load alike (the model halves are right; the round trip stays bitwise)")
+def _optimizer_wv_swapped():
+    def swap_halves(state: dict) -> dict:
+        out = dict(state)
+        for key in state:
+            if key.endswith("_w") and (twin := key[:-2] + "_v") in state:
+                out[key], out[twin] = state[twin], state[key]
+        return out
+
+    original = getattr(importlib.import_module(_HANDLERS), "handle_swiglu_in_state_dict")
+
+    def handler(model, model_state_dict, optimizer_state_dict):
+        new_model, new_optimizer = original(model, model_state_dict, optimizer_state_dict)
+        if new_optimizer is not None:
+            new_optimizer = {**new_optimizer, "state": swap_halves(new_optimizer["state"])}
+        return new_model, new_optimizer
+
+    with _everywhere("handle_swiglu_in_state_dict", handler):
+        yield
+
+
+@fault("fsdp-expert-index-local", "the fsdp_dtensor expert handlers lose the EP rank's expert offset "
+                                  "(get_ep_layer_offset is 0), so every EP rank saves and loads experts 0..E/EP-1")
+def _fsdp_expert_index_local():
+    with patched(_HANDLERS, "get_ep_layer_offset", lambda num_experts=None: 0):
+        yield
+
+
+_UNEVEN = "megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor"
+
+
+def _last_rank() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() == dist.get_world_size() - 1
+
+
+@fault("fsdp-shard-misplaced", "Megatron-FSDP's uneven-DTensor chunk metadata puts the last rank's shards at offset 0 "
+                               "(written over the first rank's; the tail left uncovered)")
+def _fsdp_shard_misplaced():
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    original = getattr(importlib.import_module(_UNEVEN), "gather_and_compute_chunk_metadata")
+
+    def at_zero(dtensor):
+        meta = original(dtensor)
+        if _last_rank():
+            return ChunkStorageMetadata(offsets=tuple(0 for _ in meta.offsets), sizes=meta.sizes)
+        return meta
+
+    with patched(_UNEVEN, "gather_and_compute_chunk_metadata", at_zero):
+        yield
+
+
+@fault("fsdp-shard-dropped", "the last rank writes none of its Megatron-FSDP shards (their chunks never reach the "
+                             "checkpoint)")
+def _fsdp_shard_dropped():
+    original = getattr(importlib.import_module(_UNEVEN), "update_uneven_dtensor_chunk_metadata")
+
+    def without_write_items(dtensor):
+        original(dtensor)
+        if _last_rank():
+            dtensor._local_tensor.__create_write_items__ = lambda fqn, tensor: []
+
+    with patched(_UNEVEN, "update_uneven_dtensor_chunk_metadata", without_write_items):
+        yield
+
+
+@fault("optimizer-load-skipped", "a checkpoint load leaves the DistributedOptimizer's state as it was (its "
+                                 "load_state_dict does nothing)")
+def _optimizer_load_skipped():
+    with patched("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "load_state_dict",
+                 lambda self, state_dict: None):
+        yield
 
 
 @fault("export-drops-final-norm", "export_hf_weights silently omits model.norm.weight")
@@ -375,6 +470,21 @@ def _last_rank_dies(die):
 @fault("launcher-crash", "the highest rank dies abruptly (exit 9) while loading HF weights")
 def _crash():
     with _last_rank_dies(lambda: os._exit(9)):
+        yield
+
+
+@fault("rank-dies-mid-save", "the highest rank dies (exit 9) while DCP writes its checkpoint shards")
+def _dies_mid_save():
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    original = FileSystemWriter.write_data
+
+    def write_or_die(self, plan, planner):
+        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            os._exit(9)
+        return original(self, plan, planner)
+
+    with patched("torch.distributed.checkpoint.filesystem:FileSystemWriter", "write_data", write_or_die):
         yield
 
 

@@ -32,11 +32,12 @@ class Regression:
 
 R = Regression
 YES, NO = "yes", "NO"
+FSDP_BF16 = "llama@bf16/tp1/fsdp_dtensor/roundtrip"  # the real Megatron-FSDP save and strict reload, both lanes
 REGRESSIONS: tuple[Regression, ...] = (
-    R("wrapped-key-swiglu-unwrapped", ("llama/tp1/fsdp_dtensor/key-contract", "qwen3-moe/tp1/fsdp_dtensor/key-contract"),
-      ("swiglu-key-contract",), ("llama@bf16/tp1/fsdp_dtensor/roundtrip",)),
-    R("wrapped-key-swiglu-overwrapped", ("llama/tp1/fsdp_dtensor/key-contract", "qwen3-moe/tp1/fsdp_dtensor/key-contract"),
-      ("swiglu-key-contract",), ("llama@bf16/tp1/fsdp_dtensor/roundtrip",)),
+    R("wrapped-key-swiglu-unwrapped", ("llama/tp1/fsdp_dtensor/key-contract", "qwen3-moe/tp1/fsdp_dtensor/key-contract",
+                                       FSDP_BF16), ("swiglu-key-contract", "crash")),
+    R("wrapped-key-swiglu-overwrapped", ("llama/tp1/fsdp_dtensor/key-contract", "qwen3-moe/tp1/fsdp_dtensor/key-contract",
+                                         FSDP_BF16), ("swiglu-key-contract", "crash")),
     R("wrapped-key-gdn-unwrapped", ("qwen3-next/tp1/fsdp_dtensor/key-contract",), ("gdn-key-contract",),
       ("qwen3-next@bf16/tp1/fsdp_dtensor/roundtrip",)),
     R("wrapped-key-gdn-overwrapped", ("qwen3-next/tp1/fsdp_dtensor/key-contract",), ("gdn-key-contract",),
@@ -55,6 +56,15 @@ REGRESSIONS: tuple[Regression, ...] = (
     R("fp32-param-via-bf16", ("qwen3-moe/tp1/memory/roundtrip",), ("tensors",), ("deepseek-v3/tp1/memory/roundtrip",)),
     R("partial-load", ("llama/tp1/memory/roundtrip",), ("load-coverage",)),
     R("pp-layer-offset", ("llama/tp1-pp2/memory/roundtrip",), ("load-coverage", "tensors")),
+    # The fsdp_dtensor save and load paths (real Megatron-FSDP and DistributedOptimizer on either lane).
+    R("optimizer-wv-swapped", (FSDP_BF16,), ("optimizer-on-disk", "fsdp-layout-audit")),
+    R("optimizer-load-skipped", (FSDP_BF16,), ("optimizer-reload",)),
+    R("fsdp-expert-index-local", ("qwen3-moe@bf16/tp1-ep2/fsdp_dtensor/roundtrip",), ("fsdp-layout-audit",)),
+    # Both are stopped at save by upstream's own validation (Megatron-FSDP's chunk boundary assert; DCP's
+    # global-plan "invalid fill" check): the case crashes. A checkpoint corrupted after it was written is
+    # refused by the harness's readers instead (harness.formats.dcp.chunk_problems).
+    R("fsdp-shard-misplaced", ("llama@bf16/tp1-dp2/fsdp_dtensor/roundtrip",), ("crash",)),
+    R("fsdp-shard-dropped", ("llama@bf16/tp1-dp2/fsdp_dtensor/roundtrip",), ("crash",)),
 )
 
 
