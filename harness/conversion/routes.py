@@ -12,6 +12,8 @@ same steps); comparisons happen on rank 0 only. ``ROUTES`` maps each path of
     fsdp_dtensor/reshard          the same, reloaded at B
     fsdp_dtensor/from-torch_dist  HF -> Megatron(A) -> torch_dist -> Megatron(A) -> HF -> Megatron-FSDP
                                   -> fsdp_dtensor (model only, the conversion recipe) -> fresh Megatron-FSDP -> HF
+    fsdp_dtensor/to-torch_dist    HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF -> Megatron(A)
+                                  -> torch_dist -> Megatron(A) -> HF
     fsdp_dtensor/key-contract     the imported SwiGLU / GDN fsdp_dtensor handlers resolve every key to
                                   its own parameter (CPU too: harness.checks.key_contract)
 """
@@ -234,8 +236,10 @@ def torch_dist_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
     return results
 
 
-def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge, *, training: bool) -> list[CheckResult]:
-    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP -> HF + logits.
+def _through_fsdp_dtensor(case: Case, ctx: Context, hf_dir: Path, bridge, *, training: bool
+                          ) -> tuple[list[CheckResult], bridge_calls.MegatronModel]:
+    """HF -> Megatron-FSDP -> fsdp_dtensor (audited) -> fresh Megatron-FSDP (strict load), which
+    it returns with the checks so far.
 
     ``training``: a training checkpoint (the bridge's ``save_checkpoint``, with a real
     DistributedOptimizer given known states, reloaded into a fresh optimizer too); otherwise the
@@ -257,18 +261,40 @@ def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge, *, trainin
         del optimizer
     else:
         megatron_fsdp.save_fsdp_dtensor(model, saved)
-    fingerprint_saved(ctx, "fsdp_dtensor", saved)
     if rank() == 0:
         results += megatron_fsdp.audit_saved(saved, case.model, model.provider)
+    fingerprint_saved(ctx, "fsdp_dtensor", saved)
     del model
     loaded, optimizer = megatron_fsdp.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime,
                                                    saved, with_optimizer=training)
     results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
     if optimizer is not None:
         results.append(coverage.merge_over_ranks(optimizer_state.check_in_memory(optimizer, optimizer._param_name)))
+    return results, loaded
+
+
+def _fsdp_save_reload(case: Case, ctx: Context, hf_dir: Path, bridge, *, training: bool) -> list[CheckResult]:
+    """``_through_fsdp_dtensor``, then the reloaded model's HF export and logits."""
+    results, loaded = _through_fsdp_dtensor(case, ctx, hf_dir, bridge, training=training)
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
     return results
+
+
+def _hf_folder_of(model: bridge_calls.MegatronModel, ctx: Context, name: str) -> Path:
+    """``save_hf_pretrained`` of a model into a scratch folder every rank agrees on."""
+    out = shared_dir(ctx, name)
+    model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
+    barrier()
+    return out
+
+
+def _same_as_source(hf_dir: Path, via: Path, name: str) -> list[CheckResult]:
+    """An intermediate HF export the next leg starts from must itself equal the source (rank 0)."""
+    if rank() != 0:
+        return []
+    return [tensors.compare_tensors(hf_format.iter_tensors(hf_dir), dict(hf_format.iter_tensors(via)), name=name,
+                                    widening_ok=True)]
 
 
 def fsdp_dtensor_roundtrip(case: Case, ctx: Context) -> list[CheckResult]:
@@ -282,15 +308,31 @@ def fsdp_dtensor_from_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     loaded = through_torch_dist(model, case.layout, ctx)
     bridge = loaded.bridge
     del model
-    via = shared_dir(ctx, "hf_from_torch_dist")
-    bridge.save_hf_pretrained(loaded.chunks, str(via))
+    via = _hf_folder_of(loaded, ctx, "hf_from_torch_dist")
     del loaded
     results += _fsdp_save_reload(case, ctx, via, bridge, training=False)
     # The checks above compare against `via`; it must itself equal the original HF checkpoint.
-    if rank() == 0:
-        exported = dict(hf_format.iter_tensors(via))
-        results.append(tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported, name="torch_dist-export"))
-    return results
+    return results + _same_as_source(hf_dir, via, "torch_dist-export")
+
+
+def fsdp_dtensor_to_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
+    """An fsdp_dtensor checkpoint (the conversion recipe's) to torch_dist, through the bridge:
+    strict reload into Megatron-FSDP, its HF export imported into plain Megatron, torch_dist
+    saved and loaded there, exported, and compared with the source."""
+    hf_dir = materialize_model(case.model)
+    bridge = bridge_calls.open_bridge(hf_dir)
+    results, loaded = _through_fsdp_dtensor(case, ctx, hf_dir, bridge, training=False)
+    via = _hf_folder_of(loaded, ctx, "hf_from_fsdp_dtensor")
+    del loaded
+    model = bridge_calls.build_model(bridge, case.model, case.layout, ctx.runtime)
+    bridge_calls.load_hf(model, via)
+    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters(),
+                                                                         name="torch_dist-load-coverage")))
+    torch_dist = through_torch_dist(model, case.layout, ctx)
+    del model
+    results += export_and_compare(case, torch_dist, hf_dir, ctx)
+    results += logits_vs_hf(case, torch_dist, hf_dir, ctx)
+    return results + _same_as_source(hf_dir, via, "fsdp_dtensor-export")
 
 
 def fsdp_key_contract(case: Case, ctx: Context) -> list[CheckResult]:
@@ -321,5 +363,6 @@ ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "fsdp_dtensor/roundtrip": fsdp_dtensor_roundtrip,
     "fsdp_dtensor/reshard": fsdp_dtensor_roundtrip,
     "fsdp_dtensor/from-torch_dist": fsdp_dtensor_from_torch_dist,
+    "fsdp_dtensor/to-torch_dist": fsdp_dtensor_to_torch_dist,
     "fsdp_dtensor/key-contract": fsdp_key_contract,
 }

@@ -46,6 +46,7 @@ PATHS: dict[str, str] = {
     "fsdp_dtensor/roundtrip": "HF -> Megatron-FSDP -> fsdp_dtensor -> Megatron-FSDP (other seed, strict load) -> HF",
     "fsdp_dtensor/reshard": "HF -> Megatron-FSDP at A -> fsdp_dtensor -> Megatron-FSDP at B (strict load) -> HF",
     "fsdp_dtensor/from-torch_dist": "HF -> Megatron -> torch_dist -> Megatron -> HF -> Megatron-FSDP -> fsdp_dtensor -> HF",
+    "fsdp_dtensor/to-torch_dist": "HF -> Megatron-FSDP -> fsdp_dtensor -> Megatron-FSDP -> HF -> Megatron -> torch_dist -> HF",
     "fsdp_dtensor/key-contract": "the imported SwiGLU/GDN fsdp_dtensor handlers resolve every key to its own parameter (CPU)",
 }
 SETS = ("default", "full")
