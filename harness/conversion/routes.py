@@ -14,6 +14,8 @@ same steps); comparisons happen on rank 0 only. ``ROUTES`` maps each path of
                                   -> fsdp_dtensor (model only, the conversion recipe) -> fresh Megatron-FSDP -> HF
     fsdp_dtensor/to-torch_dist    HF -> Megatron-FSDP(A) -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF -> Megatron(A)
                                   -> torch_dist -> Megatron(A) -> HF
+    fsdp_dtensor/checkpoint-inspector  HF -> Megatron(A) -> torch_dist -> Megatron-LM's checkpoint_inspector.py
+                                  -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF (needs a Megatron-LM tree)
     fsdp_dtensor/key-contract     the imported SwiGLU / GDN fsdp_dtensor handlers resolve every key to
                                   its own parameter (CPU too: harness.checks.key_contract)
 """
@@ -335,6 +337,46 @@ def fsdp_dtensor_to_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     return results + _same_as_source(hf_dir, via, "fsdp_dtensor-export")
 
 
+def fsdp_dtensor_checkpoint_inspector(case: Case, ctx: Context) -> list[CheckResult]:
+    """Megatron-LM's own converter (tools/checkpoint/checkpoint_inspector.py
+    convert-torch-dist-to-fsdp-dtensor, from the source tree in use) on a torch_dist checkpoint
+    the bridge wrote; its output audited, compared with the source tensor by tensor in canonical
+    space, strictly loaded into Megatron-FSDP, exported and compared with the HF source."""
+    from harness.checks import checkpoint_diff
+    from harness.conversion import checkpoint_inspector, megatron_fsdp
+    from harness.formats import dcp
+    from harness.formats.megatron import FsdpDtensorCheckpoint, TorchDistCheckpoint
+
+    hf_dir, model, results = import_hf(case, ctx, case.layout)
+    bridge, provider = model.bridge, model.provider
+    source = shared_dir(ctx, "torch_dist")
+    bridge_calls.save_torch_dist(model, source)
+    del model
+    converted = shared_dir(ctx, "fsdp_dtensor")
+    outcome: list[object] = [None]
+    if rank() == 0:
+        # The converter writes a bare DCP folder; a user loading it puts it where a training run
+        # looks (iter_0000000 and the tracker file), as done here.
+        outcome[0] = checkpoint_inspector.convert(ctx.runtime.lane, dcp.newest_complete_iter(source),
+                                                  converted / "iter_0000000", world_size=world(),
+                                                  swiglu=megatron_fsdp.is_swiglu(provider))
+        (converted / "latest_checkpointed_iteration.txt").write_text("0")
+    if world() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    conversion: checkpoint_inspector.Conversion = outcome[0]  # type: ignore[assignment]
+    if conversion.returncode != 0:
+        raise RuntimeError(f"{lanes.CHECKPOINT_INSPECTOR} failed: {conversion.headline}")
+    if rank() == 0:
+        results += megatron_fsdp.audit_saved(converted, case.model, provider)
+        results.append(checkpoint_diff.diff(TorchDistCheckpoint(dcp.newest_complete_iter(source)),
+                                            FsdpDtensorCheckpoint(converted / "iter_0000000"), name="converted-vs-source")[0])
+    loaded, _ = megatron_fsdp.reload_fresh(bridge, case.model, case.layout, ctx.runtime, converted, with_optimizer=False)
+    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
+    results += export_and_compare(case, loaded, hf_dir, ctx)
+    results += logits_vs_hf(case, loaded, hf_dir, ctx)
+    return results
+
+
 def fsdp_key_contract(case: Case, ctx: Context) -> list[CheckResult]:
     """The wrapped-key contract (harness.checks.key_contract) for this family's fsdp_dtensor handlers."""
     import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
@@ -364,5 +406,6 @@ ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "fsdp_dtensor/reshard": fsdp_dtensor_roundtrip,
     "fsdp_dtensor/from-torch_dist": fsdp_dtensor_from_torch_dist,
     "fsdp_dtensor/to-torch_dist": fsdp_dtensor_to_torch_dist,
+    "fsdp_dtensor/checkpoint-inspector": fsdp_dtensor_checkpoint_inspector,
     "fsdp_dtensor/key-contract": fsdp_key_contract,
 }

@@ -47,6 +47,8 @@ PATHS: dict[str, str] = {
     "fsdp_dtensor/reshard": "HF -> Megatron-FSDP at A -> fsdp_dtensor -> Megatron-FSDP at B (strict load) -> HF",
     "fsdp_dtensor/from-torch_dist": "HF -> Megatron -> torch_dist -> Megatron -> HF -> Megatron-FSDP -> fsdp_dtensor -> HF",
     "fsdp_dtensor/to-torch_dist": "HF -> Megatron-FSDP -> fsdp_dtensor -> Megatron-FSDP -> HF -> Megatron -> torch_dist -> HF",
+    "fsdp_dtensor/checkpoint-inspector": "HF -> Megatron -> torch_dist -> Megatron-LM's checkpoint_inspector.py "
+                                         "-> fsdp_dtensor -> Megatron-FSDP (strict load) -> HF (needs a Megatron-LM tree)",
     "fsdp_dtensor/key-contract": "the imported SwiGLU/GDN fsdp_dtensor handlers resolve every key to its own parameter (CPU)",
 }
 SETS = ("default", "full")

@@ -119,6 +119,14 @@ def _stays_put(_original: Callable) -> Callable[..., torch.Tensor]:
     return cuda
 
 
+def _gloo_for_nccl(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def init_process_group(backend=None, *args, **kwargs):
+        return original("gloo" if backend in (None, "nccl") else backend, *args, **kwargs)
+
+    return init_process_group
+
+
 def _is(replacement: Any) -> Callable[[Any], Any]:
     return lambda _original: replacement
 
@@ -250,6 +258,12 @@ REDIRECTS: tuple[Redirect, ...] = (
     R("torch:Tensor", "cuda", _stays_put,
       "tied embeddings at PP > 1 (weight.data.cuda() before the all-reduce); uneven_dtensor.py's boundary check",
       "placement only: the tensor stays where it is, values untouched"),
+    R("torch.cuda", "set_device", _noop,
+      "Megatron-LM's tools/checkpoint/checkpoint_inspector.py init_process_group (torch.cuda.set_device(local_rank))",
+      "placement only: there is one device, the CPU"),
+    R("torch.distributed", "init_process_group", _gloo_for_nccl,
+      "checkpoint_inspector.py init_process_group(backend='nccl')",
+      "transport only: the same collectives over gloo; the ranks, their number and the groups are unchanged"),
     R("torch.cuda", "Stream", _is(torch.cpu.Stream),
       "megatron/training/models/dist_utils.py _ddp_wrap; MegatronFSDP.__init__ (side streams)",
       "CPU work runs in order on one stream, so a stream is only a handle"),

@@ -58,6 +58,21 @@ def _megatron_core_file(tree: str, relative: str) -> Path | None:
     return next((root / "core" / relative for root in roots if (root / "core" / relative).is_file()), None)
 
 
+CHECKPOINT_INSPECTOR = "tools/checkpoint/checkpoint_inspector.py"
+INSPECTOR_NEEDS_TREE = (f"Megatron-LM's offline converter ({CHECKPOINT_INSPECTOR} convert-torch-dist-to-fsdp-dtensor) is "
+                        "not in the pip wheels: give a Megatron-LM source tree (--megatron-lm, or --megatron-bridge with "
+                        "3rdparty/Megatron-LM)")
+
+
+def megatron_lm_tool(relative: str) -> Path | None:
+    """A file of the Megatron-LM source tree in use (``HARNESS_MEGATRON_LM``, else the
+    ``3rdparty/Megatron-LM`` of ``HARNESS_MEGATRON_BRIDGE``); None without such a tree."""
+    roots = [Path(p) for p in (os.environ.get("HARNESS_MEGATRON_LM", ""),) if p]
+    if bridge := os.environ.get("HARNESS_MEGATRON_BRIDGE"):
+        roots.append(Path(bridge) / "3rdparty" / "Megatron-LM")
+    return next((root / relative for root in roots if (root / relative).is_file()), None)
+
+
 def megatron_core_has(relative: str, needle: str) -> bool:
     """The megatron-core in use (``HARNESS_MEGATRON_LM``'s tree, else the installed package) has
     ``needle`` in its source file ``relative``."""
@@ -145,6 +160,8 @@ def case_blocker(case: "Case", lane: str) -> str:
         return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
     if lane == CPU and any(layout.cp > 1 for layout in filter(None, (case.layout, case.load_layout))):
         return CP_ON_CPU
+    if case.kind == "checkpoint-inspector" and megatron_lm_tool(CHECKPOINT_INSPECTOR) is None:
+        return INSPECTOR_NEEDS_TREE
     return model_blocker(case.model, lane)
 
 

@@ -201,3 +201,32 @@ def test_the_sweep_covers_the_shape_classes(case_set):
     assert any(c.get("intermediate_size") and 2 * c["intermediate_size"] == c["hidden_size"] for c in cfgs.values())
     assert any(c.get("moe_intermediate_size") == c["hidden_size"] for c in cfgs.values())
     assert any(c.get("num_hidden_layers") == 1 for c in cfgs.values()) and any(c.get("num_hidden_layers", 0) > 2 for c in cfgs.values())
+
+
+def test_the_checkpoint_inspector_case_needs_a_megatron_lm_tree_with_the_tool(tmp_path, monkeypatch, case_set):
+    from harness.runtimes import lanes
+
+    case = case_set.get("llama@bf16/tp1/fsdp_dtensor/checkpoint-inspector")
+    monkeypatch.delenv("HARNESS_MEGATRON_LM", raising=False)
+    monkeypatch.delenv("HARNESS_MEGATRON_BRIDGE", raising=False)
+    assert lanes.case_blocker(case, "cpu") == lanes.INSPECTOR_NEEDS_TREE and lanes.lanes_for(case) == ()
+    monkeypatch.setenv("HARNESS_MEGATRON_LM", str(tmp_path))
+    assert lanes.case_blocker(case, "cpu") == lanes.INSPECTOR_NEEDS_TREE  # a tree without the tool
+    bridge = tmp_path / "bridge"
+    tool = bridge / "3rdparty" / "Megatron-LM" / lanes.CHECKPOINT_INSPECTOR
+    tool.parent.mkdir(parents=True)
+    tool.write_text("")
+    monkeypatch.setenv("HARNESS_MEGATRON_BRIDGE", str(bridge))  # a Bridge checkout's submodule
+    assert lanes.case_blocker(case, "cpu") == "" and lanes.megatron_lm_tool(lanes.CHECKPOINT_INSPECTOR) == tool
+
+
+def test_the_converter_headline_is_its_rank_exception_not_torchruns():
+    from harness.conversion.checkpoint_inspector import Conversion
+
+    tail = ("[Convert] [18/18] Key: embedding.word_embeddings.weight\n"
+            "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in <module>\n"
+            "[rank0]: megatron.core.dist_checkpointing.core.CheckpointingException: Common file /c/common.pt does not exist\n"
+            "Traceback (most recent call last):\n  File \"torchrun\", line 8\n"
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert Conversion(1, tail).headline == (
+        "megatron.core.dist_checkpointing.core.CheckpointingException: Common file /c/common.pt does not exist")
