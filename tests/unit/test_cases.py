@@ -212,12 +212,15 @@ def test_the_checkpoint_inspector_case_needs_a_megatron_lm_tree_with_the_tool(tm
     assert lanes.case_blocker(case, "cpu") == lanes.INSPECTOR_NEEDS_TREE and lanes.lanes_for(case) == ()
     monkeypatch.setenv("HARNESS_MEGATRON_LM", str(tmp_path))
     assert lanes.case_blocker(case, "cpu") == lanes.INSPECTOR_NEEDS_TREE  # a tree without the tool
-    bridge = tmp_path / "bridge"
-    tool = bridge / "3rdparty" / "Megatron-LM" / lanes.CHECKPOINT_INSPECTOR
+    (tmp_path / lanes.CHECKPOINT_INSPECTOR).parent.mkdir(parents=True)
+    (tmp_path / lanes.CHECKPOINT_INSPECTOR).write_text("")
+    assert lanes.case_blocker(case, "cpu") == ""
+    monkeypatch.delenv("HARNESS_MEGATRON_LM")
+    tool = tmp_path / "bridge" / "3rdparty" / "Megatron-LM" / lanes.CHECKPOINT_INSPECTOR
     tool.parent.mkdir(parents=True)
     tool.write_text("")
-    monkeypatch.setenv("HARNESS_MEGATRON_BRIDGE", str(bridge))  # a Bridge checkout's submodule
-    assert lanes.case_blocker(case, "cpu") == "" and lanes.megatron_lm_tool(lanes.CHECKPOINT_INSPECTOR) == tool
+    monkeypatch.setenv("HARNESS_MEGATRON_BRIDGE", str(tmp_path / "bridge"))  # a Bridge checkout's submodule
+    assert lanes.megatron_lm_tool(lanes.CHECKPOINT_INSPECTOR) == tool
 
 
 def test_the_converter_headline_is_its_rank_exception_not_torchruns():
