@@ -242,62 +242,65 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
     finished: dict[str, CaseResult] = _Finished(on_result)
     launched = time.monotonic()
     by_id = {c.id: c for c in cases}
-    while True:
-        for case in cases:
-            if case.id not in finished:
-                result = run.read_case_result(case.id)
-                if result is not None:
-                    finished[case.id] = result
-        current, since = _current_case(run, group, ws, by_id, finished)
-        code = proc.poll()
-        if code is not None:
-            # Pick up results written in the last instant before exit.
+    try:
+        while True:
             for case in cases:
-                if case.id not in finished and (r := run.read_case_result(case.id)):
-                    finished[case.id] = r
-            if code != 0:
-                _attach_log_tails(finished, code, run, group)
-            if len(finished) == len(cases):
-                break
-            if current is not None:
-                # A rank died (or exited after recording an error) inside this case.
-                if current not in finished:
-                    failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
-                                       run.log_tail(group, LOG_TAIL_LINES), ws, lane)
-                    failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
-                    finished[current] = failure
-                break
-            if not finished:
-                tail = run.log_tail(group, LOG_TAIL_LINES)
-                infra = INFRA_SIGNATURES.search(tail)
-                if infra:
-                    raise _InfraFailure(_line_of(tail, infra.start()), tail)
-                # Died before starting anything (e.g. an import error): every remaining case gets the same error.
+                if case.id not in finished:
+                    result = run.read_case_result(case.id)
+                    if result is not None:
+                        finished[case.id] = result
+            current, since = _current_case(run, group, ws, by_id, finished)
+            code = proc.poll()
+            if code is not None:
+                # Pick up results written in the last instant before exit.
                 for case in cases:
-                    finished[case.id] = _failure(
-                        case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
+                    if case.id not in finished and (r := run.read_case_result(case.id)):
+                        finished[case.id] = r
+                if code != 0:
+                    _attach_log_tails(finished, code, run, group)
+                if len(finished) == len(cases):
+                    break
+                if current is not None:
+                    # A rank died (or exited after recording an error) inside this case.
+                    if current not in finished:
+                        failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
+                                           run.log_tail(group, LOG_TAIL_LINES), ws, lane)
+                        failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
+                        finished[current] = failure
+                    break
+                if not finished:
+                    tail = run.log_tail(group, LOG_TAIL_LINES)
+                    infra = INFRA_SIGNATURES.search(tail)
+                    if infra:
+                        raise _InfraFailure(_line_of(tail, infra.start()), tail)
+                    # Died before starting anything (e.g. an import error): every remaining case gets the same error.
+                    for case in cases:
+                        finished[case.id] = _failure(
+                            case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
+                        )
+                break  # otherwise: some cases finished, none in flight -> relaunch for the rest
+            deadline_case = by_id.get(current) if current else None
+            if deadline_case is not None and since is not None:
+                if time.time() - since > deadline_case.timeout_s:
+                    _kill(proc)
+                    failure = _failure(
+                        deadline_case, TIMEOUT, f"case ran past its {deadline_case.timeout_s:.0f}s timeout; process group killed",
+                        run.log_tail(group, LOG_TAIL_LINES), ws, lane,
                     )
-            break  # otherwise: some cases finished, none in flight -> relaunch for the rest
-        deadline_case = by_id.get(current) if current else None
-        if deadline_case is not None and since is not None:
-            if time.time() - since > deadline_case.timeout_s:
+                    failure.duration_s = round(time.time() - since, 3)
+                    finished[current] = failure
+                    break
+            elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
                 _kill(proc)
-                failure = _failure(
-                    deadline_case, TIMEOUT, f"case ran past its {deadline_case.timeout_s:.0f}s timeout; process group killed",
-                    run.log_tail(group, LOG_TAIL_LINES), ws, lane,
-                )
-                failure.duration_s = round(time.time() - since, 3)
-                finished[current] = failure
+                tail = run.log_tail(group, LOG_TAIL_LINES)
+                for case in cases:
+                    finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane)
                 break
-        elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
+            time.sleep(POLL_S)
+    finally:
+        if proc.poll() is None:
             _kill(proc)
-            tail = run.log_tail(group, LOG_TAIL_LINES)
-            for case in cases:
-                finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane)
-            break
-        time.sleep(POLL_S)
-    if proc.poll() is None:
-        _kill(proc)
+        _reap_leftovers(proc)
     return [finished[c.id] for c in cases if c.id in finished]
 
 
@@ -380,6 +383,17 @@ def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
 
 def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
     return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=lane)
+
+
+def _reap_leftovers(proc: subprocess.Popen) -> None:
+    """Kill what is left of a finished launch's process group. A rank that exits hard (a crash,
+    ``os._exit`` after a case error) leaves its own children behind, e.g. the
+    ``multiprocessing.Manager`` of megatron-core's async checkpoint writer (filesystem_async.py,
+    ~570 MB each): reparented, but still in the group the launch started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -45,6 +45,7 @@ class RunMeta:
     versions: dict[str, str] = field(default_factory=dict)
     cases_dir: str = ""  # the case files the run was selected from (its summary's coverage section)
     wall_s: float = 0.0
+    not_tested: list[str] = field(default_factory=list)  # what a pass on this lane does not vouch for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +97,7 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
         cases_dir=str(request.cases_dir),
         ranks_per_gpu=request.placement.ranks_per_gpu,
         jobs=request.jobs,
+        not_tested=list(lanes.NOT_TESTED.get(request.lane, ())),
     )
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
     say(f"harness: {len(request.cases)} case(s) -> {run.path}")

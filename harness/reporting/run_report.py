@@ -76,6 +76,9 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
     versions = meta.get("versions") or {}
     if versions:
         lines.append("- stack: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v != "not installed"))
+    if meta.get("lane"):
+        lines.append(f"- lane: **{meta['lane']}**" + (f"; not tested on this lane: {'; '.join(meta['not_tested'])}"
+                                                       if meta.get("not_tested") else ""))
     lines += ["", "| verdict | case | failing check | key numbers |" if verdicts else "| status | case | failing check | key numbers |",
               "|---|---|---|---|"]
     order = verdict_order or {}

@@ -21,8 +21,7 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
 Nothing here is applied at import time. Every redirect is a ``unittest.mock.patch.object`` on one
 ``ExitStack``, so each is undone on exit, exception or not, and one that fails to install undoes
 those before it (tests/unit/test_cpu_runtime.py proves it). The GPU lane never enters this
-context. What the CPU lane therefore does not test: NCCL, CUDA streams and the overlap of
-communication with compute, TE kernels, GPU memory behaviour (``NOT_TESTED``).
+context. What the CPU lane therefore does not test is ``harness.runtimes.lanes.NOT_TESTED``.
 """
 
 from __future__ import annotations
@@ -40,11 +39,6 @@ from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
-
-# What a pass on the CPU lane does not vouch for; the report and the README say it.
-NOT_TESTED = ("NCCL", "CUDA streams and the overlap of communication with compute", "the NCCL user-buffer paths",
-              "TE kernels (fused norms, cuBLAS GEMMs, fused attention, FusedAdam's CUDA kernel)",
-              "GPU memory behaviour")
 
 # Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
 CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
@@ -389,7 +383,7 @@ class CpuRuntime:
 
     def provenance(self) -> dict[str, Any]:
         return {"lane": self.lane, "redirected": self.touched_names,
-                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS), "not_tested": list(NOT_TESTED)}
+                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS)}
 
 
 def release_process_groups() -> int:

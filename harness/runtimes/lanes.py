@@ -25,6 +25,17 @@ if TYPE_CHECKING:
 CPU, GPU = "cpu", "gpu"
 LANES = (CPU, GPU)
 
+# What a pass on each lane does not vouch for; every run's summary.md and index.html say it, and the
+# README. The CPU lane runs the same layer specs, wrappers, checkpoint code and converters as
+# production, with the placement, kernel and transport redirects of harness/runtimes/cpu.py.
+NOT_TESTED: dict[str, tuple[str, ...]] = {
+    CPU: ("NCCL (collectives run over gloo)", "CUDA streams and the overlap of communication with compute",
+          "the NCCL user-buffer paths", "TE kernels and specs (the CPU lane builds megatron-core's local spec; "
+          "TE's fused norms, GEMMs, attention and FusedAdam's CUDA kernel do not run)",
+          "context parallelism (the local spec has no CP attention)", "GPU memory behaviour"),
+    GPU: (),
+}
+
 # Features whose Megatron modules cannot be built on CPU: rules on model facts (ModelSpec), so
 # they cover every family with the feature, including one a new bridge brings.
 MLA_ON_CPU = ("MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "

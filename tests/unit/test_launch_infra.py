@@ -107,3 +107,28 @@ def test_no_port_is_chosen_before_the_process_that_listens_on_it(tmp_path, monke
     assert ("--standalone" in seen["cmd"]) is torchrun
     if not torchrun:
         assert seen["env"].get("MASTER_PORT") == os.environ.get("MASTER_PORT"), "no port of the launcher's choosing"
+
+
+def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
+    """A rank that exits hard leaves its children (e.g. the async checkpoint writer's
+    multiprocessing Manager, ~570 MB) reparented but in the launch's process group; the launcher
+    kills them when the launch ends. The fake interpreter starts such a child, then dies."""
+    folder, selected = cases(tmp_path)
+    pid_file = tmp_path / "orphan.pid"
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/bash\nsleep 300 &\necho $! > {pid_file}\necho 'ModuleNotFoundError: x'\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=str(script), cases_dir=folder))
+    assert [r.status for r in results] == [ERROR, ERROR]
+    orphan = int(pid_file.read_text())
+    import time
+
+    for _ in range(50):
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(orphan, 9)
+        raise AssertionError(f"process {orphan} of the launch's group is still alive")
