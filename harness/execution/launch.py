@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from harness import workspace
-from harness.execution.run_dir import Plan, ProgressEvent, RunDir
+from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
 from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult
@@ -319,7 +319,9 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
         if result.status == ERROR and "--- log tail ---" not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
             died = _root_cause(run, group)
-            if died is not None and died.rank != 0:
+            if died is not None and died.rank != 0 and died.exit_code != EXIT_CASE_ERROR:
+                # Died without raising (a signal, os._exit): that death is the headline. A rank that
+                # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
                 result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
             result.error += f"\n--- process group exited with code {code}; log tail ---\n{tail}"
             run.write_case_result(result)
@@ -335,8 +337,10 @@ def _current_case(run: RunDir, group: str, ws: int, by_id: dict, finished: dict)
     return current, since
 
 
-_ROOT_CAUSE = re.compile(
-    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.S)
+# torchrun's failure summary (torch/distributed/elastic/multiprocessing/errors/error_handler.py
+# via ChildFailedError.format_msg): one block per failed rank, then the "Root Cause" block.
+_SUMMARY_START = "Failures:"
+_FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(?P<rank>\d+).*?^\s*exitcode\s*:\s*(?P<code>-?\d+)", re.S | re.M)
 
 
 @dataclass(frozen=True)
@@ -357,12 +361,20 @@ class _DeadRank:
 
 
 def _root_cause(run: RunDir, group: str, code: int | None = None) -> _DeadRank | None:
-    """The rank whose death ended a launch: torchrun's 'Root Cause' summary names it; a world of
-    one is its own process (``code``)."""
+    """The rank whose death ended a launch. torchrun lists every failed rank, but its "Root Cause"
+    is only the earliest by a one-second timestamp, so a rank that exited on purpose after a peer
+    vanished (``EXIT_CASE_ERROR``) can tie with, and win over, the peer that was killed. Prefer a
+    rank killed by a signal, then one that exited with any other code. The launcher log is
+    appended to by every relaunch of the group: only its last summary is this launch's. A world
+    of one is its own process (``code``)."""
     launcher = run.launcher_log(group)
-    root = _ROOT_CAUSE.search(launcher.read_text(errors="replace")) if launcher.exists() else None
-    if root:
-        return _DeadRank(int(root["rank"]), int(root["code"]))
+    text = launcher.read_text(errors="replace") if launcher.exists() else ""
+    start = text.rfind(_SUMMARY_START)
+    failed = [_DeadRank(int(m["rank"]), int(m["code"])) for m in _FAILED_RANK.finditer(text[start:])] if start >= 0 else []
+    if failed:
+        killed = [d for d in failed if d.exit_code < 0]
+        crashed = [d for d in failed if d.exit_code != EXIT_CASE_ERROR]
+        return (killed or crashed or [failed[-1]])[0]  # failed[-1]: the "Root Cause" block comes last
     if code is not None and code < 0:
         return _DeadRank(0, code)
     return None

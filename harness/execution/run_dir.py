@@ -34,6 +34,9 @@ from harness.results import CaseResult
 from harness.runtimes.lanes import Placement
 
 RESULTS_NAME = "results.json"
+# A rank that recorded its case error exits with this code (it may leave peers blocked in a
+# collective); any other non-zero exit is a rank that died on its own.
+EXIT_CASE_ERROR = 3
 LATEST = "latest"
 
 

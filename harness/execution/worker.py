@@ -19,9 +19,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from harness.execution.run_dir import Plan, ProgressEvent, RunDir
-
-EXIT_CASE_ERROR = 3
+from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 
 
 def _redirect_output(log_file: Path) -> None:

@@ -132,3 +132,31 @@ def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
     else:
         os.kill(orphan, 9)
         raise AssertionError(f"process {orphan} of the launch's group is still alive")
+
+
+def _torchrun_summary(failures: list[tuple[int, int]], root: tuple[int, int]) -> str:
+    """torchrun's ChildFailedError text, as it lands in launcher.log (format copied from a real run)."""
+    def block(rank, code):
+        return (f"[{rank}]:\n  time      : 2026-12-01_22:03:45\n  host      : localhost\n"
+                f"  rank      : {rank} (local_rank: {rank})\n  exitcode  : {code} (pid: 1{rank}) \n"
+                "  error_file: <N/A>\n  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n")
+    others = "".join(block(*f) for f in failures) or "  <NO_OTHER_FAILURES>\n"
+    return ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 60 +
+            "\nharness.execution.worker FAILED\n" + "-" * 60 + "\nFailures:\n" + others + "-" * 60 +
+            "\nRoot Cause (first observed failure):\n" + block(*root) + "=" * 60 + "\n")
+
+
+@pytest.mark.parametrize("failures, root, expected", [
+    # The CI flake: rank 1 was SIGKILLed, rank 0 saw the connection drop, recorded its error and
+    # exited on purpose in the same second; torchrun's "Root Cause" named rank 0.
+    ([(1, -9)], (0, launch.EXIT_CASE_ERROR), "rank 1 was killed by signal 9 (SIGKILL)"),
+    ([(0, launch.EXIT_CASE_ERROR)], (1, 9), "rank 1 exited with code 9"),
+    ([], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
+    ([(1, launch.EXIT_CASE_ERROR)], (0, launch.EXIT_CASE_ERROR), "rank 0 exited with code 3"),
+])
+def test_the_dead_rank_is_the_one_that_died_on_its_own_not_torchruns_first_by_the_second(tmp_path, failures, root, expected):
+    run = RunDir(tmp_path / "run")
+    run.log_dir("g").mkdir(parents=True)
+    stale = _torchrun_summary([], (0, -6))  # an earlier launch of the same group, appended above
+    run.launcher_log("g").write_text(stale + "relaunch\n" + _torchrun_summary(failures, root))
+    assert launch._root_cause(run, "g").reason == expected
