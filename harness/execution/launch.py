@@ -319,7 +319,7 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
         if result.status == ERROR and "--- log tail ---" not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
             died = _root_cause(run, group)
-            if died is not None and died.rank != 0 and died.exit_code != EXIT_CASE_ERROR:
+            if died is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
                 result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
@@ -349,6 +349,12 @@ class _DeadRank:
     exit_code: int  # negative: killed by signal -exit_code
 
     @property
+    def died_on_its_own(self) -> bool:
+        """Not a rank that exited on purpose after recording its error, nor one torchrun's agent
+        stopped (SIGTERM) once a peer had failed."""
+        return self.exit_code not in (EXIT_CASE_ERROR, -signal.SIGTERM)
+
+    @property
     def reason(self) -> str:
         if self.exit_code < 0:
             number = -self.exit_code
@@ -363,8 +369,8 @@ class _DeadRank:
 def _root_cause(run: RunDir, group: str, code: int | None = None) -> _DeadRank | None:
     """The rank whose death ended a launch. torchrun lists every failed rank, but its "Root Cause"
     is only the earliest by a one-second timestamp, so a rank that exited on purpose after a peer
-    vanished (``EXIT_CASE_ERROR``) can tie with, and win over, the peer that was killed. Prefer a
-    rank killed by a signal, then one that exited with any other code. The launcher log is
+    vanished (``EXIT_CASE_ERROR``), or one the agent then stopped (SIGTERM), can tie with and win
+    over the peer that was killed. Prefer the rank that died on its own. The launcher log is
     appended to by every relaunch of the group: only its last summary is this launch's. A world
     of one is its own process (``code``)."""
     launcher = run.launcher_log(group)
@@ -372,9 +378,8 @@ def _root_cause(run: RunDir, group: str, code: int | None = None) -> _DeadRank |
     start = text.rfind(_SUMMARY_START)
     failed = [_DeadRank(int(m["rank"]), int(m["code"])) for m in _FAILED_RANK.finditer(text[start:])] if start >= 0 else []
     if failed:
-        killed = [d for d in failed if d.exit_code < 0]
-        crashed = [d for d in failed if d.exit_code != EXIT_CASE_ERROR]
-        return (killed or crashed or [failed[-1]])[0]  # failed[-1]: the "Root Cause" block comes last
+        root, others = failed[-1], failed[:-1]  # the "Root Cause" block comes last
+        return next((d for d in [root, *others] if d.died_on_its_own), root)
     if code is not None and code < 0:
         return _DeadRank(0, code)
     return None

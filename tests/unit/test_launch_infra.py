@@ -151,6 +151,9 @@ def _torchrun_summary(failures: list[tuple[int, int]], root: tuple[int, int]) ->
     # exited on purpose in the same second; torchrun's "Root Cause" named rank 0.
     ([(1, -9)], (0, launch.EXIT_CASE_ERROR), "rank 1 was killed by signal 9 (SIGKILL)"),
     ([(0, launch.EXIT_CASE_ERROR)], (1, 9), "rank 1 exited with code 9"),
+    # rank 0 recorded its error, then the agent stopped it (SIGTERM) after seeing rank 1 die.
+    ([(0, -15)], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
+    ([(0, -15), (2, -15)], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
     ([], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
     ([(1, launch.EXIT_CASE_ERROR)], (0, launch.EXIT_CASE_ERROR), "rank 0 exited with code 3"),
 ])
