@@ -239,6 +239,12 @@ class ModelSpec:
         return bool(self.setting("tie_word_embeddings", False))
 
     @property
+    def local_spec(self) -> bool:
+        """Megatron builds megatron-core's local (non-TE) layer spec (a ``@local`` variant); otherwise
+        the TE layer spec, as users run it."""
+        return self.provider_overrides.get("transformer_impl") == "local"
+
+    @property
     def bf16(self) -> bool:
         """Megatron runs this model in bf16 (a ``@bf16`` variant); otherwise fp32."""
         return bool(self.provider_overrides.get("bf16", False))

@@ -6,17 +6,18 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
 1. parallel-state init without CUDA: ``initialize_model_parallel`` plus the *inference* RNG
    tracker (``model_parallel_cuda_manual_seed`` needs CUDA; the inference tracker makes
    ``get_cuda_rng_tracker().fork()`` a no-op context);
-2. the local (non-TE) *block* spec: a local layer spec alone still builds TE's final norm;
+2. the provider's own TE layer spec, as users run it (TE's classes are built; their forwards are
+   plain torch: ``harness.runtimes.te_cpu``), or megatron-core's local spec for a ``@local`` case;
 3. provider flags that select fused CUDA kernels are turned off; the model is fp32, or bf16 for
    a ``@bf16`` case (Megatron-FSDP's mixed precision: ``Float16Module`` and fp32 main weights);
 4. the ``REDIRECTS`` table: each row names one upstream call that needs CUDA, what it becomes on
    CPU and why that changes nothing under test. A redirect may change *where* a tensor lives
    (placement), *which kernel* computes (the optimizer's Adam kernel) or how a collective
    travels (gloo instead of NCCL); never what is converted, saved or loaded;
-5. the saved ``run_config.yaml`` of a torch_dist checkpoint names the provider's layer-spec
-   callable, here ``harness.runtimes.cpu.local_block_spec``; Megatron-Bridge only instantiates
+5. for a ``@local`` case, the saved ``run_config.yaml`` of a torch_dist checkpoint names
+   ``harness.runtimes.layer_specs.local_block_spec``; Megatron-Bridge only instantiates
    allow-listed targets, so that one exact name is added to Megatron's public
-   ``target_allowlist`` (``add_exact``) and removed again on exit.
+   ``target_allowlist`` and removed again on exit.
 
 Nothing here is applied at import time. Every redirect is a ``unittest.mock.patch.object`` on one
 ``ExitStack``, so each is undone on exit, exception or not, and one that fails to install undoes
@@ -39,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
+from harness.runtimes import layer_specs, te_cpu
 
 # Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
 CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
@@ -53,13 +55,14 @@ CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
 
 # MoE settings whose defaults need CUDA (observed with megatron-core 0.19.2):
 # - the alltoall dispatcher creates a CUDA stream in __init__; allgather does not;
-# - the router GEMM goes through TE unless the router runs in fp64.
+# - the router GEMM goes through TE's fused GEMM (not a module) unless the router runs in fp64.
+# Grouped experts (TEGroupedMLP, the experts.linear_fc1.weight<i> names the bridges map) on the TE
+# spec, SequentialMLP on the local spec (configure_provider).
 CPU_MOE_FLAGS: dict[str, Any] = {
     "moe_token_dispatcher_type": "allgather",
     "moe_router_dtype": "fp64",
     "moe_shared_expert_overlap": False,
     "moe_permute_fusion": False,
-    "moe_grouped_gemm": False,
 }
 
 
@@ -119,6 +122,15 @@ def _gloo_for_nccl(original: Callable) -> Callable:
         return original("gloo" if backend in (None, "nccl") else backend, *args, **kwargs)
 
     return init_process_group
+
+
+def _cuda_check_passes(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):  # noqa: N807 - replaces an __init__
+        with mock.patch.object(torch.cuda, "is_available", lambda: True):
+            return original(self, *args, **kwargs)
+
+    return __init__
 
 
 def _is(replacement: Any) -> Callable[[Any], Any]:
@@ -284,21 +296,41 @@ REDIRECTS: tuple[Redirect, ...] = (
     R("megatron.core.optimizer.optimizer:MixedPrecisionOptimizer", "__init__", _placed_on_cpu,
       "the DistributedOptimizer's base constructor (found_inf, overflow flag, scale: torch.tensor(..., device='cuda'))",
       "placement only: the constructor runs unchanged with its tensor factories on the CPU"),
+    # Transformer Engine: TE's own classes are built (names, shapes, _extra_state and every attribute
+    # megatron-core's wrappers read stay TE's); only the kernels of their forward are plain torch
+    # (harness.runtimes.te_cpu, each checked against a reference formula in tests/unit/test_te_cpu.py).
+    R("transformer_engine.pytorch.module.base:TransformerEngineBaseModule", "__init__", _cuda_check_passes,
+      "every TE module's constructor (module/base.py: 'TransformerEngine needs CUDA.' when torch.cuda.is_available() "
+      "is False)",
+      "the check alone is let through, for the constructor only; the parameters are made where megatron-core asks "
+      "(device='cpu' under use_cpu_initialization)"),
+    R("transformer_engine.pytorch:DotProductAttention", "__init__", _placed_on_cpu,
+      "TE DotProductAttention.__init__ (the attention-sink offset: torch.zeros(..., device='cuda'))",
+      "placement only: the constructor runs unchanged with its tensor factories on the CPU"),
+    *(R(f"transformer_engine.pytorch:{cls}", "forward", _is(getattr(te_cpu, fn)),
+        f"te.pytorch.{cls}.forward (CUDA kernels), called by megatron-core's {wrapper}",
+        f"which kernel computes: {what}, in plain torch (harness/runtimes/te_cpu.py)")
+      for cls, fn, wrapper, what in (
+          ("Linear", "linear_forward", "TELinear / TEColumnParallelLinear / TERowParallelLinear",
+           "the GEMM, bias and TP communication (megatron's mappings)"),
+          ("LayerNormLinear", "layernorm_linear_forward", "TELayerNormColumnParallelLinear",
+           "the fused norm and GEMM"),
+          ("GroupedLinear", "grouped_linear_forward", "TEColumn/RowParallelGroupedLinear (TEGroupedMLP)",
+           "one GEMM per expert"),
+          ("DotProductAttention", "dot_product_attention_forward", "TEDotProductAttention",
+           "masked softmax attention (GQA, windows, softcap, sinks)"),
+          ("LayerNorm", "layer_norm_forward", "TENorm", "the norm"),
+          ("RMSNorm", "rms_norm_forward", "TENorm and q/k norms", "the norm"),
+      )),
+    R("megatron.bridge.models.gemma.gemma2_provider", "get_swa", _placed_on_cpu,
+      "Gemma2DotProductAttention.forward's sliding-window mask (gemma2_provider.py get_swa: device='cuda')",
+      "placement only: the mask is built unchanged, on the CPU"),
     R("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask", _placed_on_cpu,
       "the local spec's softmax (gpt-oss, gemma sliding windows): megatron/core/transformer/utils.py",
       "placement only: the mask is built unchanged, on the CPU"),
 )
 
 _ACTIVE_LOCK = threading.Lock()
-
-
-def local_block_spec(config, vp_stage: int | None = None):
-    """Provider ``transformer_layer_spec`` that builds the whole block without TE."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    return get_gpt_decoder_block_spec(
-        config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
-    )
 
 
 @dataclass
@@ -341,19 +373,7 @@ class CpuRuntime:
             _ACTIVE_LOCK.release()
 
     def _forget_allowlisted(self) -> None:
-        if self._allowlisted:
-            from megatron.training.config.instantiate_utils import target_allowlist
-
-            for target in self._allowlisted:
-                target_allowlist.remove_exact(target)
-            self._allowlisted.clear()
-
-    def _allow_target(self, target: str) -> None:
-        from megatron.training.config.instantiate_utils import target_allowlist
-
-        if not target_allowlist.is_allowed(target):
-            target_allowlist.add_exact(target)
-            self._allowlisted.append(target)
+        layer_specs.forget(self._allowlisted)
 
     # -- Megatron setup ------------------------------------------------------------------------
 
@@ -370,12 +390,15 @@ class CpuRuntime:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
     def configure_provider(self, provider, model: ModelSpec) -> None:
-        """Make a bridge provider build a CPU-runnable model with the local spec."""
-        provider.transformer_layer_spec = local_block_spec
-        # The local torch norm rejects sequence parallelism; harness.runtimes.lanes says what that costs.
-        provider.sequence_parallel = False
-        self._allow_target(f"{local_block_spec.__module__}.{local_block_spec.__qualname__}")
-        for flags in (CPU_UNSAFE_PROVIDER_FLAGS, dtype_flags(model), CPU_MOE_FLAGS if model.is_moe else {}):
+        """Make a bridge provider build a CPU-runnable model: the provider's own TE spec (TE's
+        classes, forwards from ``te_cpu``), or megatron-core's local spec for a ``@local`` case."""
+        if model.local_spec:
+            provider.transformer_layer_spec = layer_specs.local_block_spec
+            # The local torch norm rejects sequence parallelism; harness.runtimes.lanes says what that costs.
+            provider.sequence_parallel = False
+            layer_specs.allow_target(self._allowlisted)
+        moe = {**CPU_MOE_FLAGS, "moe_grouped_gemm": not model.local_spec} if model.is_moe else {}
+        for flags in (CPU_UNSAFE_PROVIDER_FLAGS, dtype_flags(model), moe):
             for key, value in flags.items():
                 if hasattr(provider, key):
                     setattr(provider, key, value)
@@ -383,7 +406,8 @@ class CpuRuntime:
 
     def provenance(self) -> dict[str, Any]:
         return {"lane": self.lane, "redirected": self.touched_names,
-                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS)}
+                "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS),
+                "te_forwards": "harness.runtimes.te_cpu (TE's classes, plain-torch forwards)"}
 
 
 def release_process_groups() -> int:

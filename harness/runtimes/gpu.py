@@ -56,6 +56,7 @@ class GpuRuntime:
     lane = GPU
     use_cpu_initialization = False
     decisions: dict[str, Any] = field(default_factory=dict)  # what configure_provider changed, and why
+    allowlisted: list[str] = field(default_factory=list)  # Megatron targets added for this runtime's life
 
     @property
     def world_size(self) -> int:
@@ -83,7 +84,9 @@ class GpuRuntime:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        from harness.runtimes import layer_specs
+
+        layer_specs.forget(self.allowlisted)
 
     def init_model_parallel(self, layout: Layout, seed: int | None = None) -> None:
         from megatron.core import parallel_state
@@ -94,7 +97,14 @@ class GpuRuntime:
         model_parallel_cuda_manual_seed(self.seed if seed is None else seed)
 
     def configure_provider(self, provider, model: ModelSpec) -> None:
-        """Upstream defaults (TE spec, fused kernels), but for the four adjustments above."""
+        """Upstream defaults (TE spec, fused kernels), but for the four adjustments above; a
+        ``@local`` case builds megatron-core's local spec instead."""
+        if model.local_spec:
+            from harness.runtimes import layer_specs
+
+            provider.transformer_layer_spec = layer_specs.local_block_spec
+            layer_specs.allow_target(self.allowlisted)
+            self.decisions["layer_spec"] = "megatron-core local spec (@local)"
         dtype = torch.bfloat16 if model.bf16 else torch.float32
         for name, value in (("params_dtype", dtype), ("pipeline_dtype", dtype), ("autocast_dtype", dtype),
                             ("bf16", model.bf16), ("fp16", False)):

@@ -26,23 +26,24 @@ CPU, GPU = "cpu", "gpu"
 LANES = (CPU, GPU)
 
 # What a pass on each lane does not vouch for; every run's summary.md and index.html say it, and the
-# README. The CPU lane runs the same layer specs, wrappers, checkpoint code and converters as
+# README. The CPU lane runs the same layer specs (TE's), wrappers, checkpoint code and converters as
 # production, with the placement, kernel and transport redirects of harness/runtimes/cpu.py.
 NOT_TESTED: dict[str, tuple[str, ...]] = {
     CPU: ("NCCL (collectives run over gloo)", "CUDA streams and the overlap of communication with compute",
-          "the NCCL user-buffer paths", "TE kernels and specs (the CPU lane builds megatron-core's local spec; "
-          "TE's fused norms, GEMMs, attention and FusedAdam's CUDA kernel do not run)",
-          "context parallelism (the local spec has no CP attention)", "GPU memory behaviour"),
+          "the NCCL user-buffer paths", "TE's kernels and how TE picks them (cuBLAS GEMMs, fused norms, cuDNN/flash "
+          "attention, FusedAdam's CUDA kernel: TE's modules are built, their forwards are plain torch)",
+          "fp8/fp4 and the _extra_state it fills", "fused RoPE and the TE op fuser", "backward passes",
+          "context parallelism (TE's ring attention)", "THD packed sequences", "GPU memory behaviour"),
     GPU: (),
 }
 
 # Features whose Megatron modules cannot be built on CPU: rules on model facts (ModelSpec), so
 # they cover every family with the feature, including one a new bridge brings.
-MLA_ON_CPU = ("MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "
-              "DotProductAttention, which rejects it, and TE modules refuse to build without CUDA")
-GDN_ON_CPU = ("Gated DeltaNet layers need the TE layer spec (the local spec asserts experimental_attention_variant "
-              "is None; the GDN block spec asserts transformer_impl='transformer_engine', and TE modules refuse to "
-              "build without CUDA) and flash-linear-attention's Triton kernels")
+MLA_ON_LOCAL_SPEC = ("MLA needs the TE spec on megatron-core 0.19.2: the local spec passes k_channels to the local "
+                     "DotProductAttention, which rejects it")
+GDN_ON_LOCAL_SPEC = ("Gated DeltaNet layers need the TE layer spec (the local spec asserts "
+                     "experimental_attention_variant is None; the GDN block spec asserts "
+                     "transformer_impl='transformer_engine')")
 MAMBA_NOT_INSTALLED = ("Mamba layers need mamba-ssm (and causal-conv1d), CUDA-kernel sdists that are not in "
                        "requirements/lock.txt (megatron/core/ssm/mamba_mixer.py raises ImportError without them): "
                        "neither lane can build the model until they are locked and built for the GPU image")
@@ -53,7 +54,7 @@ SEQUENTIAL_EXPERTS_UNMAPPED = (
 )
 FULL_DIM_QK_NORM_SPEC_IS_TE = (
     "the bridge's own layer spec (full-width q/k norms: olmoe_provider.py OLMoESelfAttention, minimax_m2_provider.py "
-    "FullDimQNorm/FullDimKNorm) is built on the TE spec, which needs CUDA; the generic local spec builds per-head "
+    "FullDimQNorm/FullDimKNorm) is built on the TE spec; the generic local spec builds per-head "
     "q/k norms (k_layernorm [16] vs HF [kv_heads x head_dim]) and SequentialMLP experts, which the bridge does not map"
 )
 
@@ -112,27 +113,32 @@ def megatron_core_gap(model: "ModelSpec") -> str:
                  if model.family == family and not megatron_core_has(relative, needle)), "")
 
 
-ZERO_CENTRED_NORM_ON_CPU = ("zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma "
-                            "(torch_norm.py) and TE modules refuse to build without CUDA")
-# Families whose Megatron model cannot be built on CPU for a reason of their own.
-CPU_CONVERT_BLOCKERS: dict[str, str] = {
+ZERO_CENTRED_NORM_ON_LOCAL_SPEC = ("zero-centred (1 + w) RMSNorm: the local torch norm rejects zero_centered_gamma "
+                                   "(torch_norm.py)")
+# The CPU lane builds the TE spec users run (harness.runtimes.te_cpu gives TE's modules CPU forwards);
+# LOCAL_SPEC_BLOCKERS are the limits of megatron-core's local spec, for @local cases on either lane.
+GDN_KERNELS_ON_CPU = ("Gated DeltaNet layers call flash-linear-attention's Triton kernels (chunk_gated_delta_rule, "
+                      "causal_conv1d), which need a GPU")
+CPU_TE_SPEC_BLOCKERS: dict[str, str] = {}
+
+# @local: families whose Megatron model cannot be built with the local spec for a reason of their own.
+LOCAL_SPEC_BLOCKERS: dict[str, str] = {
     "gemma2": "Gemma2's layer spec is hard-wired to TE modules (TELayerNormColumnParallelLinear, "
-              "TERowParallelLinearLayerNorm), which refuse to build without CUDA; the local torch norm rejects "
-              "zero_centered_gamma",
-    **{family: ZERO_CENTRED_NORM_ON_CPU for family in ("gemma", "gemma3")},
+              "TERowParallelLinearLayerNorm); the local torch norm rejects zero_centered_gamma",
+    **{family: ZERO_CENTRED_NORM_ON_LOCAL_SPEC for family in ("gemma", "gemma3")},
     "nemotron": "Nemotron's layernorm1p is a zero-centred (1 + w) LayerNorm: the local torch norm rejects "
-                "zero_centered_gamma (torch_norm.py) and TE modules refuse to build without CUDA",
+                "zero_centered_gamma (torch_norm.py)",
     "exaone4": "EXAONE 4 is post-LayerNorm: its layer spec (exaone4_provider.py) is built from TE modules "
-               "(TERowParallelLinearLayerNorm), which refuse to build without CUDA; the generic local spec is "
-               "pre-LayerNorm, a different architecture the bridge has no mapping for",
+               "(TERowParallelLinearLayerNorm); the generic local spec is pre-LayerNorm, a different architecture "
+               "the bridge has no mapping for",
     **{family: SEQUENTIAL_EXPERTS_UNMAPPED for family in ("exaone-moe", "glm4-moe")},
     **{family: FULL_DIM_QK_NORM_SPEC_IS_TE for family in ("olmoe", "minimax-m2")},
 }
-GEMMA4_MOE_ON_CPU = ("Gemma 4's MoE block spec is TE-only (modeling_gemma4.py hard-codes Gemma4TEDotProductAttention "
+GEMMA4_MOE_ON_LOCAL_SPEC = ("Gemma 4's MoE block spec is TE-only (modeling_gemma4.py hard-codes Gemma4TEDotProductAttention "
                      "and puts the post-attention norm inside TE's linear_proj) and its experts are mapped under "
                      "TEGroupedMLP names only")
-# Families that convert on CPU but whose Megatron forward pass cannot run there (the sliding-window
-# mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu, so it is not among them).
+# @local on the CPU lane: families that convert but whose Megatron forward pass cannot run (the
+# sliding-window mask gpt-oss needs is placed on the CPU by harness.runtimes.cpu, so it is not among them).
 CPU_FORWARD_BLOCKERS: dict[str, str] = {
     "gemma4": "Gemma4DenseProvider builds its own layer spec (gemma4_provider.py) and the block's final norm is TE's "
               "(transformer_block.py: TENorm), which fails on CPU tensors (CUDAGuardImpl initialized with non-CUDA "
@@ -142,9 +148,9 @@ MOE_TP_FORWARD_ON_CPU = (
     "MoE with TP > 1 needs sequence parallelism (megatron/core/transformer/moe/moe_layer.py raises without it), "
     "which the local torch norm does not support"
 )
-CP_ON_CPU = ("CP > 1 needs TEDotProductAttention: the local spec's attention asserts 'Context parallelism is only "
-             "supported by TEDotProductAttention' (megatron/core/transformer/dot_product_attention.py), and TE modules "
-             "refuse to build without CUDA")
+CP_ON_CPU = ("CP > 1 needs TE's context-parallel attention (the ring exchange inside its CUDA kernels), which the "
+             "CPU stand-in of DotProductAttention does not reproduce; the local spec's attention asserts 'Context "
+             "parallelism is only supported by TEDotProductAttention'")
 CP_FORWARD = "CP > 1 needs the load-balanced sequence split in the forward pass; logits are checked at CP1"
 
 
@@ -154,14 +160,18 @@ def model_blocker(model: "ModelSpec", lane: str) -> str:
         return MAMBA_NOT_INSTALLED
     if gap := megatron_core_gap(model):
         return gap
-    if lane == CPU:
+    if model.local_spec:
         if model.has_mla:
-            return MLA_ON_CPU
+            return MLA_ON_LOCAL_SPEC
         if model.has_gdn:
-            return GDN_ON_CPU
+            return GDN_ON_LOCAL_SPEC
         if model.family == "gemma4" and model.is_moe:
-            return GEMMA4_MOE_ON_CPU
-        return CPU_CONVERT_BLOCKERS.get(model.family, "")
+            return GEMMA4_MOE_ON_LOCAL_SPEC
+        return LOCAL_SPEC_BLOCKERS.get(model.family, "")
+    if lane == CPU:
+        if model.has_gdn:
+            return GDN_KERNELS_ON_CPU
+        return CPU_TE_SPEC_BLOCKERS.get(model.family, "")
     return ""
 
 
@@ -179,9 +189,9 @@ def case_blocker(case: "Case", lane: str) -> str:
 def forward_blocker(model: "ModelSpec", layout: "Layout", lane: str) -> str:
     """Why a Megatron forward pass of ``model`` at ``layout`` cannot run on ``lane`` ('' if it can)."""
     if lane == CPU:
-        if model.family in CPU_FORWARD_BLOCKERS:
+        if model.local_spec and model.family in CPU_FORWARD_BLOCKERS:
             return CPU_FORWARD_BLOCKERS[model.family]
-        if model.is_moe and layout.tp > 1:
+        if model.local_spec and model.is_moe and layout.tp > 1:
             return MOE_TP_FORWARD_ON_CPU
         return ""
     if layout.cp > 1:
