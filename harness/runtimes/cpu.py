@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
-from harness.runtimes import layer_specs, te_cpu
+from harness.runtimes import gdn_cpu, layer_specs, te_cpu
 
 # Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
 CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
@@ -322,6 +322,16 @@ REDIRECTS: tuple[Redirect, ...] = (
           ("LayerNorm", "layer_norm_forward", "TENorm", "the norm"),
           ("RMSNorm", "rms_norm_forward", "TENorm and q/k norms", "the norm"),
       )),
+    # Gated DeltaNet: flash-linear-attention's Triton kernels, bound by name in megatron-core's GDN modules.
+    R("megatron.core.ssm.gated_delta_net.gdn", "causal_conv1d", _is(gdn_cpu.causal_conv1d),
+      "GatedDeltaNet.forward (fla causal_conv1d, Triton)",
+      "which kernel computes: the depthwise causal convolution megatron-core's deterministic_mode branch runs"),
+    R("megatron.core.ssm.gated_delta_net.gdn", "chunk_gated_delta_rule", _is(gdn_cpu.chunk_gated_delta_rule),
+      "GatedDeltaNet.__init__ binds fla's chunk_gated_delta_rule (Triton) as its recurrence",
+      "which kernel computes: megatron-core's own torch_chunk_gated_delta_rule"),
+    R("megatron.core.ssm.gated_delta_net.common", "l2norm", _is(gdn_cpu.l2norm),
+      "GatedDeltaNet._prepare_input_for_gated_delta_rule (fla l2norm, Triton)",
+      "which kernel computes: fla's l2norm formula in plain torch"),
     R("megatron.bridge.models.gemma.gemma2_provider", "get_swa", _placed_on_cpu,
       "Gemma2DotProductAttention.forward's sliding-window mask (gemma2_provider.py get_swa: device='cuda')",
       "placement only: the mask is built unchanged, on the CPU"),

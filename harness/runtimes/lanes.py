@@ -117,9 +117,6 @@ ZERO_CENTRED_NORM_ON_LOCAL_SPEC = ("zero-centred (1 + w) RMSNorm: the local torc
                                    "(torch_norm.py)")
 # The CPU lane builds the TE spec users run (harness.runtimes.te_cpu gives TE's modules CPU forwards);
 # LOCAL_SPEC_BLOCKERS are the limits of megatron-core's local spec, for @local cases on either lane.
-GDN_KERNELS_ON_CPU = ("Gated DeltaNet layers call flash-linear-attention's Triton kernels (chunk_gated_delta_rule, "
-                      "causal_conv1d), which need a GPU")
-CPU_TE_SPEC_BLOCKERS: dict[str, str] = {}
 
 # @local: families whose Megatron model cannot be built with the local spec for a reason of their own.
 LOCAL_SPEC_BLOCKERS: dict[str, str] = {
@@ -168,10 +165,6 @@ def model_blocker(model: "ModelSpec", lane: str) -> str:
         if model.family == "gemma4" and model.is_moe:
             return GEMMA4_MOE_ON_LOCAL_SPEC
         return LOCAL_SPEC_BLOCKERS.get(model.family, "")
-    if lane == CPU:
-        if model.has_gdn:
-            return GDN_KERNELS_ON_CPU
-        return CPU_TE_SPEC_BLOCKERS.get(model.family, "")
     return ""
 
 

@@ -218,3 +218,26 @@ def test_each_stand_in_matches_the_real_te_kernel_on_the_same_weights():
             cpu_module = module.cpu()
             mine = stand_in(cpu_module, *inputs)
         torch.testing.assert_close(mine, real, rtol=1e-5, atol=1e-5)
+
+
+def test_gdn_causal_conv1d_is_a_depthwise_causal_convolution_then_silu():
+    from harness.runtimes import gdn_cpu
+
+    x, w, b = torch.randn(2, 7, 5), torch.randn(5, 4), torch.randn(5)
+    y, state = gdn_cpu.causal_conv1d(x, w, b, activation="silu")
+    ref = torch.zeros(2, 7, 5, dtype=torch.float64)
+    for t in range(7):
+        for k in range(4):  # output t sees inputs t-3 .. t, the newest with the last tap
+            if t - 3 + k >= 0:
+                ref[:, t] += x[:, t - 3 + k].double() * w[:, k].double()
+    ref = torch.nn.functional.silu(ref + b.double())
+    torch.testing.assert_close(y.double(), ref, **TOL)
+    assert state is None
+
+
+def test_gdn_l2norm_is_fla_formula():
+    from harness.runtimes import gdn_cpu
+
+    x = torch.randn(3, 4, 16)
+    ref = x.double() / torch.sqrt(x.double().pow(2).sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(gdn_cpu.l2norm(x).double(), ref, **TOL)
