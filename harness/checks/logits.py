@@ -84,10 +84,32 @@ BF16_LOGITS = LogitTolerance(max_abs=0.15, kl=1e-4)
 BF16_MOE_LOGITS = LogitTolerance(max_abs=None, mean_abs=0.045, kl=5e-3)
 
 
+# bf16 floors that exceed the ones above, per family: benchmarks/bench_bf16_floor.py, HF's forward in
+# bf16 vs in fp32 on the family's @bf16 weights, worst of 40 batches (CPU): (max|d|, mean|d|, KL).
+# (1 + w) norms, soft-capping and sqrt(hidden) embedding scales (Gemma, Nemotron) and Gated
+# DeltaNet's recurrence (Qwen3.5, Qwen3-Next) carry bf16 rounding further than a Llama does
+# (llama: 0.060, 0.0071, 4.3e-5). Such a family's tolerance is twice its floor, the margin the
+# defaults above keep over theirs.
+BF16_FLOORS: dict[str, tuple[float, float, float]] = {
+    "gemma": (0.197, 0.0174, 2.59e-4), "gemma2": (0.353, 0.0213, 4.29e-4), "nemotron": (0.214, 0.0144, 2.09e-4),
+    "qwen3-5": (0.500, 0.0234, 6.47e-4), "qwen3-5-moe": (4.58, 0.0765, 1.80e-2), "qwen3-next": (2.53, 0.0514, 6.28e-3),
+}
+
+
+def _bf16(model: ModelSpec) -> LogitTolerance:
+    base = BF16_MOE_LOGITS if model.is_moe else BF16_LOGITS
+    if model.family not in BF16_FLOORS:
+        return base
+    top, mean, kl = (2 * v for v in BF16_FLOORS[model.family])
+    if model.is_moe:
+        return LogitTolerance(max_abs=None, mean_abs=max(base.mean_abs, mean), kl=max(base.kl, kl))
+    return LogitTolerance(max_abs=max(base.max_abs, top), kl=max(base.kl, kl))
+
+
 def logit_tolerance(model: ModelSpec, lane: str) -> LogitTolerance:
     """The tolerance of ``model`` on ``lane`` (each justified above)."""
     if model.bf16:
-        return BF16_MOE_LOGITS if model.is_moe else BF16_LOGITS
+        return _bf16(model)
     if lane == GPU:
         return GPU_FP32_LOGITS.get(model.family, GPU_FP32_DEFAULT)
     return FP32_GDN_LOGITS if model.has_gdn else FP32_LOGITS

@@ -214,3 +214,22 @@ def test_bf16_contract_a_wider_export_with_exactly_the_source_values_is_reported
     nudged["norm.weight"][1] += 1e-3  # not a bf16 value any more: a real change
     result = compare_tensors(bf16, nudged, widening_ok=True)
     assert not result.passed and "norm.weight" in result.summary
+
+
+def test_a_family_with_a_higher_bf16_floor_gets_twice_its_floor_and_no_more():
+    import torch
+
+    from harness.checks import logits
+    from harness.matrix.zoo import ModelSpec
+
+    assert logits.logit_tolerance(ModelSpec.parse("llama@bf16"), "cpu") == logits.BF16_LOGITS
+    gemma = logits.logit_tolerance(ModelSpec.parse("gemma@bf16"), "cpu")
+    top, _, kl = logits.BF16_FLOORS["gemma"]
+    assert gemma.max_abs == 2 * top and gemma.kl == 2 * kl
+    ref = torch.randn(2, 5, 50)
+    for scale, ok in ((1.5, True), (2.5, False)):  # a shift of 1.5x / 2.5x the floor on one logit
+        cand = ref.clone()
+        cand[0, 0, 0] += scale * top
+        assert logits.logit_parity(ref, cand, tolerance=gemma).passed is ok
+    moe = logits.logit_tolerance(ModelSpec.parse("qwen3-next@bf16"), "cpu")
+    assert moe.max_abs is None and moe.kl == 2 * logits.BF16_FLOORS["qwen3-next"][2]
