@@ -175,6 +175,11 @@ def generation_vs_original(case: Case, model: bridge_calls.MegatronModel, hf_dir
         model.bridge.save_hf_pretrained(model.chunks, str(out), show_progress=False)
         saved = None
     except Exception as err:  # noqa: BLE001 - e.g. a strict save refusing an incomplete export
+        if world() > 1:
+            # Only the rank that checks the save raises, after its peers left the save's last
+            # collective: the ranks are out of step, and a barrier here would pair with the wrong
+            # call and hang the next case. The case errors instead and the group is restarted.
+            raise
         saved = f"save_hf_pretrained failed: {_one_line(err)}"
     barrier()
     if rank() != 0:

@@ -488,6 +488,22 @@ def _dies_mid_save():
         yield
 
 
+@fault("save-refused-on-rank-0", "save_hf_pretrained raises on rank 0 only, as a strict save refusing an incomplete "
+                                 "export does after its peers have gone on")
+def _save_refused_on_rank_0():
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+    original = AutoBridge.save_hf_pretrained
+
+    def save(self, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == 0:
+            raise RuntimeError("55 tensors from the original checkpoint were not written (seeded)")
+        return original(self, *args, **kwargs)
+
+    with patched("megatron.bridge.models.conversion.auto_bridge:AutoBridge", "save_hf_pretrained", save):
+        yield
+
+
 @fault("launcher-kill", "the highest rank is killed by SIGKILL (as by the OOM killer) while loading HF weights")
 def _kill():
     import signal

@@ -208,6 +208,19 @@ class _FactoriesOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _device_index_placed_on_cpu(function: Callable[..., Any]) -> Callable[..., Any]:
+    """For code that builds ``torch.device("cuda", torch.cuda.current_device())``, which needs an
+    int index: inside it the current device is index 0, and every tensor asked onto a CUDA device
+    (a factory or ``.to``) lands on the CPU."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with mock.patch.object(torch.cuda, "current_device", lambda: 0), _FactoriesOnCpu():
+            return function(*args, **kwargs)
+
+    return call
+
+
 def _placed_on_cpu(function: Callable[..., Any]) -> Callable[..., Any]:
     """The upstream function runs unchanged, with its tensor factories placed on the CPU."""
 
@@ -332,6 +345,11 @@ REDIRECTS: tuple[Redirect, ...] = (
     R("megatron.core.ssm.gated_delta_net.common", "l2norm", _is(gdn_cpu.l2norm),
       "GatedDeltaNet._prepare_input_for_gated_delta_rule (fla l2norm, Triton)",
       "which kernel computes: fla's l2norm formula in plain torch"),
+    R("megatron.bridge.models.minimax_m2.minimax_m2_bridge:_FullDimQKNormMapping", "hf_to_megatron",
+      _device_index_placed_on_cpu,
+      "the MiniMax-M2 full-width q/k-norm mapping at TP > 1 (torch.device('cuda', torch.cuda.current_device()) "
+      "before a broadcast to the TP ranks)",
+      "placement only: the weight is broadcast and sliced unchanged, on the CPU"),
     R("megatron.bridge.models.gemma.gemma2_provider", "get_swa", _placed_on_cpu,
       "Gemma2DotProductAttention.forward's sliding-window mask (gemma2_provider.py get_swa: device='cuda')",
       "placement only: the mask is built unchanged, on the CPU"),

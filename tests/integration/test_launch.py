@@ -75,3 +75,13 @@ def test_crashed_rank_fails_its_case_with_log_tail(tmp_path):
     assert "log tail ---" in victim["error"]
     assert "exitcode" in victim["error"] or "exited with code" in victim["error"]  # torchrun's summary or ours
     assert all(cases[c]["status"] == "pass" for c in cases if c != VICTIM), r.stdout
+
+
+def test_a_save_that_fails_on_one_rank_errors_its_case_and_the_next_case_does_not_hang(tmp_path):
+    """save_hf_pretrained raising on rank 0 only left the ranks one collective apart; the next
+    case then hung in a barrier until its timeout. Now the case errors and the group restarts."""
+    r, cases, elapsed, _ = run_matrix(tmp_path, "save-refused-on-rank-0")
+    victim = cases[VICTIM]
+    assert victim["status"] == "error" and "were not written (seeded)" in victim["error"], victim["error"][:500]
+    assert all(cases[c]["status"] == "pass" for c in cases if c != VICTIM), r.stdout
+    assert elapsed < 200, f"run took {elapsed:.0f}s: a case hung"
