@@ -37,9 +37,19 @@ def test_touches_only_the_owners_of_the_redirect_table_each_with_its_reason():
     from transformer_engine.pytorch.optimizers.fused_adam import FusedAdam
     import sys
 
+    import megatron.bridge.models.gemma.gemma2_provider as gemma2_provider
+    import megatron.core.ssm.gated_delta_net.common as gdn_common
+    import megatron.core.ssm.gated_delta_net.gdn as gdn
+    import transformer_engine.pytorch as te
+    from megatron.bridge.models.minimax_m2.minimax_m2_bridge import _FullDimQKNormMapping
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
     owners = {owner for owner, _ in touched()}
+    te_modules = {te.Linear, te.LayerNormLinear, te.GroupedLinear, te.DotProductAttention, te.LayerNorm, te.RMSNorm}
     assert owners == {torch.cuda, torch.Tensor, dist, DeviceMesh, FullyShardedDataParallel, FusedAdam,
-                      MixedPrecisionOptimizer, sys.modules["transformer_engine_torch"], fused_softmax}
+                      MixedPrecisionOptimizer, sys.modules["transformer_engine_torch"], fused_softmax,
+                      TransformerEngineBaseModule, *te_modules, gdn, gdn_common, _FullDimQKNormMapping,
+                      gemma2_provider}
     assert "torch.cuda.current_device" in CpuRuntime().touched_names
     assert all(r.needed_by and r.why for r in REDIRECTS), "every redirect names its upstream caller and why"
 

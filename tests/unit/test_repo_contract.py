@@ -40,13 +40,16 @@ def test_pyproject_declares_package_script_and_strict_markers():
 
 
 def test_bootstrap_is_a_noop_when_up_to_date():
-    """Reruns must not reinstall (let alone rebuild TE): the stamp short-circuits in well under 1s."""
-    import time
-
-    start = time.monotonic()
+    """Reruns must not reinstall (let alone rebuild TE): the stamp short-circuits before pip is
+    ever called, so bootstrap's log is not touched and nothing is printed."""
+    log = ROOT / ".venv" / "bootstrap.log"
+    if not (ROOT / ".venv" / ".bootstrap-stamp").exists():
+        pytest.skip("this checkout was not bootstrapped (no .venv/.bootstrap-stamp): nothing to rerun")
+    before = log.stat() if log.exists() else None
     out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh")], capture_output=True, text=True, check=True)
-    assert time.monotonic() - start < 2.0
     assert out.stdout == "" and out.stderr == ""
+    after = log.stat() if log.exists() else None
+    assert (before and (before.st_size, before.st_mtime_ns)) == (after and (after.st_size, after.st_mtime_ns))
 
 
 def test_bootstrap_preflight_messages(tmp_path):
