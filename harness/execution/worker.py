@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with faults.active(plan.faults, case_id):
                     result = runner.run_case(case, runtime, workdir=run.scratch(case_id))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
+                # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives
+                # from it, not from Exception (torch/distributed/checkpoint/api.py).
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
                 result = runner.error_result(case, exc, started, lane=plan.lane)
                 print(result.error, file=sys.stderr, flush=True)
                 if rank == 0 or world == 1:

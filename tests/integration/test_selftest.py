@@ -50,3 +50,13 @@ def test_the_naive_bridge_check_misses_what_the_harness_catches(selftest_run):
     _, _, rows = selftest_run
     for fault in ("gate-up-swapped", "qkv-naive-concat", "export-drops-lm-head", "fp32-param-via-bf16"):
         assert rows[fault]["naive_bridge_check"] == "missed", rows[fault]
+
+
+def test_a_crash_is_headlined_by_the_exception_that_stopped_it(selftest_run):
+    """Upstream's own validation stops the seeded shard faults (Megatron-FSDP's assert, DCP's
+    CheckpointException, a BaseException): the headline is that exception, not the peer torchrun
+    stopped afterwards (SIGTERM) nor 'exited with code N'."""
+    _, _, rows = selftest_run
+    for fault in ("fsdp-shard-misplaced", "fsdp-shard-dropped"):
+        headline = rows[fault]["key_number"]
+        assert "signal" not in headline and "exited with code" not in headline, headline
