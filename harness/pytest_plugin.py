@@ -1,5 +1,10 @@
 """The case matrix as pytest tests: one test ID per (lane, case), run in amortised groups.
 
+Loaded by the repository's top-level ``conftest.py``, and by the ``pytest11`` entry point of an
+installed harness, so ``pytest -m gpu`` or ``pytest -m cpu -k llama/tp1/memory`` work from the
+repository root, and ``pytest --pyargs harness.pytest_matrix`` runs the matrix from another tree
+(a Megatron-Bridge checkout that installs this package).
+
 Collection parametrizes ``matrix_case`` from ``cases/*.yaml`` with marks ``cpu``/``gpu`` (lane)
 and ``slow`` (cases only in the full, nightly set). Running is lazy and grouped: the first test of
 a (lane, world size) group runs *every selected test of that group* through the same service as
@@ -25,8 +30,14 @@ from harness.runtimes import lanes
 PARAM = "matrix_case"
 
 
-def add_options(parser: pytest.Parser) -> None:
-    """The matrix's run options (registered from tests/conftest.py, an initial conftest)."""
+MARKERS = (
+    "cpu: runs on the CPU lane (gloo; the TE spec with CPU forwards); part of CI",
+    "gpu: needs CUDA GPUs (nccl, TE, Megatron-FSDP); skipped with a reason where there are none",
+    "slow: long-running (the full, nightly set); excluded from the default CI selection with -m 'not slow'",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness")
     group.addoption("--ranks-per-gpu", type=int, default=1, metavar="N",
                     help="GPU lane: N ranks share each GPU (gloo with CUDA tensors when N > 1; lanes.Placement)")
@@ -34,10 +45,22 @@ def add_options(parser: pytest.Parser) -> None:
                     help="run up to N launches of one world size at once")
 
 
-def check_options(config: pytest.Config) -> None:
-    placement(config)
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:  # registered here too, for a tree whose own pytest config lacks them
+        config.addinivalue_line("markers", marker)
+    placement(config)  # a wrong --ranks-per-gpu is a usage error before collection
     if config.getoption("--harness-jobs", 1) < 1:
         raise pytest.UsageError(f"--harness-jobs must be at least 1, not {config.getoption('--harness-jobs')}")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if PARAM in metafunc.fixturenames:
+        metafunc.parametrize(PARAM, params(load_cases()))
+
+
+@pytest.fixture(scope="session")
+def matrix_runner(request: pytest.FixtureRequest) -> "MatrixRunner":
+    return MatrixRunner(session=request.session)
 
 
 def placement(config: pytest.Config) -> lanes.Placement:

@@ -1,20 +1,9 @@
-"""Shared fixtures: an in-process gloo world, the CPU runtime, the repository's cases."""
+"""The tests' own fixtures: an in-process gloo world, the CPU runtime, the repository's cases.
+The matrix's options, markers and fixtures come from the plugin (top-level conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-def pytest_addoption(parser):
-    from harness import pytest_plugin
-
-    pytest_plugin.add_options(parser)
-
-
-def pytest_configure(config):
-    from harness import pytest_plugin
-
-    pytest_plugin.check_options(config)  # a wrong --ranks-per-gpu is a usage error before collection
 
 
 @pytest.fixture(scope="session")

@@ -212,3 +212,76 @@ def update_from_run(doc: dict[str, Any], results: dict[str, CaseResult], reviews
     """Write the golden file of every new or changed case (never implicitly: ``golden update``)."""
     provenance = run_provenance(doc)
     return [write(results[r.case_id], provenance, root) for r in reviews if r.kind != SAME]
+
+
+# ------------------------------------------------- a run's verdict, as pytest judges the matrix
+
+EXPECTED, KNOWN, UNEXPECTED = "expected", "known", "unexpected"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One result against golden/: what the matrix test (tests/matrix/test_matrix.py) and the
+    CLI's exit code both decide from. EXPECTED: passed (and matches its golden file, if any);
+    KNOWN: failed exactly as pinned (pytest's XFAIL); UNEXPECTED: anything new, including a
+    pinned failure that now passes (XPASS(strict))."""
+
+    kind: str
+    why: str = ""
+    upstream: str = ""  # KNOWN: the package golden/known_failures.yaml blames
+
+
+def judge(result: CaseResult, root: Path | None = None) -> Judgement:
+    entry = load(result.lane, result.case_id, root)
+    if entry is not None and entry.doc["status"] != PASS:  # a known upstream failure, pinned
+        upstream = (entry.doc.get("known_failure") or {}).get("upstream")
+        if result.status == PASS:
+            return Judgement(UNEXPECTED, f"passes now, but {entry.path} pins it as a known failure ({upstream}): "
+                                         "fixed upstream? Check, then `harness golden update -k` it")
+        differences = compare(entry.doc, result)
+        if differences:
+            return Judgement(UNEXPECTED, f"fails differently from {entry.path}: " + "; ".join(differences))
+        return Judgement(KNOWN, f"known upstream failure ({upstream}): {result.headline}", upstream or "?")
+    if result.status != PASS:
+        return Judgement(UNEXPECTED, result.headline)
+    differences = compare(entry.doc, result) if entry is not None else []
+    if differences:  # the outcome is right; it must also be the same bytes as golden/ pins
+        return Judgement(UNEXPECTED, f"differs from {entry.path}: " + "; ".join(differences))
+    return Judgement(EXPECTED)
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """A run's cases that ran, judged against golden/ (skips, invalid layouts and infrastructure
+    errors are not judged: they say nothing about the code under test)."""
+
+    judgements: dict[str, Judgement]
+
+    def count(self, kind: str) -> int:
+        return sum(j.kind == kind for j in self.judgements.values())
+
+    @property
+    def unexpected(self) -> dict[str, Judgement]:
+        return {case_id: j for case_id, j in self.judgements.items() if j.kind == UNEXPECTED}
+
+    @property
+    def line(self) -> str:
+        known = self.count(KNOWN)
+        return (f"{self.count(EXPECTED)} passed, {known} failed exactly as pinned"
+                f"{f' (known upstream failures: golden/{KNOWN_FAILURES})' if known else ''}, "
+                f"{len(self.unexpected)} unexpected")
+
+    @property
+    def known_by_upstream(self) -> dict[str, int]:
+        """How many pinned failures each upstream package is blamed for, most first."""
+        counts: dict[str, int] = {}
+        for j in self.judgements.values():
+            if j.kind == KNOWN:
+                blamed = " + ".join(sorted(j.upstream.split(" + ")))  # "a + b" and "b + a" are one cause
+                counts[blamed] = counts.get(blamed, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def judge_run(results: list[CaseResult], root: Path | None = None) -> RunVerdict:
+    judged = [r for r in results if r.status in (PASS, *FAILED)]
+    return RunVerdict({r.case_id: judge(r, root) for r in judged})

@@ -204,3 +204,49 @@ def test_a_logit_check_that_stopped_running_is_a_golden_difference(golden_doc):
     result = make_result()
     del result.fingerprint["logits"]
     assert "logits: not produced now" in golden.compare(golden_doc, result)
+
+
+def test_the_run_verdict_is_golden_aware_as_pytest_is(tmp_path):
+    """A failure pinned in golden/ is expected (XFAIL); one that passes now, fails differently, a
+    new failure, or a pass whose bytes moved is unexpected (XPASS(strict), FAIL)."""
+    pinned, passing = "qwen3-moe/tp1/memory/roundtrip", "llama/tp1/memory/roundtrip"
+    golden.write(make_result(status="fail", case_id=pinned), {}, tmp_path)
+    golden.write(make_result(case_id=passing), {}, tmp_path)
+
+    def kinds(*results):
+        verdict = golden.judge_run(list(results), tmp_path)
+        return {c: j.kind for c, j in verdict.judgements.items()}, verdict
+
+    clean, verdict = kinds(make_result(status="fail", case_id=pinned), make_result(case_id=passing),
+                           make_result(status="skip", case_id="gemma/tp2/memory/roundtrip"))
+    assert clean == {pinned: golden.KNOWN, passing: golden.EXPECTED}, "a skip is not judged"
+    assert verdict.known_by_upstream == {"?": 1}  # make_result's pin names no known_failures.yaml entry
+    assert verdict.line == "1 passed, 1 failed exactly as pinned (known upstream failures: " \
+                           "golden/known_failures.yaml), 0 unexpected"
+    for now, why in [(make_result(case_id=pinned), "passes now"),
+                     (make_result(status="fail", sha="c" * 64, case_id=pinned), "fails differently"),
+                     (make_result(status="fail", case_id=passing), "1/2 differ"),
+                     (make_result(sha="c" * 64, case_id=passing), "different bytes"),
+                     (make_result(status="error", case_id="qwen2/tp1/memory/roundtrip"), "")]:
+        judged, verdict = kinds(now)
+        assert judged == {now.case_id: golden.UNEXPECTED} and why in verdict.unexpected[now.case_id].why
+
+
+def test_the_main_job_exits_0_on_known_failures_and_1_on_anything_new(tmp_path, monkeypatch):
+    """The CLI's exit code comes from the same judgement; --raw-exit keeps the status-only code."""
+    from harness import cli
+    from harness.execution import service
+
+    pinned = "qwen3-moe/tp1/memory/roundtrip"
+    golden.write(make_result(status="fail", case_id=pinned), {}, tmp_path)
+    monkeypatch.setattr(workspace, "golden_root", lambda: tmp_path)
+    results = [make_result(), make_result(status="fail", case_id=pinned)]
+
+    from unittest import mock
+
+    outcome = mock.Mock(results=results, meta=mock.Mock(wall_s=1.0), run=mock.Mock(results_file=tmp_path / "r.json"))
+    monkeypatch.setattr(service, "run_selection", lambda request: outcome)
+    assert cli._execute(None) == cli.EXIT_OK
+    assert cli._execute(None, raw_exit=True) == cli.EXIT_FAIL
+    results[1] = make_result(case_id=pinned)  # the pinned failure passes now: XPASS(strict)
+    assert cli._execute(None) == cli.EXIT_FAIL

@@ -70,3 +70,28 @@ def test_bootstrap_preflight_messages(tmp_path):
     r = subprocess.run(["bash", str(fake / "scripts" / "bootstrap.sh")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "CUDA toolkit" in r.stderr and "CUDA_HOME" in r.stderr
     assert not (fake / ".venv").exists()
+
+
+def _collect(args, cwd):
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *args],
+                       capture_output=True, text=True, cwd=cwd, timeout=300)
+    return r, [line for line in r.stdout.splitlines() if "::" in line]
+
+
+def test_one_case_is_selected_from_the_repository_root_by_its_id():
+    """The top-level conftest.py loads the plugin: a bisect run's `pytest -m cpu -k CASE`."""
+    r, items = _collect(["-m", "cpu", "-k", "llama/tp1/memory and test_matrix"], ROOT)
+    assert items == ["tests/matrix/test_matrix.py::test_case[cpu-llama/tp1/memory/roundtrip]"], r.stdout + r.stderr
+
+
+def test_another_tree_runs_the_matrix_through_the_installed_plugin(tmp_path):
+    """A Megatron-Bridge checkout that installs this package: no conftest of ours, the pytest11
+    entry point loads the plugin, ``--pyargs harness.pytest_matrix`` collects the matrix."""
+    from importlib import metadata
+
+    assert any(ep.value == "harness.pytest_plugin" for ep in metadata.entry_points(group="pytest11")), \
+        "the pytest11 entry point is not installed: rerun scripts/bootstrap.sh"
+    r, items = _collect(["--pyargs", "harness.pytest_matrix", "-m", "gpu", "-k", "llama/tp1/memory"], tmp_path)
+    assert len(items) == 1 and items[0].endswith("test_case[gpu-llama/tp1/memory/roundtrip]"), r.stdout + r.stderr
