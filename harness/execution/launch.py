@@ -37,7 +37,7 @@ from harness import workspace
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
-from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult
+from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult, error_headline
 from harness.runtimes.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
@@ -319,7 +319,11 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
         if result.status == ERROR and "--- log tail ---" not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
             died = _root_cause(run, group)
-            if died is not None and died.rank != 0 and died.died_on_its_own:
+            raised = _first_exception(run, result.case_id) if PEER_LOST.search(result.headline) else None
+            if raised is not None:
+                # Rank 0 only lost a peer; the peer's own exception is what went wrong.
+                result.error = f"rank{raised[0]} raised: {raised[1]}\n--- rank 0 traceback ---\n{result.error}"
+            elif died is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
                 result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
@@ -385,13 +389,28 @@ def _root_cause(run: RunDir, group: str, code: int | None = None) -> _DeadRank |
     return None
 
 
+# What a rank raises when a peer is gone or stuck, rather than what went wrong: gloo's and NCCL's
+# transport errors (c10d ProcessGroupGloo/NCCL), the collective timeout, torch's DistError family.
+PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
+                       r"DistNetworkError|DistStoreError|[Tt]imed out|ProcessGroupGloo|NCCL (?:error|communicator)")
+
+
+def _first_exception(run: RunDir, case_id: str) -> tuple[int, str] | None:
+    """The first non-zero rank that raised something other than a lost peer: (rank, headline)."""
+    for rank, text in run.rank_errors(case_id):
+        headline = error_headline(text)
+        if headline and not PEER_LOST.search(headline):
+            return rank, headline
+    return None
+
+
 def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
-    """Why a launch ended inside ``case_id``: the rank that raised, or the rank that died and how."""
-    errors = run.rank_errors(case_id)
-    if errors:
-        rank, text = errors[0]
-        last = text.strip().splitlines()
-        return f"rank{rank} raised: {last[-1] if last else '?'}"
+    """Why a launch ended inside ``case_id``: the rank that raised (its exception line), or the
+    rank that died without raising and how."""
+    raised = _first_exception(run, case_id) or next(
+        ((rank, error_headline(text)) for rank, text in run.rank_errors(case_id)), None)
+    if raised:
+        return f"rank{raised[0]} raised: {raised[1] or '?'}"
     died = _root_cause(run, group, code)
     if died is not None:
         return f"{died.reason} during the case"

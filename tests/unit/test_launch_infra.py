@@ -163,3 +163,42 @@ def test_the_dead_rank_is_the_one_that_died_on_its_own_not_torchruns_first_by_th
     stale = _torchrun_summary([], (0, -6))  # an earlier launch of the same group, appended above
     run.launcher_log("g").write_text(stale + "relaunch\n" + _torchrun_summary(failures, root))
     assert launch._root_cause(run, "g").reason == expected
+
+
+GLOO_LOST = ("Traceback (most recent call last):\n  File \"worker.py\", line 74, in main\n"
+             "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234\n")
+RANK1_RAISED = ("Traceback (most recent call last):\n  File \"routes.py\", line 9, in f\n"
+                "ValueError: Shape mismatch for megatron param x:\n  Expected (4, 2)\n")
+
+
+def _run_with_rank1_error(tmp_path, rank0_error: str):
+    run = RunDir(tmp_path / "run")
+    run.log_dir("g").mkdir(parents=True)
+    run.launcher_log("g").write_text(_torchrun_summary([(1, launch.EXIT_CASE_ERROR)], (0, launch.EXIT_CASE_ERROR)))
+    (run.path / "cases").mkdir(parents=True, exist_ok=True)
+    case = "llama/tp2/memory/roundtrip"
+    run.write_rank_error(case, 1, RANK1_RAISED)
+    result = CaseResult(case_id=case, status=ERROR, error=rank0_error, world_size=2)
+    run.write_case_result(result)
+    launch._attach_log_tails({case: result}, 1, run, "g")
+    return run, case, result
+
+
+def test_a_multi_rank_failure_is_headlined_by_the_exception_a_rank_raised(tmp_path):
+    """Rank 0 only saw its peer vanish; rank 1 raised the real error: that is the headline, one
+    line (the message's lines joined), with rank 0's side kept below."""
+    _, _, result = _run_with_rank1_error(tmp_path, GLOO_LOST)
+    assert result.headline == "rank1 raised: ValueError: Shape mismatch for megatron param x: Expected (4, 2)"
+    assert "Connection closed by peer" in result.error, "rank 0's side is kept"
+
+
+def test_rank_0s_own_exception_stays_the_headline(tmp_path):
+    own = RANK1_RAISED.replace("Shape mismatch", "rank 0's own")
+    _, _, result = _run_with_rank1_error(tmp_path, own)
+    assert result.headline == "ValueError: rank 0's own for megatron param x: Expected (4, 2)"
+
+
+def test_a_case_rank_0_never_finished_names_the_rank_that_raised(tmp_path):
+    run, case, _ = _run_with_rank1_error(tmp_path, GLOO_LOST)
+    assert launch._exit_reason(1, run, "g", case) == (
+        "rank1 raised: ValueError: Shape mismatch for megatron param x: Expected (4, 2)")
