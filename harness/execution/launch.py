@@ -300,7 +300,7 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
     finally:
         if proc.poll() is None:
             _kill(proc)
-        _reap_leftovers(proc)
+        _reap_leftovers(proc, run, group)
     return [finished[c.id] for c in cases if c.id in finished]
 
 
@@ -421,15 +421,19 @@ def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str
     return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=lane)
 
 
-def _reap_leftovers(proc: subprocess.Popen) -> None:
-    """Kill what is left of a finished launch's process group. A rank that exits hard (a crash,
-    ``os._exit`` after a case error) leaves its own children behind, e.g. the
-    ``multiprocessing.Manager`` of megatron-core's async checkpoint writer (filesystem_async.py,
-    ~570 MB each): reparented, but still in the group the launch started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _reap_leftovers(proc: subprocess.Popen, run: RunDir, group: str) -> None:
+    """Kill what is left of a finished launch. A rank that exits hard (a crash, ``os._exit`` after
+    a case error, a SIGKILL) leaves its own children behind, e.g. the ``multiprocessing.Manager``
+    of megatron-core's async checkpoint writer (filesystem_async.py, ~570 MB each), reparented but
+    still in its process group: the launch's own (one rank, started here in a new session), or the
+    rank's (torchrun starts every rank in a session of its own; each worker records its group).
+    Never this process's own group."""
+    own = os.getpgrp()
+    for pgid in {proc.pid, *run.rank_process_groups(group)} - {own}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

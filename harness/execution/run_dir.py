@@ -208,6 +208,14 @@ class RunDir:
     def rank_log(self, group: str, rank: int) -> Path:
         return self.log_dir(group) / f"rank{rank}.log"
 
+    def write_rank_process_group(self, group: str, rank: int, pgid: int) -> None:
+        """torchrun starts each rank in a session of its own, so what a rank leaves behind is in
+        the rank's process group, not the launch's: the launcher reads these to reap them."""
+        workspace.atomic_write_text(self.log_dir(group) / f"rank{rank}.pgid", str(pgid))
+
+    def rank_process_groups(self, group: str) -> list[int]:
+        return sorted(int(f.read_text()) for f in self.log_dir(group).glob("rank*.pgid") if f.read_text().strip())
+
     def launcher_log(self, group: str) -> Path:
         return self.log_dir(group) / "launcher.log"
 

@@ -22,6 +22,15 @@ from pathlib import Path
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 
 
+def _kill_children() -> None:
+    """Before a hard exit: the children this rank started (megatron-core's async checkpoint writer
+    runs a multiprocessing Manager, ~570 MB, filesystem_async.py) would outlive it, reparented."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 def _redirect_output(log_file: Path) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -41,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _redirect_output(run.rank_log(plan.group, rank))
+    run.write_rank_process_group(plan.group, rank, os.getpgrp())
     print(f"[worker] rank {rank}/{world} lane={plan.lane} cases={len(plan.cases)}", flush=True)
 
     # Heavy imports only here, after the log redirect, so their warnings land in the rank log.
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if exit_code:
         sys.stdout.flush()
         sys.stderr.flush()
+        _kill_children()
         os._exit(exit_code)  # peers may be blocked in a collective; do not wait for teardown
     dist.destroy_process_group()
     return 0

@@ -134,6 +134,32 @@ def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
         raise AssertionError(f"process {orphan} of the launch's group is still alive")
 
 
+def test_a_launch_reaps_what_a_rank_left_in_its_own_session(tmp_path):
+    """torchrun starts each rank in a session of its own, so a crashed rank's children are not in
+    the launch's group. The worker records its group in the run folder; the launcher kills it. The
+    fake interpreter stands in for a rank: a child in a new session, its group recorded, then it dies."""
+    folder, selected = cases(tmp_path)
+    pid_file, run = tmp_path / "orphan.pid", RunDir(tmp_path / "run")
+    script = tmp_path / "python"
+    script.write_text("#!/bin/bash\nsetsid sleep 300 &\n"
+                      f"echo $! > {pid_file}\nmkdir -p {run.log_dir('ws1-1')}\n"
+                      f"echo $! > {run.log_dir('ws1-1')}/rank1.pgid\necho 'ModuleNotFoundError: x'\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    launch.run_cases(selected, run, launch.LaunchOptions(python=str(script), cases_dir=folder))
+    orphan = int(pid_file.read_text())
+    import time
+
+    for _ in range(50):
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(orphan, 9)
+        raise AssertionError(f"process {orphan}, in a rank's own session, is still alive")
+
+
 def _torchrun_summary(failures: list[tuple[int, int]], root: tuple[int, int]) -> str:
     """torchrun's ChildFailedError text, as it lands in launcher.log (format copied from a real run)."""
     def block(rank, code):
