@@ -111,7 +111,7 @@ def _execute(request: service.RunRequest, raw_exit: bool = False) -> int:
               + ", ".join(f"{upstream} x{n}" for upstream, n in verdict.known_by_upstream.items()))
     infra = sum(r.status == INFRA_ERROR for r in results)
     skipped = sum(r.status == SKIP for r in results)
-    print(f"\n{verdict.line} of {len(results)} case(s)"
+    print(f"\n{verdict.line(len(results))}"
           f"{f' ({skipped} skipped: not runnable on this machine)' if skipped else ''} in {outcome.meta.wall_s:.1f}s"
           f"{f'; {infra} not run because of infrastructure errors (exit {EXIT_INFRA})' if infra else ''}; "
           f"report: {outcome.run.results_file}")

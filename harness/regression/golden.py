@@ -264,10 +264,11 @@ class RunVerdict:
     def unexpected(self) -> dict[str, Judgement]:
         return {case_id: j for case_id, j in self.judgements.items() if j.kind == UNEXPECTED}
 
-    @property
-    def line(self) -> str:
+    def line(self, total: int) -> str:
+        """``98/136 passed, 35 failed exactly as pinned (...), 0 unexpected``: ``total`` counts the
+        cases not judged too (skips, invalid layouts, infrastructure errors)."""
         known = self.count(KNOWN)
-        return (f"{self.count(EXPECTED)} passed, {known} failed exactly as pinned"
+        return (f"{self.count(EXPECTED)}/{total} passed, {known} failed exactly as pinned"
                 f"{f' (known upstream failures: golden/{KNOWN_FAILURES})' if known else ''}, "
                 f"{len(self.unexpected)} unexpected")
 

@@ -221,8 +221,8 @@ def test_the_run_verdict_is_golden_aware_as_pytest_is(tmp_path):
                            make_result(status="skip", case_id="gemma/tp2/memory/roundtrip"))
     assert clean == {pinned: golden.KNOWN, passing: golden.EXPECTED}, "a skip is not judged"
     assert verdict.known_by_upstream == {"?": 1}  # make_result's pin names no known_failures.yaml entry
-    assert verdict.line == "1 passed, 1 failed exactly as pinned (known upstream failures: " \
-                           "golden/known_failures.yaml), 0 unexpected"
+    assert verdict.line(3) == "1/3 passed, 1 failed exactly as pinned (known upstream failures: " \
+                              "golden/known_failures.yaml), 0 unexpected"
     for now, why in [(make_result(case_id=pinned), "passes now"),
                      (make_result(status="fail", sha="c" * 64, case_id=pinned), "fails differently"),
                      (make_result(status="fail", case_id=passing), "1/2 differ"),
