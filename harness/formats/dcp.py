@@ -61,6 +61,7 @@ def read_metadata(path: Path):
     if problems := chunk_problems(metadata):
         raise InputError(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
                          + "; the save is corrupt, pick another iter_* folder")
+    check_chunk_storage(path, metadata)
     return metadata
 
 
@@ -251,10 +252,8 @@ def check_structure(file: Path, metadata) -> None:
 
 
 def check_storage(path: Path, metadata) -> None:
-    """Every (file, offset, length) the metadata names lies inside a regular file of the folder, the
-    ranges of one file do not overlap (DCP writes them one after another), and every tensor chunk
-    has a range of at least its bytes. So a later read never allocates more than the folder holds:
-    a metadata that claims a 10^12-element tensor is refused here, not allocated."""
+    """Every (file, offset, length) the metadata names lies inside a regular file of the folder, and
+    the ranges of one file do not overlap (DCP writes them one after another)."""
     sizes: dict[str, int] = {}
     spans: dict[str, list[tuple[int, int, str]]] = {}
     for index, info in metadata.storage_data.items():
@@ -282,10 +281,12 @@ def check_storage(path: Path, metadata) -> None:
             if s1 < e0:
                 raise InputError(f"{path / name}: {quote(a)} (bytes {s0}-{e0}) and {quote(b)} (bytes "
                                  f"{s1}-{e1}) overlap; the metadata is corrupt, pick another iter_* folder")
-    check_chunk_storage(path, metadata)
 
 
 def check_chunk_storage(path: Path, metadata) -> None:
+    """Every tensor chunk has a stored range of at least its bytes. With ``check_storage`` and the
+    chunks tiling each tensor, a later read never allocates more than the folder holds: a metadata
+    that claims a 10^12-element tensor is refused here, not allocated."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     stored = {(i.fqn, None if i.offset is None else tuple(i.offset)): info for i, info in metadata.storage_data.items()}
