@@ -80,11 +80,12 @@ def unpickle_metadata(raw: bytes, file: Path):
 class MetadataUnpickler(pickle.Unpickler):
     """An unpickler that resolves only ``allowed_globals()``.
 
-    ``find_class`` is the one way a pickle reaches code: GLOBAL, STACK_GLOBAL, INST, OBJ and the
-    copyreg EXT codes all go through it, and REDUCE, NEWOBJ and BUILD can only call or set up what
-    it returned (the "Restricting Globals" recipe of the pickle docs). So a crafted file is refused,
-    by the name it asks for, before that name is even imported. There is no ``persistent_load``: a
-    metadata has no persistent ids, and one is an unpickling error.
+    ``find_class`` is the one way a pickle reaches code: GLOBAL, STACK_GLOBAL, INST and OBJ go
+    through it (EXT codes name only extensions registered with copyreg in this process, and nothing
+    here registers one), and REDUCE, NEWOBJ and BUILD can only call or set up what it returned (the
+    "Restricting Globals" recipe of the pickle docs). So a crafted file is refused, by the name it
+    asks for, before that name is even imported. There is no ``persistent_load``: a metadata has no
+    persistent ids, and one is an unpickling error.
     """
 
     def __init__(self, fh, file: Path):
