@@ -7,13 +7,18 @@ two checkpoints never holds two whole models in memory. Readers never write to t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 import numpy as np
+
+from harness.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -55,3 +60,57 @@ def why_unreadable(path: Path) -> str:
             return f"{path}: a symlink loop ({path} -> {os.readlink(path)} -> ...); point it at a real file"
         return f"{path}: a dangling symlink to {os.readlink(path)} (which does not exist)"
     return f"{path}: cannot be opened"
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading, if it is a regular file (a symlink to one is fine); otherwise
+    ``InputError``. A FIFO or a device (a link to /dev/zero, say) would block or never end: it is
+    opened non-blocking and refused by what the open file is, so swapping it in after a check is
+    refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(why_unreadable(path)) from None
+    except OSError as err:
+        reason = why_unreadable(path) if err.errno == errno.ELOOP else f"{path}: cannot be read ({err.strerror})"
+        raise InputError(reason) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise InputError(f"{path}: {kind}, not a regular file; point it at the checkpoint's file")
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The whole of ``path`` (a regular file, see ``open_regular``) if it holds at most ``limit``
+    bytes: a file from outside is read into memory only up to a size its kind can really have."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise InputError(f"{path}: {max(size, len(data))} bytes, more than a {what} can be ({limit}); "
+                         "the file is damaged or not what it is named")
+    return data
+
+
+_REPR = reprlib.Repr(maxlevel=3, maxlist=4, maxtuple=4, maxdict=4, maxset=4, maxstring=100, maxother=100)
+
+
+def quote(value, limit: int = 120) -> str:
+    """A value taken from a file, fit for a one-line error: a bounded repr (line breaks escaped,
+    nesting and length cut; a file can hold a list nested too deep for ``repr``)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def plain_file_name(name) -> bool:
+    """A name of a file directly in the folder: not a path that leads elsewhere (``../x``, ``/etc/x``)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from harness.formats import dcp
 from harness.errors import InputError
-from harness.formats.base import Checkpoint, why_unreadable
+from harness.formats.base import Checkpoint, quote, read_regular_file, why_unreadable
 from harness.formats.hf import HfCheckpoint
 from harness.formats.megatron import FsdpDtensorCheckpoint, TorchDistCheckpoint
 
 FORMATS = ("hf", "torch_dist", "fsdp_dtensor")
+MAX_MCORE_METADATA = 1024 * 1024
 
 
 def detect(path: Path) -> str:
@@ -23,15 +25,12 @@ def detect(path: Path) -> str:
         if path.suffix == ".safetensors":
             return "hf"
         raise InputError(f"{path}: not a checkpoint folder; pass the folder that holds it")
-    if (path / dcp.METADATA).exists():
+    if os.path.lexists(path / dcp.METADATA):  # a broken link too: read_metadata names it
         meta = path / "metadata.json"
-        if meta.exists():
-            try:
-                backend = json.loads(meta.read_text()).get("sharded_backend")
-            except json.JSONDecodeError:
-                raise InputError(f"{meta}: not valid JSON; the checkpoint is damaged") from None
+        if os.path.lexists(meta):
+            backend = mcore_metadata(meta).get("sharded_backend")
             if backend != "torch_dist":
-                raise InputError(f"{path}: sharded_backend {backend!r} is not supported (only torch_dist)")
+                raise InputError(f"{path}: sharded_backend {quote(backend)} is not supported (only torch_dist)")
             return "torch_dist"
         return "fsdp_dtensor"
     if any(path.glob("*.distcp")):
@@ -48,6 +47,17 @@ def detect(path: Path) -> str:
         f"{path}: not a known checkpoint format (expected HF safetensors, or a torch_dist / fsdp_dtensor "
         "folder with .metadata)"
     )
+
+
+def mcore_metadata(meta: Path) -> dict:
+    """Megatron-Core's ``metadata.json`` (a few dozen bytes: the backend names and versions)."""
+    try:
+        doc = json.loads(read_regular_file(meta, MAX_MCORE_METADATA, "metadata.json"))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        raise InputError(f"{meta}: not valid JSON; the checkpoint is damaged") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{meta}: a JSON {type(doc).__name__}, not an object; the checkpoint is damaged")
+    return doc
 
 
 def open_checkpoint(path: Path) -> Checkpoint:

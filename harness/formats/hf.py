@@ -6,12 +6,19 @@ so that (a) a truncated file or corrupt header is reported as such before any da
 a time (zero-copy from the page cache) and unmaps it before the next, so comparing two multi-GB
 checkpoints holds two windows, not two models (a whole-file mmap would count every touched page
 towards the process RSS).
+
+The header comes from outside, so it is held to the format's own rules (safetensors
+``Metadata::validate`` in safetensors/src/tensor.rs) before any tensor byte is used: a bounded
+length, one JSON object without repeated keys, known dtypes, non-negative integer shapes and
+offsets, byte counts that match the shapes, and offsets that cover the data exactly once, up to
+the end of the file. A header that claims more than the file holds is an error, never an allocation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -20,7 +27,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from harness.errors import InputError
-from harness.formats.base import TensorSpec, why_unreadable
+from harness.formats.base import (DTYPE_SIZES, TensorSpec, open_regular, plain_file_name, quote, read_regular_file,
+                                  why_unreadable)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -41,15 +49,47 @@ class Entry:
     end: int
 
 
-def read_index(hf_dir: Path) -> dict[str, str] | None:
-    """The index's tensor -> shard file map, or None for a checkpoint without an index."""
-    index = hf_dir / INDEX_NAME
-    if not index.exists():
-        return None
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object without repeated keys: ``json`` keeps the last of two, so a second entry for
+    one tensor could silently replace the first."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(raw: bytes, file: Path, what: str):
+    """``raw`` as JSON, or an InputError that says why, in one line."""
     try:
-        return json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InputError(f"{index}: not a valid safetensors index ({err}); re-export the checkpoint") from None
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as err:
+        raise InputError(f"{file}: {what}: key {quote(err.args[0])} appears twice; re-copy or re-export it") from None
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a number too long, nested too deep
+        raise InputError(f"{file}: {what} (not JSON); re-copy or re-export it") from None
+
+
+def read_index(hf_dir: Path) -> dict[str, str] | None:
+    """The index's tensor -> shard file map, or None for a checkpoint without an index. Each shard
+    must be a file of this folder (a name like ``../x`` or ``/x`` is refused, not followed)."""
+    index = hf_dir / INDEX_NAME
+    if not os.path.lexists(index):
+        return None
+    doc = parse_json(read_regular_file(index, MAX_HEADER, "safetensors index"), index, "not a valid safetensors index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: not a valid safetensors index (no weight_map from tensor names to shard "
+                         "files); re-export the checkpoint")
+    outside = sorted(v for v in set(weight_map.values()) if not plain_file_name(v))
+    if outside:
+        raise InputError(f"{index}: names a shard outside the checkpoint folder ({quote(outside[0])}); "
+                         "re-export the checkpoint")
+    return weight_map
 
 
 def shard_files(hf_dir: Path) -> list[Path]:
@@ -75,38 +115,71 @@ def shard_files(hf_dir: Path) -> list[Path]:
 
 
 def read_header(file: Path) -> dict[str, Entry]:
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
+    """The tensors of one safetensors file, checked as the module docstring says."""
+    def corrupt(what: str) -> InputError:
+        return InputError(f"{file}: corrupt safetensors header: {what}; re-copy or re-export it")
+
+    with open_regular(file) as fh:
+        size = os.fstat(fh.fileno()).st_size
         raw = fh.read(8)
         if len(raw) < 8:
             raise InputError(f"{file}: truncated safetensors file ({size} bytes, no header); re-copy or re-export it")
         (length,) = struct.unpack("<Q", raw)
         if length > MAX_HEADER or 8 + length > size:
             raise InputError(f"{file}: corrupt safetensors header (claims {length} bytes, file has {size}); re-copy or re-export it")
-        try:
-            header = json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{file}: corrupt safetensors header (not JSON); re-copy or re-export it") from None
+        text = fh.read(length)
+    if len(text) != length:
+        raise InputError(f"{file}: truncated safetensors file (shorter than its header says); re-copy or re-export it")
+    header = parse_json(text, file, "corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise corrupt(f"a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise corrupt("__metadata__ is not a map of strings")
     base = 8 + length
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            spec = TensorSpec(tuple(int(d) for d in info["shape"]), dtype)
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{file}: corrupt safetensors header entry {key!r}; re-copy or re-export it") from None
-        if base + end > size:
-            raise InputError(
-                f"{file}: truncated safetensors file: {key!r} ends at byte {base + end}, file has {size}; "
-                "re-copy or re-export it"
-            )
-        if end - begin != spec.nbytes:
-            raise InputError(f"{file}: corrupt safetensors header: {key!r} has {end - begin} bytes for {spec}")
-        entries[key] = Entry(spec=spec, file=file, start=base + begin, end=base + end)
+    entries = {key: _entry(file, key, info, base, size) for key, info in header.items()}
+    pos, previous = base, None
+    for start, end, key in sorted((e.start, e.end, k) for k, e in entries.items()):
+        if start < pos:
+            raise corrupt(f"{quote(key)} (bytes {start - base}-{end - base}) overlaps {quote(previous)}")
+        if start > pos:
+            raise corrupt(f"bytes {pos - base}-{start - base} of the data belong to no tensor")
+        pos, previous = end, key
+    if pos != size:
+        raise corrupt(f"the last {size - pos} bytes of the file belong to no tensor")
     return entries
+
+
+def _entry(file: Path, key: str, info, base: int, size: int) -> Entry:
+    def corrupt(what: str) -> InputError:
+        return InputError(f"{file}: corrupt safetensors header entry {quote(key)}: {what}; re-copy or re-export it")
+
+    if not isinstance(info, dict):
+        raise corrupt(f"a JSON {type(info).__name__}, not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise InputError(f"{file}: {quote(key)} has dtype {quote(dtype)}, which the harness does not read "
+                         f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not _counts(shape):
+        raise corrupt(f"shape {quote(shape)} is not a list of non-negative integers")
+    if not (_counts(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise corrupt(f"data_offsets {quote(offsets)} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if base + end > size:
+        raise InputError(
+            f"{file}: truncated safetensors file: {key!r} ends at byte {base + end}, file has {size}; "
+            "re-copy or re-export it"
+        )
+    spec = TensorSpec(tuple(shape), SAFETENSORS_DTYPES[dtype])
+    if end - begin != math.prod(shape) * DTYPE_SIZES[spec.dtype]:
+        raise InputError(f"{file}: corrupt safetensors header: {key!r} has {end - begin} bytes for {spec}")
+    return Entry(spec=spec, file=file, start=base + begin, end=base + end)
+
+
+def _counts(value) -> bool:
+    """A JSON list of integers that fit an int64 and are not negative (``true`` is not 1 here)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v < 2**63 for v in value)
 
 
 class HfCheckpoint:

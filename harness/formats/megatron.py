@@ -11,6 +11,7 @@ grouped, as ``specs()`` orders them).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Iterable, Iterator
 from harness.errors import InputError
 from harness.formats import dcp
 from harness.formats import megatron_keys as keys
-from harness.formats.base import TensorSpec
+from harness.formats.base import TensorSpec, quote
+
+MAX_CANONICAL_TENSORS = 2**22  # layers x experts x moments of the largest models: ~10**5
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class _DcpReader:
             for stored in src.stored:
                 if stored != cache_key:
                     cache_key, cache_val = stored, None  # drop the previous one before reading
-                    cache_val = next(dcp.load(self.path, [stored], self.stored))[1]
+                    cache_val = next(dcp.load(self.path, [stored], self.stored, self.metadata))[1]
                 parts.append(cache_val)
             tensor = torch.cat(parts, dim=0) if src.join_dim0 else parts[0]
             for i in src.index:
@@ -69,8 +72,20 @@ class TorchDistCheckpoint(_DcpReader):
     format = "torch_dist"
 
     def _build(self) -> None:
+        held = 0
         for stored, spec in self.stored.items():
             moment, param = keys.split_torch_dist_optimizer_key(stored) or ("", stored)
+            # The metadata comes from outside: a stacked entry needs its stacking dims, and the
+            # canonical tensors it claims are counted before any is listed (an empty tensor of
+            # shape [2**60, 0] claims 2**60 layers and no bytes).
+            stacking = keys.stacked_dims(param)
+            if len(spec.shape) < stacking:
+                raise InputError(f"{self.path}: {quote(stored)} stacks {stacking} dim(s) of tensors but has shape "
+                                 f"{list(spec.shape)}; the checkpoint is corrupt")
+            held += math.prod(spec.shape[:stacking])
+            if held > MAX_CANONICAL_TENSORS:
+                raise InputError(f"{self.path}: the stacked entries claim more than {MAX_CANONICAL_TENSORS} tensors "
+                                 f"(at {quote(stored)}, shape {list(spec.shape)}); the checkpoint is corrupt")
             for entry in keys.unstack_torch_dist(param, spec.shape):
                 key = keys.canonical_optimizer_key(moment, entry.key) if moment else entry.key
                 self._sources[key] = (Source((stored,), entry.index), TensorSpec(entry.shape, spec.dtype))

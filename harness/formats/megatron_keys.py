@@ -132,13 +132,20 @@ class Unstacked:
     shape: tuple[int, ...]
 
 
+def stacked_dims(stored: str) -> int:
+    """How many leading dims of a torch_dist entry index the tensors it stacks: 0 (not stacked),
+    1 (layers) or 2 (layers x experts)."""
+    m = _STACKED.match(stored)
+    return 0 if not m else 2 if m["rest"].startswith(_STACKED_EXPERTS) else 1
+
+
 def unstack_torch_dist(stored: str, shape: tuple[int, ...]) -> list[Unstacked]:
     """The canonical tensors a torch_dist entry holds (itself, if it is not stacked)."""
     m = _STACKED.match(stored)
     if not m:
         return [Unstacked(stored, (), tuple(shape))]
     pre, rest = m["pre"], m["rest"]
-    if rest.startswith(_STACKED_EXPERTS):
+    if stacked_dims(stored) == 2:
         tail = rest[len(_STACKED_EXPERTS):]
         return [
             Unstacked(canonical_norm(f"{pre}.{i}.mlp.experts.{e}.{tail}"), (i, e), tuple(shape[2:]))

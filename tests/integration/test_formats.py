@@ -73,6 +73,35 @@ def test_torch_dist_is_unstacked_into_per_layer_canonical_keys(torch_dist_ckpts)
     assert all(tuple(t.shape) == specs[k].shape for k, t in tensors.items())
 
 
+def globals_named(file):
+    """Every global a (trusted) pickle names, by plain unpickling it."""
+    import io
+    import pickle
+
+    named = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    return named, Recorder(io.BytesIO(file.read_bytes())).load()
+
+
+def test_real_metadata_reads_through_the_restricted_unpickler(torch_dist_ckpts, tmp_path):
+    """What the bridge saves as torch_dist (Megatron-Core adds its save plans) and the fsdp_dtensor
+    writer saves with optimizer state name only allowed globals, and read as plain pickle reads them."""
+    from harness.formats import dcp
+
+    written = [*torch_dist_ckpts.values(), write_fsdp(tmp_path, "qwen3-moe", torch_dist_ckpts["qwen3-moe"])]
+    for path in written:
+        named, plain = globals_named(path / ".metadata")
+        assert named <= set(dcp.allowed_globals()), (path, named - set(dcp.allowed_globals()))
+        checked = dcp.read_metadata(path)
+        assert checked.state_dict_metadata == plain.state_dict_metadata and checked.storage_data == plain.storage_data
+    assert all(hasattr(dcp.read_metadata(p), "all_local_plans") for p in torch_dist_ckpts.values())
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
 def test_fsdp_dtensor_and_torch_dist_of_one_model_are_equal(torch_dist_ckpts, tmp_path, family):
     td = open_checkpoint(torch_dist_ckpts[family])

@@ -57,6 +57,27 @@ def test_a_real_training_checkpoint_reads_in_canonical_space_and_keeps_the_optim
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_real_training_checkpoint_names_only_allowed_globals(training_ckpt):
+    """Megatron-FSDP's metadata (model, optimizer state, param groups as byte entries) passes the
+    restricted unpickler and reads as plain pickle reads it."""
+    import io
+
+    from harness.formats import dcp
+
+    named = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    plain = Recorder(io.BytesIO((training_ckpt / ".metadata").read_bytes())).load()
+    assert named <= set(dcp.allowed_globals()), named - set(dcp.allowed_globals())
+    checked = dcp.read_metadata(training_ckpt)
+    assert checked.state_dict_metadata == plain.state_dict_metadata and checked.storage_data == plain.storage_data
+    assert any(k.startswith("optimizer.state.") for k in checked.state_dict_metadata)
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
