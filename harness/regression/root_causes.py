@@ -117,7 +117,7 @@ class RootCause:
     signature: str  # Signature.text: the grouping key
     check: str  # the failing check, exception type, crash status, or "golden"
     tensor: str  # first failing tensor, indices as `#`; "" if none
-    detail: str  # the representative's own headline, numbers as measured
+    detail: str  # what the representative measured: failing check's summary, exception line, or drift
     case_ids: tuple[str, ...]  # in result order
     families: tuple[str, ...]  # family[@variant], first seen first
     layouts: tuple[str, ...]
@@ -153,12 +153,19 @@ def group(results: Iterable[CaseResult], verdicts: Iterable[Verdict],
         rep, rep_verdict, sig = min(members, key=lambda m: (m[0].world_size, m[0].duration_s, m[0].case_id))
         causes.append(RootCause(
             verdict=verdict, signature=text, check=sig.check, tensor=sig.tensor,
-            detail=rep.headline or "; ".join(rep_verdict.reasons),
+            detail=_failure(rep, rep_verdict),
             case_ids=tuple(r.case_id for r in cases), families=_distinct(k.model for k in keys),
             layouts=_distinct(k.layout for k in keys), paths=_distinct(k.path for k in keys),
             representative=rep.case_id, rerun=rerun_command(rep, tree_args)))
     causes.sort(key=lambda c: -c.count)  # stable: equal counts keep the order cases came in
     return tuple(causes)
+
+
+def _failure(result: CaseResult, verdict: Verdict) -> str:
+    """What went wrong in one case, as measured: its failing check's summary, else its headline
+    (a crash's exception line), else the gate's reasons (golden drift)."""
+    bad = result.first_failing_check
+    return bad.summary if bad is not None else result.headline or "; ".join(verdict.reasons)
 
 
 def _distinct(values: Iterable[str]) -> tuple[str, ...]:

@@ -86,18 +86,19 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
     a number)."""
     if verdicts is not None:
         head = gate_head(results, meta, run_name, verdicts, verdict_order or {}, root_causes)
-        head += ["", f"#### Every case ({len(results)})", "", "| verdict | case | failing check | key numbers |"]
+        head += ["", f"#### Every case ({len(results)})", "",
+                 "| verdict | cause | case | failing check | key numbers |", "|---|---|---|---|---|"]
     else:
         counts = status_counts(results)
         partial = sum(r.label.endswith("*") for r in results)
         head = [f"### Conversion harness: `{run_name}`", "",
                 ", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases"
                 + (f" (PASS* = {partial} passed with a check that could not run: see 'not checked')" if partial else "")]
-        head += provenance_lines(meta) + ["", "| status | case | failing check | key numbers |"]
-    head.append("|---|---|---|---|")
+        head += provenance_lines(meta) + ["", "| status | case | failing check | key numbers |", "|---|---|---|---|"]
     order = verdict_order or {}
+    cause_of = {case_id: i for i, c in enumerate(root_causes, 1) for case_id in c.case_ids}
     rows = sorted(results, key=lambda r: (order.get((verdicts or {}).get(r.case_id, ""), len(order)),
-                                          r.status == PASS, r.case_id))
+                                          cause_of.get(r.case_id, len(root_causes) + 1), r.status == PASS, r.case_id))
     case_rows = []
     for r in rows:
         bad = r.first_failing_check
@@ -106,7 +107,8 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
         label = (verdicts or {}).get(r.case_id, r.label)
         if verdicts and r.unchecked and r.status == PASS:
             label += "*"
-        case_rows.append(f"| {label} | `{r.case_id}` | {table_cell(failing)} | {table_cell(key_numbers(r))} |")
+        cause = f" {cause_of.get(r.case_id, '')} |" if verdicts is not None else ""
+        case_rows.append(f"| {label} |{cause} `{r.case_id}` | {table_cell(failing)} | {table_cell(key_numbers(r))} |")
     return fit(head, case_rows, ["", coverage_section(results, meta)], limit)
 
 
@@ -139,12 +141,13 @@ def verdict_line(verdicts: dict[str, str], root_causes: Sequence[RootCause]) -> 
 
 
 def root_cause_rows(root_causes: Sequence[RootCause]) -> list[str]:
-    """One Markdown table row per root cause, most cases first."""
-    rows = ["| cases | failing check | first failing tensor | representative's failure | families | layouts "
-            "| rerun | first bad commit |", "|---|---|---|---|---|---|---|---|"]
-    for c in root_causes:
+    """One Markdown table row per root cause, most cases first, numbered for the per-case rows'
+    ``cause`` column (plain numbers: ``#1`` would link issue 1 in a PR comment)."""
+    rows = ["| cause | cases | failing check | first failing tensor | representative's failure | families | layouts "
+            "| rerun | first bad commit |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(root_causes, 1):
         rows.append(" | ".join([
-            f"| **{c.count}**", f"`{c.check}`", f"`{c.tensor}`" if c.tensor else "-", table_cell(clip(c.detail, 160)),
+            f"| {i}", f"**{c.count}**", f"`{c.check}`", f"`{c.tensor}`" if c.tensor else "-", table_cell(clip(c.detail, 160)),
             table_cell(", ".join(c.families)), table_cell(", ".join(c.layouts)), f"`{table_cell(c.rerun)}`",
             f"`{c.first_bad_commit}`" if c.first_bad_commit else NOT_BISECTED]) + " |")
     return rows
@@ -235,9 +238,9 @@ def root_cause_table(root_causes: Sequence[RootCause]) -> str:
     """The gate's terminal table of root causes: one row per cause, most cases first."""
     from tabulate import tabulate
 
-    rows = [[c.count, c.check, c.tensor or "-", clip(c.detail, 70), ", ".join(c.families), ", ".join(c.layouts),
-             c.rerun, c.first_bad_commit or NOT_BISECTED] for c in root_causes]
-    return tabulate(rows, headers=["cases", "root cause", "first failing tensor", "representative's failure",
+    rows = [[i, c.count, c.check, c.tensor or "-", clip(c.detail, 70), ", ".join(c.families), ", ".join(c.layouts),
+             c.rerun, c.first_bad_commit or NOT_BISECTED] for i, c in enumerate(root_causes, 1)]
+    return tabulate(rows, headers=["cause", "cases", "failing check", "first failing tensor", "representative's failure",
                                    "families", "layouts", "rerun", "first bad commit"], tablefmt="simple")
 
 

@@ -105,7 +105,7 @@ def test_one_mapping_bug_is_one_root_cause_and_one_exception_another(seeded):
     # The cheapest to rerun: fewest ranks (tp1), then the quickest of those.
     assert bug.representative == REPRESENTATIVE
     assert bug.rerun == f"harness run {REPRESENTATIVE} --lane cpu"
-    assert bug.detail.startswith("tensors: 1/120 differ (first: decoder.layers.")  # its own numbers, as measured
+    assert bug.detail.startswith("1/120 differ (first: decoder.layers.")  # its own numbers, as measured
     assert bug.first_bad_commit == ""
     assert (shape.check, shape.tensor, shape.families, shape.layouts) == ("ValueError", "", ("gemma", "phi3"), ("tp2",))
     assert shape.representative == "gemma/tp2/memory/roundtrip"
@@ -196,18 +196,20 @@ def test_summary_is_verdict_first_then_root_causes_fixed_link_and_case_rows(gate
     sections = [md.index(s) for s in ("#### Root causes (2)", "#### FIXED (1)", "[index.html](index.html)",
                                       "#### Every case (27)")]
     assert sections == sorted(sections)
-    cause_rows = [line for line in lines if line.startswith("| **")]
+    cause_rows = [line for line in lines if re.match(r"\| \d+ \| \*\*", line)]
     assert len(cause_rows) == 2
-    assert cause_rows[0].startswith(f"| **22** | `tensors` | `{MAPPING_BUG.format('#')}` | tensors: 1/120 differ")
-    assert cause_rows[1].startswith("| **2** | `ValueError` | - | ValueError: rank 1:")
+    assert cause_rows[0].startswith(f"| 1 | **22** | `tensors` | `{MAPPING_BUG.format('#')}` | 1/120 differ")
+    assert cause_rows[1].startswith("| 2 | **2** | `ValueError` | - | ValueError: rank 1:")
     for row in cause_rows:
         assert REPRESENTATIVE in row or "gemma/tp2/memory/roundtrip" in row
         assert row.endswith("| not bisected |")
     assert "First bad commit: *not bisected*: the gate does not bisect yet" in md
     assert "- `qwen3-moe/tp1/memory/roundtrip`: passes now" in md[sections[1]:sections[2]]
-    case_rows = [line.split(" | ")[0] for line in lines[lines.index("#### Every case (27)"):lines.index(COVERAGE)]
+    case_rows = [line.split(" | ")[:2] for line in lines[lines.index("#### Every case (27)"):lines.index(COVERAGE)]
                  if line.startswith("| ")]
-    assert case_rows == ["| verdict"] + ["| REGRESSED"] * 24 + ["| STILL-FAILING", "| FIXED", "| PASS"]
+    # Each regressed case names its cause; the 22 of cause 1 first.
+    assert case_rows == [["| verdict", "cause"]] + [["| REGRESSED", "1"]] * 22 + [["| REGRESSED", "2"]] * 2 + [
+        ["| STILL-FAILING", ""], ["| FIXED", ""], ["| PASS", ""]]
     assert "left out" not in md and lines[-1] == COVERAGE  # it fits: nothing dropped
 
 
@@ -243,7 +245,7 @@ def test_the_gate_table_prints_root_causes_before_the_cases(monkeypatch, capsys,
     monkeypatch.setattr(gate, "run_gate", lambda *a, **k: outcome)
     assert cli.main(["gate"]) == cli.EXIT_FAIL
     out = capsys.readouterr().out
-    first_cause = next(line for line in out.splitlines() if line.lstrip().startswith("22 "))
+    first_cause = next(line for line in out.splitlines() if line.split()[:2] == ["1", "22"])
     assert "tensors" in first_cause and "not bisected" in first_cause
     assert out.index(first_cause) < out.index("REGRESSED") and "(2 root cause(s))" in out
 
@@ -281,12 +283,12 @@ def test_a_summary_over_githubs_limit_drops_case_rows_never_root_causes():
     causes = root_causes.group(results, verdicts)
     md = run_report.summary_markdown(results, {}, "g", {v.case_id: v.verdict for v in verdicts}, gate.ORDER, causes)
     assert len(md) <= run_report.SUMMARY_LIMIT < run_report.COMMENT_LIMIT == 65536
-    assert len([line for line in md.splitlines() if line.startswith("| **")]) == 2  # both root causes
+    assert len([line for line in md.splitlines() if re.match(r"\| \d+ \| \*\*", line)]) == 2  # both causes
     case_rows = [line for line in md.splitlines() if line.startswith("| REGRESSED |")]
     left_out = re.search(r"\*(\d+) of (\d+) per-case rows left out to stay within GitHub's 65536-character "
                          r"comment limit: every case is in \[index.html\]\(index.html\)\.\*", md)
     assert left_out and int(left_out[2]) == 802 and int(left_out[1]) == 802 - len(case_rows) > 0
-    assert all(row.endswith(" |") and row.count(" | ") == 3 for row in case_rows)  # whole rows only
+    assert all(row.endswith(" |") and row.count(" | ") == 4 for row in case_rows)  # whole rows only
     assert md.index("#### Root causes") < md.index("| REGRESSED |") < left_out.start() < md.index(COVERAGE)
 
 
@@ -295,5 +297,5 @@ def test_root_cause_rows_stay_when_not_even_one_case_row_fits():
     causes = root_causes.group(results, verdicts)
     md = run_report.summary_markdown(results, {}, "g", {v.case_id: v.verdict for v in verdicts}, gate.ORDER, causes,
                                      limit=100)
-    assert len([line for line in md.splitlines() if line.startswith("| **")]) == len(causes) == 2
+    assert len([line for line in md.splitlines() if re.match(r"\| \d+ \| \*\*", line)]) == len(causes) == 2
     assert "*5 of 5 per-case rows left out" in md and "| REGRESSED |" not in md
