@@ -3,7 +3,8 @@
 One static file each: no server, no network, no script, no external asset, so it works as a CI
 artifact opened from disk and renders with JavaScript off (drill-down is anchors + ``<details>``).
 
-``index.html``: a grid per format/kind (rows: model families, their ``@variant`` rows under them;
+``index.html``: a gate run's root causes first (``harness.regression.root_causes``, rendered, never
+recomputed), then a grid per format/kind (rows: model families, their ``@variant`` rows under them;
 columns: layouts), one coloured cell per case linking to its drill-down (every check with its
 numbers, the failing tensors, golden comparison, provenance, rank log tails). ``history.html``: a
 case x run matrix over the last N runs, marking where each case went red, and an inline-SVG plot
