@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from harness.matrix.cases import parse_case_id
-from harness.results import CaseResult
+from harness.results import PASS, CaseResult
 
 if TYPE_CHECKING:  # gate imports this module; its Verdict is only a type here
     from harness.regression.gate import Verdict
@@ -101,7 +101,7 @@ def signature(result: CaseResult, reasons: Sequence[str] = ()) -> Signature:
             return Signature(check.name, normalise(tensor[0]), normalise(tensor[1]))
         return Signature(check.name, "", normalise(check.summary))
     headline = result.headline
-    if result.error or result.status != "pass":
+    if result.error or result.status != PASS:
         kind = exception_type(headline)
         message = headline.split(":", 1)[1] if kind and ":" in headline else headline
         return Signature(kind or result.status, "", normalise(message))
