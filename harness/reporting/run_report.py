@@ -168,6 +168,8 @@ def gate_head(results: list[CaseResult], meta: dict[str, Any], run_name: str, ve
             lines += ["", f"First bad commit: *{NOT_BISECTED}*: the gate does not bisect yet; "
                           "`harness bisect --megatron-lm PATH --good BASELINE --bad CANDIDATE --case REPRESENTATIVE` "
                           "finds it for one cause."]
+    elif REGRESSED in verdicts.values():  # a caller that did not group them
+        lines.append("Not grouped: every regressed case is in the table below.")
     else:
         lines.append("None: nothing regressed.")
     fixed = [r.case_id for r in results if verdicts.get(r.case_id) == FIXED]

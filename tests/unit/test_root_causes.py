@@ -218,6 +218,8 @@ def test_a_passing_gate_says_so_first(tmp_path):
     md = run_report.summary_markdown(results, {}, "g", {results[0].case_id: gate.PASS}, gate.ORDER, ())
     assert md.startswith("### Gate: **PASS**: nothing regressed in 1 cases\n")
     assert "#### Root causes (0)\n\nNone: nothing regressed." in md and "#### FIXED (0)\n\nNone." in md
+    ungrouped = run_report.summary_markdown(results, {}, "g", {results[0].case_id: gate.REGRESSED}, gate.ORDER, ())
+    assert "nothing regressed" not in ungrouped and "Not grouped" in ungrouped
 
 
 def test_index_html_leads_with_the_root_causes(gate_run):
@@ -299,3 +301,15 @@ def test_root_cause_rows_stay_when_not_even_one_case_row_fits():
                                      limit=100)
     assert len([line for line in md.splitlines() if re.match(r"\| \d+ \| \*\*", line)]) == len(causes) == 2
     assert "*5 of 5 per-case rows left out" in md and "| REGRESSED |" not in md
+
+
+def test_index_html_of_a_gate_without_regressions_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_GOLDEN", str(tmp_path / "golden"))
+    results = [passing("llama/tp1/memory/roundtrip")]
+    run = RunDir.create("gate", root=tmp_path / "reports")
+    clean = html_report.write_run_page(run, results, {}, {results[0].case_id: gate.PASS}, ()).read_text()
+    assert "Root causes (0)" in clean and "None: nothing regressed." in clean
+    ungrouped = html_report.write_run_page(run, results, {}, {results[0].case_id: gate.REGRESSED}, ()).read_text()
+    assert "nothing regressed" not in ungrouped and "Not grouped" in ungrouped
+    plain = html_report.write_run_page(run, results, {}).read_text()
+    assert "Root causes" not in plain  # not a gate run
