@@ -271,11 +271,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
     trees = _source_trees(args)
     label = args.label or (f"gate-{trees[0].sha[:12]}" if trees else "gate")
     outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr)
+    if outcome.root_causes:
+        print(run_report.root_cause_table(outcome.root_causes) + "\n")
     rows = [[v.label, v.case_id, run_report.clip("; ".join(v.reasons), 110)]
             for v in sorted(outcome.verdicts, key=lambda v: (gate.ORDER[v.verdict], v.case_id))]
     print(tabulate(rows, headers=["verdict", "case", "why"], tablefmt="simple"))
     counts = outcome.counts()
     print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
+          + (f" ({len(outcome.root_causes)} root cause(s))" if outcome.root_causes else "")
           + f"; PR comment: {outcome.candidate.run.summary_file}")
     if outcome.regressed:
         return EXIT_FAIL

@@ -166,6 +166,39 @@ class CaseSet:
         return chosen
 
 
+@dataclass(frozen=True)
+class CaseKey:
+    """A case ID taken apart: ``<family>[@<variant>]/<layout>/<format>/<kind>[+<fault>]`` (the
+    ``+fault`` tag of selftest runs names a seeded regression). Here, beside ``Case.id`` which
+    builds IDs, so the report grid and the gate's root causes split them the same way."""
+
+    case_id: str
+    family: str
+    variant: str
+    layout: str
+    format: str
+    kind: str
+    fault: str
+
+    @property
+    def model(self) -> str:
+        return f"{self.family}@{self.variant}" if self.variant else self.family
+
+    @property
+    def path(self) -> str:
+        """The conversion path (a key of ``PATHS``): the report grid's panel."""
+        return f"{self.format}/{self.kind}"
+
+
+def parse_case_id(case_id: str) -> CaseKey:
+    """The one place a case ID is taken apart. A malformed ID still splits (its missing parts are
+    empty), so a report never fails to render on a surprising result."""
+    base, _, fault = case_id.partition("+")
+    model, layout, fmt, kind = (base.split("/", 3) + ["", "", ""])[:4]
+    family, _, variant = model.partition("@")
+    return CaseKey(case_id, family, variant, layout, fmt, kind, fault)
+
+
 def matches(case_id: str, expr: str) -> bool:
     """``-k`` semantics: a glob if it has wildcards, else a substring; ``a or b``, ``not a``."""
     expr = expr.strip()

@@ -5,5 +5,6 @@
 * ``selftest``: does each check catch the regression it exists for;
 * ``golden``: pinned expectations per case and lane (``golden/<lane>/``);
 * ``gate``: a candidate Megatron tree against golden/ and a baseline, one verdict per case;
+* ``root_causes``: the gate's regressions grouped by signature, one row per cause;
 * ``bisect``: the first Megatron-LM commit that breaks a case.
 """

@@ -10,19 +10,23 @@ Verdicts (a case "passes" when its checks pass *and* its fingerprint matches gol
     NOT-RUN        not run here: a declared-invalid layout, a case this machine cannot run (e.g.
                    more GPUs than it has), or an infrastructure error, with the reason
 
-Only REGRESSED makes the gate exit non-zero. The baseline is a finished run, or a git ref of the
-candidate Megatron-LM repository, run in a throw-away worktree.
+Only REGRESSED makes the gate exit non-zero. REGRESSED cases are grouped into root causes
+(``root_causes``): the reports lead with one row per cause, then the per-case rows. The baseline
+is a finished run, or a git ref of the candidate Megatron-LM repository, run in a throw-away
+worktree.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 from harness.errors import InputError
 from harness.execution import service
-from harness.execution.source_trees import validate, worktree
+from harness.execution.source_trees import SourceTree, validate, worktree
 from harness.regression import golden
+from harness.regression.root_causes import RootCause, group
 from harness.reporting import run_document, run_report
 from harness.results import INFRA_ERROR, INVALID, NOT_RUN_HERE, PASS as PASSED, CaseResult
 
@@ -77,10 +81,18 @@ def judge_all(results: list[CaseResult], baseline: dict[str, CaseResult] | None)
     return out
 
 
+def regressed_causes(results: list[CaseResult], verdicts: list[Verdict],
+                     trees: Iterable[SourceTree] = ()) -> tuple[RootCause, ...]:
+    """The REGRESSED cases grouped by root cause; each cause's rerun command names ``trees``."""
+    tree_args = [arg for t in trees for arg in (f"--{t.kind}", t.path)]
+    return group(results, [v for v in verdicts if v.verdict == REGRESSED], tree_args)
+
+
 @dataclass
 class GateOutcome:
     candidate: service.RunOutcome
     verdicts: list[Verdict]
+    root_causes: tuple[RootCause, ...] = ()
 
     @property
     def regressed(self) -> bool:
@@ -111,13 +123,15 @@ def baseline_results(ref: str, request: service.RunRequest, stream=None) -> dict
 
 
 def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream=None) -> GateOutcome:
-    """Run the candidate (and the baseline, if it is a git ref), judge every case, write the
-    verdicts into the candidate run's ``summary.md`` (the PR comment) and ``index.html``."""
+    """Run the candidate (and the baseline, if it is a git ref), judge every case, group the
+    regressions into root causes, write both into the candidate run's ``summary.md`` (the PR
+    comment) and ``index.html``."""
     if not any(t.kind in ("megatron-lm", "megatron-bridge") for t in request.source_trees):
         raise InputError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
     baseline = baseline_results(baseline_ref, request, stream) if baseline_ref else None
     candidate = service.run_selection(request, stream=stream)
     verdicts = judge_all(candidate.results, baseline)
+    causes = regressed_causes(candidate.results, verdicts, request.source_trees)
     run_report.write_run(candidate.run, candidate.results, candidate.meta.to_dict(),
-                         verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER)
-    return GateOutcome(candidate=candidate, verdicts=verdicts)
+                         verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER, root_causes=causes)
+    return GateOutcome(candidate=candidate, verdicts=verdicts, root_causes=causes)

@@ -3,7 +3,8 @@
 One static file each: no server, no network, no script, no external asset, so it works as a CI
 artifact opened from disk and renders with JavaScript off (drill-down is anchors + ``<details>``).
 
-``index.html``: a grid per format/kind (rows: model families, their ``@variant`` rows under them;
+``index.html``: a gate run's root causes first (``harness.regression.root_causes``, rendered, never
+recomputed), then a grid per format/kind (rows: model families, their ``@variant`` rows under them;
 columns: layouts), one coloured cell per case linking to its drill-down (every check with its
 numbers, the failing tensors, golden comparison, provenance, rank log tails). ``history.html``: a
 case x run matrix over the last N runs, marking where each case went red, and an inline-SVG plot
@@ -20,13 +21,15 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jinja2
 
 from harness import workspace
 from harness.execution.run_dir import LATEST, RESULTS_NAME, Plan, RunDir
+from harness.matrix.cases import CaseKey, parse_case_id  # noqa: F401 - the grid is laid out by its parts
 from harness.regression import golden
+from harness.regression.root_causes import NOT_BISECTED, RootCause
 from harness.reporting import run_document
 from harness.results import (ERROR, FAIL, INFRA_ERROR, INVALID, OK_STATUSES, PASS, SKIP, TIMEOUT, CaseResult,
                              CheckResult)
@@ -38,38 +41,6 @@ LOG_TAIL_LINES = 40
 
 
 # ------------------------------------------------------------------------------- case IDs
-
-
-@dataclass(frozen=True)
-class CaseKey:
-    """A case ID in the parts the grid is laid out by: ``<family>[@<variant>]/<layout>/<format>/
-    <kind>[+<fault>]`` (the ``+fault`` tag of selftest runs names a seeded regression)."""
-
-    case_id: str
-    family: str
-    variant: str
-    layout: str
-    format: str
-    kind: str
-    fault: str
-
-    @property
-    def model(self) -> str:
-        return f"{self.family}@{self.variant}" if self.variant else self.family
-
-    @property
-    def path(self) -> str:
-        """The grid panel a case belongs to (``harness.matrix.cases.PATHS``)."""
-        return f"{self.format}/{self.kind}"
-
-
-def parse_case_id(case_id: str) -> CaseKey:
-    """The one place a case ID is taken apart. A malformed ID still gets a cell (its missing
-    parts are empty), so a report never fails to render on a surprising result."""
-    base, _, fault = case_id.partition("+")
-    model, layout, fmt, kind = (base.split("/", 3) + ["", "", ""])[:4]
-    family, _, variant = model.partition("@")
-    return CaseKey(case_id, family, variant, layout, fmt, kind, fault)
 
 
 def case_anchor(case_id: str) -> str:
@@ -451,6 +422,7 @@ class RunPage:
     legend: tuple[Look, ...]
     gate: bool
     history_href: str  # "" when there is no history page next to the run
+    root_causes: tuple[RootCause, ...] = ()  # a gate run's REGRESSED cases, grouped (shown first)
 
     @property
     def attention(self) -> list[CaseView]:
@@ -467,7 +439,7 @@ def source_tree_views(meta: dict[str, Any]) -> tuple[SourceTreeView, ...]:
 
 
 def build_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],
-                   verdicts: dict[str, str] | None = None) -> RunPage:
+                   verdicts: dict[str, str] | None = None, root_causes: Sequence[RootCause] = ()) -> RunPage:
     plans, provenance = launch_plans(run), run.provenance()
     views = [golden_view(r) for r in results]
     cells = [build_cell(r, v, (verdicts or {}).get(r.case_id, "")) for r, v in zip(results, views)]
@@ -476,25 +448,30 @@ def build_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],
     legend = tuple(VERDICT_LOOKS.values()) if verdicts else (*STATUS_LOOKS.values(), KNOWN_LOOK)
     history = run.path.parent / HISTORY_NAME
     return RunPage(run.name, meta, source_tree_views(meta), build_grid(cells), tuple(cases), legend,
-                   gate=bool(verdicts), history_href=f"../{HISTORY_NAME}" if history.exists() else "")
+                   gate=bool(verdicts), history_href=f"../{HISTORY_NAME}" if history.exists() else "",
+                   root_causes=tuple(root_causes))
 
 
 @functools.cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
-                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters["case_anchor"] = case_anchor
+    return env
 
 
 def render_run_page(page: RunPage) -> str:
-    return _templates().get_template("run.html.j2").render(page=page, log_tail_lines=LOG_TAIL_LINES)
+    return _templates().get_template("run.html.j2").render(page=page, log_tail_lines=LOG_TAIL_LINES,
+                                                           not_bisected=NOT_BISECTED)
 
 
 def write_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],
-                   verdicts: dict[str, str] | None = None) -> Path:
-    """``<run>/index.html`` (atomically); ``verdicts`` (case_id -> gate verdict) for a gate run."""
+                   verdicts: dict[str, str] | None = None, root_causes: Sequence[RootCause] = ()) -> Path:
+    """``<run>/index.html`` (atomically); ``verdicts`` (case_id -> gate verdict) and
+    ``root_causes`` (its REGRESSED cases grouped) for a gate run."""
     path = run / INDEX_NAME
-    workspace.atomic_write_text(path, render_run_page(build_run_page(run, results, meta, verdicts)))
+    workspace.atomic_write_text(path, render_run_page(build_run_page(run, results, meta, verdicts, root_causes)))
     return path
 
 

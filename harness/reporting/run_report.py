@@ -7,24 +7,36 @@ Every file is written atomically; ``reports/latest`` is moved last.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from harness import workspace
 from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
+from harness.regression.root_causes import NOT_BISECTED, RootCause
 from harness.reporting import coverage, html_report, run_document
 from harness.results import CRASHED, FAIL, PASS, SKIP, CaseResult, status_counts
 
+# summary.md is posted as a PR comment; GitHub refuses a body over 65536 characters. The reserve
+# is left for what CI appends (the link to the workflow run that holds the HTML report).
+COMMENT_LIMIT = 65536
+COMMENT_RESERVE = 1024
+SUMMARY_LIMIT = COMMENT_LIMIT - COMMENT_RESERVE
+# harness.regression.gate's verdicts (not imported: it drags in the run service).
+REGRESSED, FIXED = "REGRESSED", "FIXED"
+
 
 def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any],
-              verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None) -> Path:
+              verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None,
+              root_causes: Sequence[RootCause] = ()) -> Path:
     """All the run-level files, each written atomically, then the ``latest`` pointer. ``verdicts``
-    (case_id -> gate verdict, sorted by ``verdict_order``) make it a gate run's files."""
+    (case_id -> gate verdict, sorted by ``verdict_order``) and ``root_causes`` (the REGRESSED
+    cases grouped) make it a gate run's files."""
     results = list(results)
     run_document.write_results(run, results, meta)
     workspace.atomic_write_text(run.junit_file, junit_xml(results, run.name))
-    workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name, verdicts, verdict_order))
-    html_report.write_run_page(run, results, meta, verdicts)
+    workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name, verdicts, verdict_order,
+                                                                   root_causes))
+    html_report.write_run_page(run, results, meta, verdicts, root_causes)
     run.point_latest()
     return run.results_file
 
@@ -63,14 +75,51 @@ def junit_xml(results: list[CaseResult], suite: str) -> str:
 
 
 def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: str,
-                     verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None) -> str:
-    """The PR comment: counts, the stack, one row per case (worst first). With ``verdicts`` (a
-    gate run) each row shows its verdict, sorted by ``verdict_order``."""
-    counts = status_counts(results)
-    partial = sum(r.label.endswith("*") for r in results)
-    lines = [f"### Conversion harness: `{run_name}`", ""]
-    lines.append(", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases"
-                 + (f" (PASS* = {partial} passed with a check that could not run: see 'not checked')" if partial else ""))
+                     verdicts: dict[str, str] | None = None, verdict_order: dict[str, int] | None = None,
+                     root_causes: Sequence[RootCause] = (), limit: int = SUMMARY_LIMIT) -> str:
+    """The PR comment. A gate run (``verdicts``) says its verdict first, then one row per root
+    cause, the FIXED cases and the link to ``index.html``; every run then has one row per case
+    (worst first; a gate run's sorted by ``verdict_order``) and the coverage table.
+
+    To fit ``limit`` characters, per-case rows are left out from the end and a note says how many;
+    a root-cause row is never left out and no row is cut (cells are clipped at words, never inside
+    a number)."""
+    if verdicts is not None:
+        head = gate_head(results, meta, run_name, verdicts, verdict_order or {}, root_causes)
+        head += ["", f"#### Every case ({len(results)})", "",
+                 "| verdict | cause | case | failing check | key numbers |", "|---|---|---|---|---|"]
+    else:
+        counts = status_counts(results)
+        partial = sum(r.label.endswith("*") for r in results)
+        head = [f"### Conversion harness: `{run_name}`", "",
+                ", ".join(f"**{n}** {s}" for s, n in sorted(counts.items())) + f" of {len(results)} cases"
+                + (f" (PASS* = {partial} passed with a check that could not run: see 'not checked')" if partial else "")]
+        head += provenance_lines(meta) + ["", "| status | case | failing check | key numbers |", "|---|---|---|---|"]
+    order = verdict_order or {}
+    cause_of = {case_id: i for i, c in enumerate(root_causes, 1) for case_id in c.case_ids}
+    rows = sorted(results, key=lambda r: (order.get((verdicts or {}).get(r.case_id, ""), len(order)),
+                                          cause_of.get(r.case_id, len(root_causes) + 1), r.status == PASS, r.case_id))
+    case_rows = []
+    for r in rows:
+        bad = r.first_failing_check
+        failing = f"`{bad.name}`: {clip(bad.summary, 120)}" if bad else (
+            clip(r.headline, 120) if r.error else clip(r.unchecked_line, 120))
+        label = (verdicts or {}).get(r.case_id, r.label)
+        if verdicts and r.unchecked and r.status == PASS:
+            label += "*"
+        cause = f" {cause_of.get(r.case_id, '')} |" if verdicts is not None else ""
+        case_rows.append(f"| {label} |{cause} `{r.case_id}` | {table_cell(failing)} | {table_cell(key_numbers(r))} |")
+    return fit(head, case_rows, ["", coverage_section(results, meta)], limit)
+
+
+def table_cell(text: str) -> str:
+    """``text`` as one Markdown table cell (a ``|`` would end the cell)."""
+    return text.replace("|", "¦")
+
+
+def provenance_lines(meta: dict[str, Any]) -> list[str]:
+    """The trees, stack and lane a run tested, one Markdown bullet each."""
+    lines = []
     for t in meta.get("source_trees") or []:
         lines.append(f"- `{t['kind']}`: `{t['path']}` @ `{t['sha'][:12]}`{' (dirty)' if t['dirty'] else ''}")
     versions = meta.get("versions") or {}
@@ -79,21 +128,75 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
     if meta.get("lane"):
         lines.append(f"- lane: **{meta['lane']}**" + (f"; not tested on this lane: {'; '.join(meta['not_tested'])}"
                                                        if meta.get("not_tested") else ""))
-    lines += ["", "| verdict | case | failing check | key numbers |" if verdicts else "| status | case | failing check | key numbers |",
-              "|---|---|---|---|"]
-    order = verdict_order or {}
-    rows = sorted(results, key=lambda r: (order.get((verdicts or {}).get(r.case_id, ""), len(order)),
-                                          r.status == PASS, r.case_id))
-    for r in rows:
-        bad = r.first_failing_check
-        failing = f"`{bad.name}`: {clip(bad.summary, 120)}" if bad else (
-            clip(r.headline, 120) if r.error else clip(r.unchecked_line, 120))
-        label = (verdicts or {}).get(r.case_id, r.label)
-        if verdicts and r.unchecked and r.status == PASS:
-            label += "*"
-        lines.append(f"| {label} | `{r.case_id}` | {failing.replace('|', '¦')} | {key_numbers(r).replace('|', '¦')} |")
-    lines += ["", coverage_section(results, meta)]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def verdict_line(verdicts: dict[str, str], root_causes: Sequence[RootCause]) -> str:
+    """The gate's answer, first: may this bump go in?"""
+    regressed = sum(v == REGRESSED for v in verdicts.values())
+    if regressed:
+        causes = f"{len(root_causes)} root cause{'' if len(root_causes) == 1 else 's'}"
+        return f"### Gate: **{REGRESSED}**: {regressed} of {len(verdicts)} cases regressed, from {causes}"
+    return f"### Gate: **PASS**: nothing regressed in {len(verdicts)} cases"
+
+
+def root_cause_rows(root_causes: Sequence[RootCause]) -> list[str]:
+    """One Markdown table row per root cause, most cases first, numbered for the per-case rows'
+    ``cause`` column (plain numbers: ``#1`` would link issue 1 in a PR comment)."""
+    rows = ["| cause | cases | failing check | first failing tensor | representative's failure | families | layouts "
+            "| rerun | first bad commit |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(root_causes, 1):
+        rows.append(" | ".join([
+            f"| {i}", f"**{c.count}**", f"`{c.check}`", f"`{c.tensor}`" if c.tensor else "-", table_cell(clip(c.detail, 160)),
+            table_cell(", ".join(c.families)), table_cell(", ".join(c.layouts)), f"`{table_cell(c.rerun)}`",
+            f"`{c.first_bad_commit}`" if c.first_bad_commit else NOT_BISECTED]) + " |")
+    return rows
+
+
+def gate_head(results: list[CaseResult], meta: dict[str, Any], run_name: str, verdicts: dict[str, str],
+              order: dict[str, int], root_causes: Sequence[RootCause]) -> list[str]:
+    """A gate summary up to its per-case rows: verdict, counts, provenance, root causes, FIXED, link."""
+    counts = {v: n for v in sorted(set(verdicts.values()), key=lambda v: order.get(v, len(order)))
+              if (n := sum(x == v for x in verdicts.values()))}
+    lines = [verdict_line(verdicts, root_causes), "",
+             f"Run `{run_name}`: " + ", ".join(f"**{n}** {v}" for v, n in counts.items()) + f" of {len(results)} cases"]
+    lines += provenance_lines(meta)
+    lines += ["", f"#### Root causes ({len(root_causes)})", ""]
+    if root_causes:
+        lines += root_cause_rows(root_causes)
+        if any(not c.first_bad_commit for c in root_causes):
+            lines += ["", f"First bad commit: *{NOT_BISECTED}*: the gate does not bisect yet; "
+                          "`harness bisect --megatron-lm PATH --good BASELINE --bad CANDIDATE --case REPRESENTATIVE` "
+                          "finds it for one cause."]
+    elif REGRESSED in verdicts.values():  # a caller that did not group them
+        lines.append("Not grouped: every regressed case is in the table below.")
+    else:
+        lines.append("None: nothing regressed.")
+    fixed = [r.case_id for r in results if verdicts.get(r.case_id) == FIXED]
+    lines += ["", f"#### {FIXED} ({len(fixed)})", ""]
+    lines += [f"- `{case_id}`: passes now, failed in every reference" for case_id in fixed] or ["None."]
+    lines += ["", f"Full report: [{html_report.INDEX_NAME}]({html_report.INDEX_NAME}) in the run folder `{run_name}` "
+                  "(every case's checks, numbers, failing tensors and log tails)."]
+    return lines
+
+
+def fit(head: list[str], rows: list[str], tail: list[str], limit: int) -> str:
+    """``head``, then as many of ``rows`` as fit in ``limit`` characters (the first ones, whole)
+    and a note on those left out, then ``tail``. Only ``rows`` shrink: a head over the limit is
+    kept whole (its rows are what must be read)."""
+    def text(lines: list[str]) -> str:
+        return "\n".join(lines) + "\n"
+
+    if len(text(head + rows + tail)) <= limit:
+        return text(head + rows + tail)
+    note = (f"*{{}} of {len(rows)} per-case rows left out to stay within GitHub's {COMMENT_LIMIT}-character "
+            f"comment limit: every case is in [{html_report.INDEX_NAME}]({html_report.INDEX_NAME}).*")
+    room = limit - len(text(head + ["", note.format(len(rows))] + tail))
+    kept = 0
+    while kept < len(rows) and room >= len(rows[kept]) + 1:
+        room -= len(rows[kept]) + 1
+        kept += 1
+    return text(head + rows[:kept] + ["", note.format(len(rows) - kept)] + tail)
 
 
 def coverage_section(results: list[CaseResult], meta: dict[str, Any]) -> str:
@@ -131,6 +234,16 @@ def table(results: Iterable[CaseResult]) -> str:
         failing = r.headline if (r.first_failing_check or r.error) else r.unchecked_line
         rows.append([r.label, r.case_id, clip(failing, 90), key_numbers(r), f"{r.duration_s:.1f}s"])
     return tabulate(rows, headers=["status", "case", "failing check", "key numbers", "time"], tablefmt="simple")
+
+
+def root_cause_table(root_causes: Sequence[RootCause]) -> str:
+    """The gate's terminal table of root causes: one row per cause, most cases first."""
+    from tabulate import tabulate
+
+    rows = [[i, c.count, c.check, c.tensor or "-", clip(c.detail, 70), ", ".join(c.families), ", ".join(c.layouts),
+             c.rerun, c.first_bad_commit or NOT_BISECTED] for i, c in enumerate(root_causes, 1)]
+    return tabulate(rows, headers=["cause", "cases", "failing check", "first failing tensor", "representative's failure",
+                                   "families", "layouts", "rerun", "first bad commit"], tablefmt="simple")
 
 
 def check_table(result: CaseResult) -> str:

@@ -73,3 +73,21 @@ def test_pr_lane_runs_ci_script_and_caches_the_te_wheel():
 def test_gpu_lane_selects_gpu_marker():
     text = (workspace.REPO_ROOT / ".github/workflows/nightly-gpu.yml").read_text()
     assert "pytest -m gpu" in text and "self-hosted" in text
+
+
+def test_gate_posts_summary_md_as_one_sticky_pr_comment():
+    """The gate's verdict reaches the PR: summary.md (or a line saying there is none) is the body of
+    one comment, updated on every run, posted even when the gate step failed (it exits 1 on a
+    regression)."""
+    from harness.reporting import run_report
+
+    steps = yaml.safe_load((workspace.REPO_ROOT / ".github/workflows/gate.yml").read_text())["jobs"]["gate"]["steps"]
+    body = next(s for s in steps if s.get("name") == "PR comment body")
+    post = next(s for s in steps if str(s.get("uses", "")).startswith("marocchino/sticky-pull-request-comment@"))
+    assert "cp reports/latest/summary.md gate-comment.md" in body["run"]
+    assert post["with"] == {"header": "harness-gate", "path": "gate-comment.md"}
+    for step in (body, post):
+        assert step["if"] == "always() && github.event_name == 'pull_request'"
+    assert steps.index(body) < steps.index(post)
+    appended = [line for line in body["run"].splitlines() if ">> gate-comment.md" in line]
+    assert sum(len(line) for line in appended) < run_report.COMMENT_RESERVE  # room the summary leaves
