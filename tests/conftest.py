@@ -3,7 +3,23 @@ The matrix's options, markers and fixtures come from the plugin (top-level conft
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def environ_restored():
+    """Megatron sets NVTE_FLASH_ATTN / NVTE_FUSED_ATTN / NVTE_UNFUSED_ATTN while building a model
+    (language_module.py _set_attention_backend), and asserts when they disagree with the next
+    model's backend. A test that builds one in-process must not leave them to later tests, nor to
+    the matrix's workers, which inherit this process's environment (a llama build, backend auto,
+    set NVTE_FUSED_ATTN=1; every gemma case, backend flash, then crashed). The worker restores the
+    environment after each case itself (runner.restored_environ); module- and session-scoped
+    fixtures that build models keep it themselves (they set up outside this fixture)."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+
+from unittest import mock
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def torch_dist_ckpts(gloo_world, tmp_path_factory):
     from harness.runtimes.cpu import CpuRuntime
 
     out = {}
-    with CpuRuntime() as runtime:
+    with mock.patch.dict(os.environ), CpuRuntime() as runtime:  # Megatron sets NVTE_* (conftest)
         for family in ("llama", "qwen3-moe"):
             spec = zoo.ModelSpec.parse(family)
             model = bridge_calls.build_model(bridge_calls.open_bridge(zoo.materialize(spec)), spec, Layout(), runtime)

@@ -4,11 +4,14 @@ line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
+
+from unittest import mock
 
 import pytest
 import torch
@@ -31,7 +34,7 @@ def training_ckpt(gloo_world, tmp_path_factory):
 
     spec = zoo.ModelSpec.parse("llama@bf16")
     root = tmp_path_factory.mktemp("fsdp")
-    with CpuRuntime() as runtime:
+    with mock.patch.dict(os.environ), CpuRuntime() as runtime:  # Megatron sets NVTE_* (conftest)
         hf_dir = zoo.materialize(spec)
         model = megatron_fsdp.build_fsdp_model(bridge_calls.open_bridge(hf_dir), spec, Layout(), runtime)
         bridge_calls.load_hf(model, hf_dir)
