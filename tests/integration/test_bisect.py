@@ -140,4 +140,6 @@ def test_gate_against_a_candidate_tree(fake_megatron_lm, tmp_path):
     assert r.returncode == 1, r.stdout[-3000:]
     assert "REGRESSED" in r.stdout and CASE in r.stdout
     bad_run = next(p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-bad"))
-    assert "| REGRESSED | `llama/tp1/torch_dist/roundtrip` |" in (bad_run / "summary.md").read_text()
+    summary = (bad_run / "summary.md").read_text()
+    assert summary.startswith("### Gate: **REGRESSED**: 1 of 1 cases regressed, from 1 root cause")
+    assert "| REGRESSED | 1 | `llama/tp1/torch_dist/roundtrip` |" in summary  # the row names its root cause

@@ -36,10 +36,14 @@ def test_two_launches_run_at_once_and_each_case_passes_in_its_own_group(tmp_path
     for group in ("ws1j0-1", "ws1j1-1"):
         events = list(run.progress(group, 1))
         assert [e.event for e in events] == [ProgressEvent.START, ProgressEvent.END], group
-        spans[group] = (events[0].t, events[1].t)
+        # From the worker's start (it records its process group first thing) to its case's end:
+        # the import dominates and its length varies on a busy machine, while a case takes ~0.5 s,
+        # so the cases alone need not overlap even when the launches do.
+        started = run.log_dir(group).joinpath("rank0.pgid").stat().st_mtime
+        spans[group] = (started, events[1].t)
         assert run.rank_log(group, 0).exists()
     (a0, a1), (b0, b1) = spans.values()
-    assert a0 < b1 and b0 < a1, f"the two launches' cases did not overlap in time: {spans}"
+    assert a0 < b1 and b0 < a1, f"the two launches did not run at the same time: {spans}"
 
 
 def test_concurrent_launches_share_the_cores_and_a_thread_count_given_is_kept(monkeypatch):
