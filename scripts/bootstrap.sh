@@ -162,7 +162,7 @@ if [[ -z "$(te_wheel)" ]]; then
     fi
     die "torch $TORCH_VERSION was built with CUDA $torch_cuda but the toolkit at $TE_CUDA is CUDA $nvcc_cuda: set CUDA_HOME to a CUDA ${torch_cuda%%.*} toolkit"
   fi
-  say "building transformer-engine-torch $TE_VERSION from source with nvcc $nvcc_cuda at $TE_CUDA (one time, ~10 min on 2 cores)"
+  say "building transformer-engine-torch $TE_VERSION from source with nvcc $nvcc_cuda at $TE_CUDA (one time, 10-30 min on 2 cores)"
   SP="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   mkdir -p "$TE_HOUSE"
   NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE CUDA_HOME="$TE_CUDA" MAX_JOBS="${MAX_JOBS:-2}" \
