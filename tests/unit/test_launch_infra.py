@@ -109,6 +109,20 @@ def test_no_port_is_chosen_before_the_process_that_listens_on_it(tmp_path, monke
         assert seen["env"].get("MASTER_PORT") == os.environ.get("MASTER_PORT"), "no port of the launcher's choosing"
 
 
+def assert_gone(pid: int, where: str) -> None:
+    """``pid`` exits within 5 s (killed by the launcher); if not, kill it and fail."""
+    import time
+
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError(f"process {pid} {where} is still alive")
+
+
 def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
     """A rank that exits hard leaves its children (e.g. the async checkpoint writer's
     multiprocessing Manager, ~570 MB) reparented but in the launch's process group; the launcher
@@ -120,18 +134,7 @@ def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=str(script), cases_dir=folder))
     assert [r.status for r in results] == [ERROR, ERROR]
-    orphan = int(pid_file.read_text())
-    import time
-
-    for _ in range(50):
-        try:
-            os.kill(orphan, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(orphan, 9)
-        raise AssertionError(f"process {orphan} of the launch's group is still alive")
+    assert_gone(int(pid_file.read_text()), "of the launch's group")
 
 
 def test_a_launch_reaps_what_a_rank_left_in_its_own_session(tmp_path):
@@ -146,18 +149,7 @@ def test_a_launch_reaps_what_a_rank_left_in_its_own_session(tmp_path):
                       f"echo $! > {run.log_dir('ws1-1')}/rank1.pgid\necho 'ModuleNotFoundError: x'\nexit 1\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     launch.run_cases(selected, run, launch.LaunchOptions(python=str(script), cases_dir=folder))
-    orphan = int(pid_file.read_text())
-    import time
-
-    for _ in range(50):
-        try:
-            os.kill(orphan, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(orphan, 9)
-        raise AssertionError(f"process {orphan}, in a rank's own session, is still alive")
+    assert_gone(int(pid_file.read_text()), "in a rank's own session")
 
 
 def _torchrun_summary(failures: list[tuple[int, int]], root: tuple[int, int]) -> str:
