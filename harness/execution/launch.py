@@ -318,12 +318,11 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
     for result in finished.values():
         if result.status == ERROR and "--- log tail ---" not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
-            died = _root_cause(run, group)
             raised = _first_exception(run, result.case_id) if PEER_LOST.search(result.headline) else None
             if raised is not None:
                 # Rank 0 only lost a peer; the peer's own exception is what went wrong.
                 result.error = f"rank{raised[0]} raised: {raised[1]}\n--- rank 0 traceback ---\n{result.error}"
-            elif died is not None and died.rank != 0 and died.died_on_its_own:
+            elif (died := _root_cause(run, group)) is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
                 result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
