@@ -214,7 +214,8 @@ class RunDir:
         workspace.atomic_write_text(self.log_dir(group) / f"rank{rank}.pgid", str(pgid))
 
     def rank_process_groups(self, group: str) -> list[int]:
-        return sorted(int(f.read_text()) for f in self.log_dir(group).glob("rank*.pgid") if f.read_text().strip())
+        texts = (f.read_text().strip() for f in self.log_dir(group).glob("rank*.pgid"))
+        return sorted(int(text) for text in texts if text)
 
     def launcher_log(self, group: str) -> Path:
         return self.log_dir(group) / "launcher.log"

@@ -221,7 +221,7 @@ EXPECTED, KNOWN, UNEXPECTED = "expected", "known", "unexpected"
 
 @dataclass(frozen=True)
 class Judgement:
-    """One result against golden/: what the matrix test (tests/matrix/test_matrix.py) and the
+    """One result against golden/: what the matrix test (harness/pytest_matrix.py) and the
     CLI's exit code both decide from. EXPECTED: passed (and matches its golden file, if any);
     KNOWN: failed exactly as pinned (pytest's XFAIL); UNEXPECTED: anything new, including a
     pinned failure that now passes (XPASS(strict))."""
@@ -239,9 +239,9 @@ def judge(result: CaseResult, root: Path | None = None) -> Judgement:
             return Judgement(UNEXPECTED, f"passes now, but {entry.path} pins it as a known failure ({upstream}): "
                                          "fixed upstream? Check, then `harness golden update -k` it")
         differences = compare(entry.doc, result)
-        if differences:
-            return Judgement(UNEXPECTED, f"fails differently from {entry.path}: " + "; ".join(differences))
-        return Judgement(KNOWN, f"known upstream failure ({upstream}): {result.headline}", upstream or "?")
+        if fails_as_pinned(entry.doc, result, differences):
+            return Judgement(KNOWN, f"known upstream failure ({upstream}): {result.headline}", upstream or "?")
+        return Judgement(UNEXPECTED, f"fails differently from {entry.path}: " + "; ".join(differences))
     if result.status != PASS:
         return Judgement(UNEXPECTED, result.headline)
     differences = compare(entry.doc, result) if entry is not None else []
