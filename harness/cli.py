@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -270,16 +271,22 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     trees = _source_trees(args)
     label = args.label or (f"gate-{trees[0].sha[:12]}" if trees else "gate")
-    outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr)
+    outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr,
+                            bisect_budget_s=args.bisect_budget)
+    summary = outcome.run.run.summary_file
+    if outcome.incompatible is not None:
+        print(run_report.verdict_line({}, outcome.root_causes).removeprefix("### ").replace("**", ""))
+        print(f"PR comment: {summary}")
+        return EXIT_FAIL
     if outcome.root_causes:
         print(run_report.root_cause_table(outcome.root_causes) + "\n")
     rows = [[v.label, v.case_id, run_report.clip("; ".join(v.reasons), 110)]
             for v in sorted(outcome.verdicts, key=lambda v: (gate.ORDER[v.verdict], v.case_id))]
     print(tabulate(rows, headers=["verdict", "case", "why"], tablefmt="simple"))
     counts = outcome.counts()
+    n_regressed = sum(c.verdict == gate.REGRESSED for c in outcome.root_causes)
     print("\n" + ", ".join(f"{n} {k}" for k, n in counts.items())
-          + (f" ({len(outcome.root_causes)} root cause(s))" if outcome.root_causes else "")
-          + f"; PR comment: {outcome.candidate.run.summary_file}")
+          + (f" ({n_regressed} root cause(s))" if n_regressed else "") + f"; PR comment: {summary}")
     if outcome.regressed:
         return EXIT_FAIL
     return EXIT_INFRA if outcome.infra_errors else EXIT_OK
@@ -290,18 +297,24 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     from harness.execution.run_dir import RunDir
     from harness.regression import bisect
 
-    tree = source_trees.validate("megatron-lm", args.megatron_lm)
-    _load(args).get(args.case)
+    history = source_trees.history(_source_trees(args))
+    if history is None:
+        raise InputError("bisect needs a repository: --megatron-lm PATH, --megatron-bridge PATH or --bridge-checkout PATH")
+    case = _load(args).get(args.case)
     log = RunDir.create(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
-    extra = ["--cases-dir", args.cases_dir] if args.cases_dir else []
-    print(f"harness: bisecting {args.case} in a worktree of {tree.path} ({args.good[:12]}..{args.bad[:12]})", file=sys.stderr)
-    outcome = bisect.run_bisect(Path(tree.path), args.good, args.bad, args.case, args.lane, log, extra)
-    if outcome.first_bad is None:
-        print(outcome.transcript[-3000:])
-        print("harness: bisect did not name a first bad commit (see the transcript above)", file=sys.stderr)
+    print(f"harness: bisecting {args.case} in a worktree of {history.repo} ({args.good[:12]}..{args.bad[:12]})",
+          file=sys.stderr)
+    outcome, failing = bisect.run_bisect(history, args.good, args.bad, case, args.lane, log, _cases_dir(args),
+                                         stream=sys.stderr)
+    if outcome.commit is None:
+        print(f"harness: bisect did not name a first bad commit: {outcome.reason}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"first bad commit: {outcome.subject} ({outcome.first_bad})")
-    print(f"failing check:    {outcome.failing}")
+    print(f"first bad commit: {outcome.commit.sha[:12]} {outcome.commit.subject} ({outcome.commit.sha})")
+    print(f"files touched:    {', '.join(outcome.commit.files)}" + (f" and {outcome.commit.more_files} more"
+                                                                     if outcome.commit.more_files else ""))
+    print(f"failing check:    {failing}")
+    if outcome.skipped:
+        print(f"skipped:          {', '.join(k.sha[:12] for k in outcome.skipped)} (do not import)")
     print(f"steps log:        {log}")
     return EXIT_OK
 
@@ -311,9 +324,11 @@ def cmd_bisect_step(args: argparse.Namespace) -> int:
     from harness.execution import source_trees
     from harness.regression import bisect
 
-    tree = source_trees.validate("megatron-lm", args.megatron_lm)
-    step = bisect.run_step(_load(args).get(args.case), args.lane, tree, args.log, _cases_dir(args))
-    print(f"bisect-step {tree.sha[:12]}: {step.status} -> exit {step.exit} {step.failing}")
+    trees = _source_trees(args)
+    step = bisect.case_step(_load(args).get(args.case), args.lane, _cases_dir(args))(trees)
+    step = replace(step, sha="-".join(t.sha for t in trees))
+    step.append_to(args.log)
+    print(f"bisect-step {step.sha[:12]}: {step.status} -> exit {step.exit} {step.failing}")
     return step.exit
 
 
@@ -341,6 +356,9 @@ def _add_trees(p: argparse.ArgumentParser) -> None:
                    help="Megatron-LM source tree to test instead of the installed megatron-core (env HARNESS_MEGATRON_LM)")
     p.add_argument("--megatron-bridge", default=None, metavar="PATH",
                    help="Megatron-Bridge source tree (env HARNESS_MEGATRON_BRIDGE)")
+    p.add_argument("--bridge-checkout", default=None, metavar="PATH",
+                   help="a Megatron-Bridge checkout with its 3rdparty/Megatron-LM submodule: both trees under test "
+                        "(--baseline and bisect then walk the Bridge's history, the submodule following each commit)")
 
 
 def _add_raw_exit(p: argparse.ArgumentParser) -> None:
@@ -407,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gate", help="run the matrix against a candidate tree; verdicts vs golden/ and a baseline")
     _add_trees(p)
-    p.add_argument("--baseline", default=None, metavar="RUN_OR_REF", help="a finished run, or a git ref of --megatron-lm")
+    p.add_argument("--baseline", default=None, metavar="RUN_OR_REF",
+                   help="a finished run, or a git ref of the repository under test (then each root cause is bisected)")
+    p.add_argument("--bisect-budget", type=float, default=3600.0, metavar="SECONDS",
+                   help="stop bisecting root causes after this long; the rest say 'not bisected' (default 3600)")
     p.add_argument("--set", default="default", choices=cases_mod.SETS)
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("-k", default=None, metavar="EXPR")
@@ -415,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(p)
     p.set_defaults(func=cmd_gate)
 
-    p = sub.add_parser("bisect", help="find the first Megatron-LM commit that breaks a case (git bisect run)")
-    p.add_argument("--megatron-lm", required=True, metavar="PATH")
+    p = sub.add_parser("bisect", help="find the first Megatron-LM (or Bridge) commit that breaks a case (git bisect)")
+    _add_trees(p)
     p.add_argument("--good", required=True, metavar="SHA")
     p.add_argument("--bad", required=True, metavar="SHA")
     p.add_argument("--case", required=True, metavar="ID")
@@ -431,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(p)
     p.set_defaults(func=cmd_selftest)
 
-    p = sub.add_parser("bisect-step", help="(internal) one `git bisect run` step: exit 0 good, 1 bad, 125 skip")
-    p.add_argument("--megatron-lm", required=True)
+    p = sub.add_parser("bisect-step", help="one `git bisect run` step: exit 0 good, 1 bad, 125 skip, 128 abort")
+    _add_trees(p)
     p.add_argument("--case", required=True)
     p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
     p.add_argument("--log", required=True, type=Path)
@@ -461,6 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "lane", None) is None and args.command != "list":
             args.lane = "cpu"
+        if getattr(args, "bridge_checkout", None):
+            from harness.execution import source_trees
+
+            if args.megatron_lm or args.megatron_bridge:
+                raise InputError("--bridge-checkout names both trees: give it without --megatron-lm / --megatron-bridge")
+            args.megatron_lm, args.megatron_bridge = source_trees.bridge_checkout(args.bridge_checkout)
         if getattr(args, "megatron_lm", None) or getattr(args, "megatron_bridge", None):
             from harness.execution import source_trees
 

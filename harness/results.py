@@ -23,6 +23,12 @@ FAILED = (FAIL, *CRASHED)  # ran and did not pass: what golden/ can pin as a kno
 # verdict on the code under test, and never something golden/ pins.
 NOT_RUN_HERE = (SKIP, INFRA_ERROR)
 
+# Gate verdicts (``harness.regression.gate`` decides them; reports render them): a case judged
+# against golden/ and a baseline, and INCOMPATIBLE for a candidate that cannot even start.
+V_PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
+INCOMPATIBLE = "INCOMPATIBLE"
+VERDICT_ORDER = {INCOMPATIBLE: -1, REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, V_PASS: 4}  # worst first
+
 _LOG_TAIL_MARK = "\n--- "  # the launcher appends rank log tails after this marker
 
 

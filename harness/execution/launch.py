@@ -179,6 +179,23 @@ def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[Ca
     return results
 
 
+def import_probe(options: LaunchOptions, timeout_s: float = 600) -> str:
+    """Import the stack as a rank would with ``options.source_trees`` (``worker.import_stack``), in a
+    fresh process: '' if it imports, else the exception's one line (``ImportError: cannot import
+    name 'X' from 'megatron.core.Y'``). The gate asks this before it runs any case."""
+    import json
+
+    trees = json.dumps([t.to_dict() for t in options.source_trees])
+    cmd = [options.python, "-m", "harness.execution.worker", "--probe", trees, "--lane", options.lane]
+    try:
+        proc = subprocess.run(cmd, env=launch_environment(options, 1), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"importing the stack took over {timeout_s:.0f} s"
+    if proc.returncode == 0:
+        return ""
+    return error_headline(proc.stderr) or f"the import probe exited with code {proc.returncode}"
+
+
 def launch_environment(options: LaunchOptions, ws: int) -> dict[str, str]:
     """The environment a launch starts with: lane variables that must precede CUDA (TF32 off),
     the harness on ``PYTHONPATH`` behind any source trees, and a thread budget per launch when

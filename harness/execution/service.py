@@ -79,6 +79,18 @@ def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
             or lanes.capacity_blocker(case.world_size, lane, gpus, placement.ranks_per_gpu))
 
 
+def _launch_options(request: RunRequest) -> launch.LaunchOptions:
+    return launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
+                                source_trees=list(request.source_trees), placement=request.placement,
+                                jobs=request.jobs)
+
+
+def import_problem(request: RunRequest) -> str:
+    """Why a rank could not even start with ``request``'s trees ('' if it can): the failing import
+    or attribute, one line (``launch.import_probe``)."""
+    return launch.import_probe(_launch_options(request))
+
+
 def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
                   on_result: Callable[[CaseResult], None] | None = None) -> RunOutcome:
     """Run ``request.cases`` into a new run folder; progress (``[done/total] ... ETA``) goes to
@@ -129,10 +141,7 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
             record(by_id[case.id])
         else:
             to_launch.append(case)
-    options = launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
-                                   source_trees=list(request.source_trees), placement=request.placement,
-                                   jobs=request.jobs)
-    for result in launch.run_cases(to_launch, run, options, on_result=record):
+    for result in launch.run_cases(to_launch, run, _launch_options(request), on_result=record):
         by_id[result.case_id] = result
     meta.wall_s = round(time.monotonic() - started, 2)
     results = [by_id[c.id] for c in request.cases]

@@ -2,7 +2,8 @@
 
 ``--megatron-lm PATH`` / ``--megatron-bridge PATH`` (or ``HARNESS_MEGATRON_LM`` /
 ``HARNESS_MEGATRON_BRIDGE``) put the tree ahead of the installed packages on every rank's
-``PYTHONPATH``. ``megatron`` is a namespace package (no ``megatron/__init__.py`` in the wheels),
+``PYTHONPATH``; ``--bridge-checkout PATH`` is both, a Megatron-Bridge checkout and the
+``3rdparty/Megatron-LM`` submodule it vendors. ``megatron`` is a namespace package (no ``megatron/__init__.py`` in the wheels),
 so ``megatron.core`` comes from the first path entry that has ``megatron/core``. Each worker
 checks at start-up that the modules really came from the tree (a typo must not silently test the
 wheel), and every report records the tree's git SHA and whether it was dirty.
@@ -15,7 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -32,9 +33,19 @@ class SourceTree:
     import_root: str  # the entry to put on PYTHONPATH
     sha: str
     dirty: bool
+    # For the 3rdparty/Megatron-LM of a Bridge checkout: the commit the Bridge's HEAD pins there
+    # (its gitlink), which a user may have moved the submodule away from. "" otherwise.
+    pinned_by_bridge: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def description(self) -> str:
+        """One line for logs and reports: kind, SHA, dirty, and a submodule moved off its pin."""
+        moved = (f", Bridge pins {self.pinned_by_bridge[:12]}"
+                 if self.pinned_by_bridge and self.pinned_by_bridge != self.sha else "")
+        return f"{self.kind} {self.sha[:12]}{' (dirty)' if self.dirty else ''}{moved}"
 
 
 def _git(path: Path, *args: str) -> str | None:
@@ -69,6 +80,37 @@ def validate(kind: str, path: str | Path) -> SourceTree:
     return SourceTree(kind=kind, path=str(root), import_root=str(import_root), sha=sha, dirty=dirty)
 
 
+SUBMODULE = Path("3rdparty") / "Megatron-LM"
+
+
+def bridge_checkout(path: str | Path) -> tuple[str, str]:
+    """(Megatron-LM, Megatron-Bridge) paths of a Bridge checkout whose ``3rdparty/Megatron-LM``
+    submodule is the Megatron-LM under test (a bump of both at once); one-line errors otherwise."""
+    bridge = validate("megatron-bridge", path)
+    sub = Path(bridge.path) / SUBMODULE
+    if not (sub / "megatron" / "core").is_dir():
+        raise InputError(f"--bridge-checkout {path}: {SUBMODULE} is empty (run `git -C {bridge.path} submodule "
+                         f"update --init {SUBMODULE}`), or give --megatron-bridge alone to test the installed megatron-core")
+    return validate("megatron-lm", sub).path, bridge.path
+
+
+def _with_pin(trees: list[SourceTree]) -> list[SourceTree]:
+    """A Megatron-LM tree that is the ``3rdparty/Megatron-LM`` of the Bridge tree records the
+    commit the Bridge pins there."""
+    bridge = next((t for t in trees if t.kind == "megatron-bridge"), None)
+    if bridge is None:
+        return trees
+    return [replace(t, pinned_by_bridge=gitlink(Path(bridge.path), "HEAD") or "")
+            if t.kind == "megatron-lm" and Path(t.path) == Path(bridge.path) / SUBMODULE else t for t in trees]
+
+
+def gitlink(bridge_repo: Path, ref: str) -> str | None:
+    """The Megatron-LM commit ``ref`` of a Bridge repository pins in ``3rdparty/Megatron-LM``."""
+    out = _git(bridge_repo, "ls-tree", ref, str(SUBMODULE))  # "160000 commit <sha>\t3rdparty/Megatron-LM"
+    parts = out.split() if out else []
+    return parts[2] if len(parts) >= 3 and parts[1] == "commit" else None
+
+
 def select(megatron_lm: str | None = None, megatron_bridge: str | None = None) -> None:
     """Make the given trees the ones in use for this process and its children, as if set in the
     environment: case loading (the Bridge's registry, megatron-core feature checks) and every rank
@@ -85,7 +127,7 @@ def resolve(megatron_lm: str | None = None, megatron_bridge: str | None = None) 
         path = given or os.environ.get(ENV[kind])
         if path:
             trees.append(validate(kind, path))
-    return trees
+    return _with_pin(trees)
 
 
 def pythonpath(trees: list[SourceTree], existing: str = "") -> str:
@@ -127,3 +169,58 @@ def worktree(repo: Path, ref: str) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(path)], capture_output=True)
         subprocess.run(["git", "-C", str(repo), "worktree", "prune"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class History:
+    """The repository whose commits a gate's ``--baseline REF`` and its bisections walk.
+
+    It is the Megatron-LM tree when one is given, else the Megatron-Bridge tree. For a Bridge
+    checkout (``--bridge-checkout``), it is the Bridge, and each of its commits is tested with the
+    Megatron-LM commit that commit pins in ``3rdparty/Megatron-LM``. Trees not walked stay fixed.
+    """
+
+    walked: SourceTree
+    fixed: tuple[SourceTree, ...]
+    follows_submodule: bool
+
+    @property
+    def repo(self) -> Path:
+        return Path(self.walked.path)
+
+    def commit(self, ref: str) -> str | None:
+        """The full SHA of ``ref`` in the walked repository, or None if it names no commit."""
+        return _git(self.repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+
+    @contextlib.contextmanager
+    def trees_at(self, ref: str) -> Iterator[list[SourceTree]]:
+        """The trees under test with the walked repository at ``ref`` (throw-away worktrees)."""
+        with worktree(self.repo, ref) as path, self.trees_in(path) as trees:
+            yield trees
+
+    @contextlib.contextmanager
+    def trees_in(self, path: Path) -> Iterator[list[SourceTree]]:
+        """The trees under test with the walked repository checked out at ``path`` (e.g. a
+        bisection's worktree); a Bridge's submodule is checked out at the commit it pins there.
+        Raises InputError when a tree there is not one (an old commit of another layout)."""
+        walked = validate(self.walked.kind, path)
+        if not self.follows_submodule:
+            yield [walked, *self.fixed]
+            return
+        pin = _git(path, "rev-parse", f"HEAD:{SUBMODULE}")
+        if not pin:
+            raise InputError(f"{walked.sha[:12]} of {self.repo} pins no {SUBMODULE}")
+        with worktree(self.repo / SUBMODULE, pin) as sub:
+            yield [replace(validate("megatron-lm", sub), pinned_by_bridge=pin), walked]
+
+
+def history(trees: list[SourceTree]) -> History | None:
+    """The repository a gate walks for ``trees`` (see ``History``); None without a source tree."""
+    by_kind = {t.kind: t for t in trees}
+    bridge, mlm = by_kind.get("megatron-bridge"), by_kind.get("megatron-lm")
+    if bridge and mlm and mlm.pinned_by_bridge:  # a Bridge checkout: walk the Bridge, the submodule follows
+        return History(walked=bridge, fixed=(), follows_submodule=True)
+    walked = mlm or bridge
+    if walked is None:
+        return None
+    return History(walked=walked, fixed=tuple(t for t in trees if t is not walked), follows_submodule=False)

@@ -41,10 +41,60 @@ def _redirect_output(log_file: Path) -> None:
     os.close(fd)
 
 
+def import_stack(trees: list, lane: str):
+    """What a rank imports and installs before its first case: the harness's conversion code, the
+    Bridge's API it calls, the source trees' packages (verified to come from the trees) and the
+    lane's runtime redirects, entered and left once. Returns (runner, runtime, imported). The
+    gate's preflight (``--probe``) runs exactly this, so a tree that breaks any of it is named
+    once, before any case starts."""
+    import importlib
+
+    import torch.distributed  # noqa: F401 - the collectives every case uses
+
+    from harness.conversion import runner
+    from harness.execution import source_trees
+    from harness.runtimes import make_runtime
+
+    imported = source_trees.verify_imports(trees)  # raises (-> every case errors) on a wrong import
+    for module in BRIDGE_API:
+        importlib.import_module(module)
+    runtime = make_runtime(lane)
+    if lane == "cpu":  # every CPU redirect's upstream target must still exist (the GPU lane has none)
+        with runtime:
+            pass
+    return runner, runtime, imported
+
+
+# The Bridge modules the harness calls into (harness.conversion.bridge_calls, megatron_fsdp).
+BRIDGE_API = ("megatron.bridge", "megatron.bridge.models", "megatron.bridge.training.checkpointing",
+              "megatron.bridge.training.model_load_save", "megatron.bridge.training.config",
+              "megatron.bridge.training.state")
+
+
+def probe(trees_json: str, lane: str) -> int:
+    """``--probe``: import the stack as a rank would; exit 0, or print the traceback and exit 1."""
+    import json
+    import traceback
+
+    from harness.execution.source_trees import SourceTree
+
+    try:
+        import_stack([SourceTree(**t) for t in json.loads(trees_json)], lane)
+    except BaseException:  # noqa: BLE001 - whatever the tree breaks is the answer
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="harness.execution.worker")
-    parser.add_argument("--plan", type=Path, required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", type=Path)
+    mode.add_argument("--probe", metavar="TREES_JSON", help="import the stack with these source trees, run no case")
+    parser.add_argument("--lane", default="cpu", help="with --probe: the lane whose runtime to install")
     args = parser.parse_args(argv)
+    if args.probe is not None:
+        return probe(args.probe, args.lane)
     plan: Plan = RunDir.read_plan(args.plan)
     run = RunDir(plan.run_dir)
     rank = int(os.environ.get("RANK", "0"))
@@ -56,13 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only here, after the log redirect, so their warnings land in the rank log.
     import torch.distributed as dist
 
-    from harness.conversion import runner
-    from harness.execution import provenance, source_trees
+    from harness.execution import provenance
     from harness.matrix.cases import load_cases
     from harness.regression import faults
     from harness.runtimes import make_runtime
 
-    imported = source_trees.verify_imports(plan.source_trees)  # raises (-> every case errors) on a wrong import
+    runner, _, imported = import_stack(plan.source_trees, plan.lane)
     runtime = make_runtime(plan.lane, plan.placement)
     if rank == 0:
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))

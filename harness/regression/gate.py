@@ -10,28 +10,37 @@ Verdicts (a case "passes" when its checks pass *and* its fingerprint matches gol
     NOT-RUN        not run here: a declared-invalid layout, a case this machine cannot run (e.g.
                    more GPUs than it has), or an infrastructure error, with the reason
 
-Only REGRESSED makes the gate exit non-zero. REGRESSED cases are grouped into root causes
-(``root_causes``): the reports lead with one row per cause, then the per-case rows. The baseline
-is a finished run, or a git ref of the candidate Megatron-LM repository, run in a throw-away
-worktree.
+Only REGRESSED (and INCOMPATIBLE, below) make the gate exit non-zero. REGRESSED cases are grouped
+into root causes (``root_causes``): the reports lead with one row per cause, then the per-case
+rows. FIXED cases are grouped the same way, by how they failed in the baseline.
+
+The baseline is a finished run, or a git ref of the repository under test
+(``source_trees.History``: the Megatron-LM tree, else the Bridge, or a Bridge checkout with its
+submodule), run in a throw-away worktree. With a git ref the gate then bisects each cause between
+the baseline and the candidate on the cause's representative case (``bisect``): the first bad
+commit of a regression, the first good commit of a fix, within ``--bisect-budget`` seconds.
+
+INCOMPATIBLE: before any case, a rank's imports are tried once (``service.import_problem``). A
+candidate that cannot import the stack, or breaks an attribute the harness's runtime or the
+Bridge uses at import, gets one verdict line naming it (and, with a git baseline, the commit that
+broke it) instead of one ERROR per case.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TextIO
 
 from harness.errors import InputError
-from harness.execution import service
-from harness.execution.source_trees import SourceTree, validate, worktree
-from harness.regression import golden
-from harness.regression.root_causes import RootCause, group
+from harness.execution import service, source_trees
+from harness.execution.source_trees import History, SourceTree
+from harness.regression import bisect, golden
+from harness.regression.root_causes import Bisection, RootCause, exception_type, group, normalise
 from harness.reporting import run_document, run_report
-from harness.results import INFRA_ERROR, INVALID, NOT_RUN_HERE, PASS as PASSED, CaseResult
-
-PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
-ORDER = {REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, PASS: 4}
+from harness.results import (FIXED, INCOMPATIBLE, INFRA_ERROR, INVALID, NOT_RUN, NOT_RUN_HERE, REGRESSED,
+                             STILL_FAILING, V_PASS as PASS, VERDICT_ORDER as ORDER, PASS as PASSED, CaseResult)
+DEFAULT_BISECT_BUDGET_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -84,54 +93,142 @@ def judge_all(results: list[CaseResult], baseline: dict[str, CaseResult] | None)
 def regressed_causes(results: list[CaseResult], verdicts: list[Verdict],
                      trees: Iterable[SourceTree] = ()) -> tuple[RootCause, ...]:
     """The REGRESSED cases grouped by root cause; each cause's rerun command names ``trees``."""
-    tree_args = [arg for t in trees for arg in (f"--{t.kind}", t.path)]
-    return group(results, [v for v in verdicts if v.verdict == REGRESSED], tree_args)
+    return group(results, [v for v in verdicts if v.verdict == REGRESSED], _tree_args(trees))
+
+
+def fixed_causes(verdicts: list[Verdict], baseline: dict[str, CaseResult] | None,
+                 trees: Iterable[SourceTree] = ()) -> tuple[RootCause, ...]:
+    """The FIXED cases grouped by how they failed in the baseline run (one fix, one row); none
+    without a baseline run, whose failures are what tells fixes apart."""
+    fixed = [v for v in verdicts if v.verdict == FIXED and baseline and v.case_id in baseline]
+    return group([baseline[v.case_id] for v in fixed], fixed, _tree_args(trees)) if fixed else ()
+
+
+def _tree_args(trees: Iterable[SourceTree]) -> list[str]:
+    return [arg for t in trees for arg in (f"--{t.kind}", t.path)]
 
 
 @dataclass
 class GateOutcome:
-    candidate: service.RunOutcome
+    run: service.RunOutcome  # the candidate's run folder (summary.md, index.html); no case in it if INCOMPATIBLE
     verdicts: list[Verdict]
-    root_causes: tuple[RootCause, ...] = ()
+    root_causes: tuple[RootCause, ...] = ()  # REGRESSED causes, then FIXED ones (or the one INCOMPATIBLE)
+
+    @property
+    def incompatible(self) -> RootCause | None:
+        return next((c for c in self.root_causes if c.verdict == INCOMPATIBLE), None)
 
     @property
     def regressed(self) -> bool:
-        return any(v.verdict == REGRESSED for v in self.verdicts)
+        return self.incompatible is not None or any(v.verdict == REGRESSED for v in self.verdicts)
 
     @property
     def infra_errors(self) -> int:
-        return sum(r.status == INFRA_ERROR for r in self.candidate.results)
+        return sum(r.status == INFRA_ERROR for r in self.run.results)
 
     def counts(self) -> dict[str, int]:
-        return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER}
+        return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER if k != INCOMPATIBLE}
 
 
-def baseline_results(ref: str, request: service.RunRequest, stream=None) -> dict[str, CaseResult]:
-    """The baseline: a finished run (path, name or 'latest'), or a git ref of the candidate
-    Megatron-LM repository, whose cases are then run in a throw-away worktree."""
+def baseline_results(ref: str, request: service.RunRequest, stream=None) -> tuple[dict[str, CaseResult], bool]:
+    """The baseline: a finished run (path, name or 'latest'), or a git ref of the repository under
+    test (``History``), whose cases are then run in a throw-away worktree. Also says which it was."""
     try:
-        return run_document.load_run(ref)[1]
+        return run_document.load_run(ref)[1], False
     except FileNotFoundError:
         pass
-    repo = next((t for t in request.source_trees if t.kind == "megatron-lm"), None)
-    if repo is None:
-        raise InputError(f"--baseline {ref}: no such run, and no --megatron-lm repo to resolve it as a git ref")
-    with worktree(Path(repo.path), ref) as tree:
-        trees = [validate("megatron-lm", tree)] + [t for t in request.source_trees if t.kind != "megatron-lm"]
+    walked = source_trees.history(request.source_trees)
+    if walked is None or walked.commit(ref) is None:
+        where = f"a commit of {walked.repo}" if walked else "a git ref (no --megatron-lm / --megatron-bridge repo given)"
+        raise InputError(f"--baseline {ref}: neither a finished run nor {where}")
+    with walked.trees_at(ref) as trees:
         base = replace(request, label=f"baseline-{ref}", source_trees=trees)
-        return {r.case_id: r for r in service.run_selection(base, stream=stream).results}
+        return {r.case_id: r for r in service.run_selection(base, stream=stream).results}, True
 
 
-def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream=None) -> GateOutcome:
-    """Run the candidate (and the baseline, if it is a git ref), judge every case, group the
-    regressions into root causes, write both into the candidate run's ``summary.md`` (the PR
-    comment) and ``index.html``."""
+def incompatible_cause(problem: str, request: service.RunRequest) -> RootCause:
+    """The one root cause of a candidate that cannot start: every selected case, one line."""
+    kind = exception_type(problem)
+    return RootCause(verdict=INCOMPATIBLE, signature=normalise(problem), check=kind or "import", tensor="",
+                     detail=problem, case_ids=tuple(c.id for c in request.cases), families=(), layouts=(), paths=(),
+                     representative="(import probe)", rerun="python -m harness.execution.worker --probe '[...]'")
+
+
+def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: str, baseline: dict[str, CaseResult],
+                  request: service.RunRequest, budget_s: float,
+                  say: Callable[[str], None]) -> tuple[RootCause, ...]:
+    """Each cause with its bisection: the first bad commit of a REGRESSED cause, the first good one
+    of a FIXED cause, on a representative case that behaved the other way at the baseline; causes
+    left when ``budget_s`` is spent say so."""
+    deadline = time.monotonic() + budget_s
+    candidate = walked.walked.sha
+    by_id = {c.id: c for c in request.cases}
+    out = []
+    for i, cause in enumerate(causes, 1):
+        regression = cause.verdict == REGRESSED
+        terms = bisect.REGRESSION if regression else bisect.FIX
+        term = f"first {terms[1]}"
+        # The representative must have behaved the other way at the baseline, or there is nothing between them.
+        flipped = [cid for cid in (cause.representative, *cause.case_ids)
+                   if cid in baseline and (baseline[cid].status == PASSED) == regression]
+        if not flipped:
+            found = Bisection.not_tried(term, f"no case of it {'passed' if regression else 'failed'} at the baseline "
+                                              f"{baseline_ref} (it regressed against golden/ only)")
+        elif time.monotonic() >= deadline:
+            found = Bisection.not_tried(term, f"the bisect budget ({budget_s:.0f} s) was spent on earlier causes")
+        else:
+            say(f"harness: bisecting cause {i} ({cause.verdict}, {cause.count} case(s)) on {flipped[0]} between "
+                f"{baseline_ref} and {candidate[:12]}")
+            found = bisect.bisect(walked, baseline_ref, candidate, bisect.case_step(by_id[flipped[0]], request.lane,
+                                                                                    request.cases_dir),
+                                  terms=terms, deadline=deadline, say=say)
+        out.append(replace(cause, bisection=found))
+    return tuple(out)
+
+
+def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream: TextIO | None = None,
+             bisect_budget_s: float = DEFAULT_BISECT_BUDGET_S) -> GateOutcome:
+    """Try the candidate's imports; run the baseline (if it is a git ref) and the candidate; judge
+    every case; group the regressions and the fixes into root causes; bisect each cause when the
+    baseline is a git ref; write it all into the candidate run's ``summary.md`` (the PR comment)
+    and ``index.html``."""
     if not any(t.kind in ("megatron-lm", "megatron-bridge") for t in request.source_trees):
-        raise InputError("gate needs a candidate: --megatron-lm PATH (or --megatron-bridge PATH)")
-    baseline = baseline_results(baseline_ref, request, stream) if baseline_ref else None
+        raise InputError("gate needs a candidate: --megatron-lm PATH, --megatron-bridge PATH or --bridge-checkout PATH")
+    say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
+    walked = source_trees.history(request.source_trees)
+    if baseline_ref and walked is not None and walked.commit(baseline_ref) is None:
+        try:
+            run_document.load_run(baseline_ref)
+        except FileNotFoundError:
+            raise InputError(f"--baseline {baseline_ref}: neither a finished run nor a commit of {walked.repo}") from None
+    git_baseline = bool(baseline_ref and walked is not None and walked.commit(baseline_ref))
+
+    say("harness: checking that the candidate imports (the stack as a rank imports it)")
+    problem = service.import_problem(request)
+    if problem:
+        cause = incompatible_cause(problem, request)
+        if git_baseline:
+            say(f"harness: the candidate does not import; bisecting the import between {baseline_ref} and {walked.walked.sha[:12]}")
+            found = bisect.bisect(walked, baseline_ref, walked.walked.sha, bisect.import_step(request.lane),
+                                  deadline=time.monotonic() + bisect_budget_s, say=say)
+        else:
+            found = Bisection.not_tried("first bad", "give --baseline GIT_REF to find the commit")
+        cause = replace(cause, bisection=found)
+        empty = service.run_selection(replace(request, cases=[]), stream=None)
+        run_report.write_run(empty.run, [], empty.meta.to_dict(), verdicts={}, verdict_order=ORDER, root_causes=(cause,))
+        return GateOutcome(run=empty, verdicts=[], root_causes=(cause,))
+
+    baseline, _ = baseline_results(baseline_ref, request, stream) if baseline_ref else (None, False)
     candidate = service.run_selection(request, stream=stream)
     verdicts = judge_all(candidate.results, baseline)
-    causes = regressed_causes(candidate.results, verdicts, request.source_trees)
+    causes = regressed_causes(candidate.results, verdicts, request.source_trees) + fixed_causes(
+        verdicts, baseline, request.source_trees)
+    if git_baseline and causes:
+        causes = bisect_causes(causes, walked, baseline_ref, baseline or {}, request, bisect_budget_s, say)
+    elif causes:
+        why = "--baseline is a finished run, not a git ref" if baseline_ref else "no --baseline GIT_REF to bisect from"
+        causes = tuple(replace(c, bisection=Bisection.not_tried(
+            "first bad" if c.verdict == REGRESSED else "first fixed", why)) for c in causes)
     run_report.write_run(candidate.run, candidate.results, candidate.meta.to_dict(),
                          verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER, root_causes=causes)
-    return GateOutcome(candidate=candidate, verdicts=verdicts, root_causes=causes)
+    return GateOutcome(run=candidate, verdicts=verdicts, root_causes=causes)

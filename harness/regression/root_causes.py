@@ -32,7 +32,7 @@ from harness.results import PASS, CaseResult
 if TYPE_CHECKING:  # gate imports this module; its Verdict is only a type here
     from harness.regression.gate import Verdict
 
-NOT_BISECTED = "not bisected"  # what reports show until the gate bisects causes (issue 20, item 2)
+NOT_BISECTED = "not bisected"  # a cause the gate did not bisect (no git baseline, or no budget left)
 
 # Order matters: paths and hex before numbers (a path or a SHA holds digits), shapes after them.
 _PATH = re.compile(r"(?<![\w.])/[\w.+@-]+(?:/[\w.+@-]+)*")
@@ -110,6 +110,49 @@ def signature(result: CaseResult, reasons: Sequence[str] = ()) -> Signature:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """A commit as a report names it: SHA, subject, the files it touched."""
+
+    sha: str
+    subject: str
+    files: tuple[str, ...] = ()
+    more_files: int = 0  # touched but not listed
+
+    @property
+    def text(self) -> str:
+        files = ", ".join(self.files) + (f" and {self.more_files} more" if self.more_files else "")
+        return f"{self.sha[:12]} {self.subject}" + (f" (files: {files})" if files else "")
+
+
+@dataclass(frozen=True)
+class Bisection:
+    """What bisecting one cause found (``harness.regression.bisect``): the first bad commit of a
+    regression, the first good commit of a fix, or why there is none."""
+
+    FOUND, NOT_FOUND, BUDGET, ABORTED, NOT_TRIED = "found", "not-found", "budget", "aborted", "not-tried"
+
+    status: str
+    term: str  # "first bad" | "first fixed"
+    commit: Commit | None = None
+    steps: int = 0
+    skipped: tuple[Commit, ...] = ()  # commits that did not import (git bisect skip)
+    range: tuple[str, str] = ("", "")  # the last known (before, after) commits
+    reason: str = ""  # why no commit was named
+
+    @property
+    def text(self) -> str:
+        """One line for a report cell: the commit, else ``not bisected: why``."""
+        if self.commit is not None:
+            skipped = f"; {len(self.skipped)} skipped (no import)" if self.skipped else ""
+            return f"{self.commit.text} [{self.steps} step(s){skipped}]"
+        return f"{NOT_BISECTED}: {self.reason}"
+
+    @classmethod
+    def not_tried(cls, term: str, reason: str) -> "Bisection":
+        return cls(status=cls.NOT_TRIED, term=term, reason=reason)
+
+
+@dataclass(frozen=True)
 class RootCause:
     """One cause and every case it explains, as reports show it (one row each)."""
 
@@ -124,7 +167,12 @@ class RootCause:
     paths: tuple[str, ...]  # format/kind
     representative: str  # the cheapest case to rerun (fewest ranks, then quickest)
     rerun: str  # the `harness run` command line that reruns the representative
-    first_bad_commit: str = ""  # "" until the gate bisects (reports say NOT_BISECTED)
+    bisection: Bisection | None = None  # the first bad (a FIXED cause: first good) commit, if bisected
+
+    @property
+    def commit_text(self) -> str:
+        """The report cell for the commit that caused it (or fixed it), or why none is named."""
+        return self.bisection.text if self.bisection is not None else NOT_BISECTED
 
     @property
     def count(self) -> int:

@@ -29,10 +29,10 @@ from harness import workspace
 from harness.execution.run_dir import LATEST, RESULTS_NAME, Plan, RunDir
 from harness.matrix.cases import CaseKey, parse_case_id  # noqa: F401 - the grid is laid out by its parts
 from harness.regression import golden
-from harness.regression.root_causes import NOT_BISECTED, RootCause
+from harness.regression.root_causes import RootCause
 from harness.reporting import run_document
-from harness.results import (ERROR, FAIL, INFRA_ERROR, INVALID, OK_STATUSES, PASS, SKIP, TIMEOUT, CaseResult,
-                             CheckResult)
+from harness.results import (ERROR, FAIL, FIXED, INCOMPATIBLE, INFRA_ERROR, INVALID, NOT_RUN, OK_STATUSES, PASS,
+                             REGRESSED, SKIP, STILL_FAILING, TIMEOUT, V_PASS, CaseResult, CheckResult)
 
 INDEX_NAME = "index.html"
 HISTORY_NAME = "history.html"
@@ -75,11 +75,12 @@ KNOWN_LOOK = Look("known", "KNOWN", False,
                   "known upstream failure: fails exactly as golden/ pins it (see golden/known_failures.yaml)")
 # Gate verdicts (harness.regression.gate; not imported: it drags in the run service).
 VERDICT_LOOKS = {
-    "PASS": Look("pass", "PASS", False, "passes now and in golden/ and the baseline"),
-    "REGRESSED": Look("fail", "REGRESSED", True, "fails now, but passed in golden/ or in the baseline"),
-    "FIXED": Look("fixed", "FIXED", False, "passes now, failed in every reference"),
-    "STILL-FAILING": Look("known", "STILL-FAILING", False, "fails now, and failed in every reference"),
-    "NOT-RUN": Look("skip", "NOT-RUN", False, "not run here: invalid layout, not runnable here, or infrastructure"),
+    V_PASS: Look("pass", V_PASS, False, "passes now and in golden/ and the baseline"),
+    REGRESSED: Look("fail", REGRESSED, True, "fails now, but passed in golden/ or in the baseline"),
+    FIXED: Look("fixed", FIXED, False, "passes now, failed in every reference"),
+    STILL_FAILING: Look("known", STILL_FAILING, False, "fails now, and failed in every reference"),
+    NOT_RUN: Look("skip", NOT_RUN, False, "not run here: invalid layout, not runnable here, or infrastructure"),
+    INCOMPATIBLE: Look("error", INCOMPATIBLE, True, "the candidate cannot start: a rank cannot import the stack"),
 }
 
 
@@ -462,8 +463,7 @@ def _templates() -> jinja2.Environment:
 
 
 def render_run_page(page: RunPage) -> str:
-    return _templates().get_template("run.html.j2").render(page=page, log_tail_lines=LOG_TAIL_LINES,
-                                                           not_bisected=NOT_BISECTED)
+    return _templates().get_template("run.html.j2").render(page=page, log_tail_lines=LOG_TAIL_LINES)
 
 
 def write_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],

@@ -12,17 +12,15 @@ from typing import Any, Iterable, Sequence
 from harness import workspace
 from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
-from harness.regression.root_causes import NOT_BISECTED, RootCause
+from harness.regression.root_causes import RootCause
 from harness.reporting import coverage, html_report, run_document
-from harness.results import CRASHED, FAIL, PASS, SKIP, CaseResult, status_counts
+from harness.results import CRASHED, FAIL, FIXED, INCOMPATIBLE, PASS, REGRESSED, SKIP, CaseResult, status_counts
 
 # summary.md is posted as a PR comment; GitHub refuses a body over 65536 characters. The reserve
 # is left for what CI appends (the link to the workflow run that holds the HTML report).
 COMMENT_LIMIT = 65536
 COMMENT_RESERVE = 1024
 SUMMARY_LIMIT = COMMENT_LIMIT - COMMENT_RESERVE
-# harness.regression.gate's verdicts (not imported: it drags in the run service).
-REGRESSED, FIXED = "REGRESSED", "FIXED"
 
 
 def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any],
@@ -133,10 +131,14 @@ def provenance_lines(meta: dict[str, Any]) -> list[str]:
 
 def verdict_line(verdicts: dict[str, str], root_causes: Sequence[RootCause]) -> str:
     """The gate's answer, first: may this bump go in?"""
+    incompatible = next((c for c in root_causes if c.verdict == INCOMPATIBLE), None)
+    if incompatible is not None:
+        return (f"### Gate: **{INCOMPATIBLE}**: the candidate cannot start: `{table_cell(incompatible.detail)}`; "
+                f"first bad commit: {incompatible.commit_text}")
     regressed = sum(v == REGRESSED for v in verdicts.values())
     if regressed:
-        causes = f"{len(root_causes)} root cause{'' if len(root_causes) == 1 else 's'}"
-        return f"### Gate: **{REGRESSED}**: {regressed} of {len(verdicts)} cases regressed, from {causes}"
+        n = sum(c.verdict == REGRESSED for c in root_causes)
+        return f"### Gate: **{REGRESSED}**: {regressed} of {len(verdicts)} cases regressed, from {n} root cause{'' if n == 1 else 's'}"
     return f"### Gate: **PASS**: nothing regressed in {len(verdicts)} cases"
 
 
@@ -146,37 +148,73 @@ def root_cause_rows(root_causes: Sequence[RootCause]) -> list[str]:
     rows = ["| cause | cases | failing check | first failing tensor | representative's failure | families | layouts "
             "| rerun | first bad commit |", "|---|---|---|---|---|---|---|---|---|"]
     for i, c in enumerate(root_causes, 1):
+        if c.verdict != REGRESSED:
+            continue
         rows.append(" | ".join([
             f"| {i}", f"**{c.count}**", f"`{c.check}`", f"`{c.tensor}`" if c.tensor else "-", table_cell(clip(c.detail, 160)),
             table_cell(", ".join(c.families)), table_cell(", ".join(c.layouts)), f"`{table_cell(c.rerun)}`",
-            f"`{c.first_bad_commit}`" if c.first_bad_commit else NOT_BISECTED]) + " |")
+            table_cell(c.commit_text)]) + " |")
     return rows
+
+
+def fixed_lines(results: list[CaseResult], verdicts: dict[str, str], root_causes: Sequence[RootCause]) -> list[str]:
+    """The FIXED list: one bullet per fix (its cases grouped by how they failed in the baseline,
+    with the first good commit), then FIXED cases no baseline run tells apart."""
+    lines = []
+    grouped: set[str] = set()
+    for i, c in enumerate(root_causes, 1):
+        if c.verdict == FIXED:
+            grouped.update(c.case_ids)
+            lines.append(f"- cause {i}: **{c.count}** case(s) that failed `{c.check}`"
+                         f"{f' on `{c.tensor}`' if c.tensor else ''} now pass (e.g. `{c.representative}`); "
+                         f"first good commit: {table_cell(c.commit_text)}")
+    lines += [f"- `{r.case_id}`: passes now, failed in every reference" for r in results
+              if verdicts.get(r.case_id) == FIXED and r.case_id not in grouped]
+    return lines or ["None."]
 
 
 def gate_head(results: list[CaseResult], meta: dict[str, Any], run_name: str, verdicts: dict[str, str],
               order: dict[str, int], root_causes: Sequence[RootCause]) -> list[str]:
-    """A gate summary up to its per-case rows: verdict, counts, provenance, root causes, FIXED, link."""
+    """A gate summary up to its per-case rows: verdict, counts, provenance, root causes with their
+    first bad commits, FIXED with first good commits, link."""
     counts = {v: n for v in sorted(set(verdicts.values()), key=lambda v: order.get(v, len(order)))
               if (n := sum(x == v for x in verdicts.values()))}
-    lines = [verdict_line(verdicts, root_causes), "",
-             f"Run `{run_name}`: " + ", ".join(f"**{n}** {v}" for v, n in counts.items()) + f" of {len(results)} cases"]
+    lines = [verdict_line(verdicts, root_causes), ""]
+    incompatible = next((c for c in root_causes if c.verdict == INCOMPATIBLE), None)
+    if incompatible is not None:
+        lines += [f"Run `{run_name}`: no case ran ({incompatible.count} selected): a rank could not import the "
+                  "stack with the candidate's trees, so every case would fail the same way."]
+        lines += provenance_lines(meta) + bisection_lines(incompatible)
+        return lines
+    lines += [f"Run `{run_name}`: " + ", ".join(f"**{n}** {v}" for v, n in counts.items()) + f" of {len(results)} cases"]
     lines += provenance_lines(meta)
-    lines += ["", f"#### Root causes ({len(root_causes)})", ""]
-    if root_causes:
+    regressed = [c for c in root_causes if c.verdict == REGRESSED]
+    lines += ["", f"#### Root causes ({len(regressed)})", ""]
+    if regressed:
         lines += root_cause_rows(root_causes)
-        if any(not c.first_bad_commit for c in root_causes):
-            lines += ["", f"First bad commit: *{NOT_BISECTED}*: the gate does not bisect yet; "
-                          "`harness bisect --megatron-lm PATH --good BASELINE --bad CANDIDATE --case REPRESENTATIVE` "
-                          "finds it for one cause."]
+        for i, c in enumerate(root_causes, 1):
+            if c.verdict == REGRESSED and c.bisection is not None and c.bisection.skipped:
+                lines += [f"", f"Cause {i}: skipped {len(c.bisection.skipped)} commit(s) that do not import: "
+                          + ", ".join(f"`{k.sha[:12]}`" for k in c.bisection.skipped)]
     elif REGRESSED in verdicts.values():  # a caller that did not group them
         lines.append("Not grouped: every regressed case is in the table below.")
     else:
         lines.append("None: nothing regressed.")
-    fixed = [r.case_id for r in results if verdicts.get(r.case_id) == FIXED]
-    lines += ["", f"#### {FIXED} ({len(fixed)})", ""]
-    lines += [f"- `{case_id}`: passes now, failed in every reference" for case_id in fixed] or ["None."]
+    n_fixed = sum(v == FIXED for v in verdicts.values())
+    lines += ["", f"#### {FIXED} ({n_fixed})", ""] + fixed_lines(results, verdicts, root_causes)
     lines += ["", f"Full report: [{html_report.INDEX_NAME}]({html_report.INDEX_NAME}) in the run folder `{run_name}` "
                   "(every case's checks, numbers, failing tensors and log tails)."]
+    return lines
+
+
+def bisection_lines(cause: RootCause) -> list[str]:
+    """Where a bisection looked and what it skipped, for the cause a summary leads with."""
+    b = cause.bisection
+    if b is None or b.status == b.NOT_TRIED:
+        return []
+    lines = ["", f"Bisected in {b.steps} step(s) between `{b.range[0][:12]}` and `{b.range[1][:12]}`."]
+    if b.skipped:
+        lines.append("Skipped (does not import): " + ", ".join(f"`{k.sha[:12]}`" for k in b.skipped))
     return lines
 
 
@@ -240,10 +278,11 @@ def root_cause_table(root_causes: Sequence[RootCause]) -> str:
     """The gate's terminal table of root causes: one row per cause, most cases first."""
     from tabulate import tabulate
 
-    rows = [[i, c.count, c.check, c.tensor or "-", clip(c.detail, 70), ", ".join(c.families), ", ".join(c.layouts),
-             c.rerun, c.first_bad_commit or NOT_BISECTED] for i, c in enumerate(root_causes, 1)]
-    return tabulate(rows, headers=["cause", "cases", "failing check", "first failing tensor", "representative's failure",
-                                   "families", "layouts", "rerun", "first bad commit"], tablefmt="simple")
+    rows = [[i, c.verdict, c.count, c.check, c.tensor or "-", clip(c.detail, 70), ", ".join(c.families),
+             ", ".join(c.layouts), c.rerun, clip(c.commit_text, 90)] for i, c in enumerate(root_causes, 1)]
+    return tabulate(rows, headers=["cause", "verdict", "cases", "failing check", "first failing tensor",
+                                   "representative's failure", "families", "layouts", "rerun",
+                                   "first bad (FIXED: first good) commit"], tablefmt="simple")
 
 
 def check_table(result: CaseResult) -> str:

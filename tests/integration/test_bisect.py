@@ -10,6 +10,7 @@ swapped. The user's repo (its HEAD, branch, status) must be exactly as before.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,119 @@ def test_gate_against_a_candidate_tree(fake_megatron_lm, tmp_path):
     summary = (bad_run / "summary.md").read_text()
     assert summary.startswith("### Gate: **REGRESSED**: 1 of 1 cases regressed, from 1 root cause")
     assert "| REGRESSED | 1 | `llama/tp1/torch_dist/roundtrip` |" in summary  # the row names its root cause
+
+
+# ------------------------------------------------------------------ the gate finds the commits
+
+
+def harness_cli(*args: str, reports: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, HARNESS_REPORTS=str(reports))
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def cause_rows(summary: str) -> list[str]:
+    import re
+
+    return [line for line in summary.splitlines() if re.match(r"\| \d+ \| \*\*", line)]
+
+
+def only_run(reports: Path, label: str) -> Path:
+    (run,) = [p for p in reports.iterdir() if p.name.endswith(f"-{label}")]
+    return run
+
+
+def test_gate_with_a_git_baseline_names_the_first_bad_commit_of_its_root_cause(fake_megatron_lm, tmp_path):
+    """One command: the candidate (HEAD, six commits after the baseline) regresses; the gate groups
+    the regression into one root cause and bisects it to the seeded commit, skipping the commit
+    that does not import if it lands on it."""
+    repo, shas = fake_megatron_lm
+    reports = tmp_path / "reports"
+    r = harness_cli("gate", "--megatron-lm", str(repo), "-k", CASE, "--baseline", shas["good"], "--label", "bump",
+                    reports=reports)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    regression = shas["regression"][:12]
+    summary = (only_run(reports, "bump") / "summary.md").read_text()
+    assert summary.startswith("### Gate: **REGRESSED**: 1 of 1 cases regressed, from 1 root cause")
+    (row,) = cause_rows(summary)
+    assert f"| {regression} refactor: tidy swiglu sharded factory (files: megatron/core/transformer/mlp.py) [" in row
+    assert regression in r.stdout and "bisect step" in r.stderr  # the table says it; progress went to stderr
+    if shas["unimportable"] in r.stderr or shas["unimportable"][:12] in r.stderr:
+        assert f"`{shas['unimportable'][:12]}`" in summary  # listed as skipped
+
+
+def test_a_candidate_that_does_not_import_is_one_verdict_with_the_commit_that_broke_it(fake_megatron_lm, tmp_path):
+    from harness.execution.source_trees import worktree
+
+    repo, shas = fake_megatron_lm
+    reports = tmp_path / "reports"
+    with worktree(repo, shas["unimportable"]) as candidate:
+        r = harness_cli("gate", "--megatron-lm", str(candidate), "-k", "llama/tp1", "--baseline", shas["good"],
+                        "--label", "broken", reports=reports)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("Gate: INCOMPATIBLE: the candidate cannot start: `SyntaxError:"), first
+    assert f"first bad commit: {shas['unimportable'][:12]} wip: does not import" in first
+    run = only_run(reports, "broken")
+    assert (run / "summary.md").read_text().startswith("### Gate: **INCOMPATIBLE**")
+    assert json.loads((run / "results.json").read_text())["results"] == []  # no wall of per-case errors
+
+
+@pytest.fixture(scope="module")
+def fake_bridge_checkout(fake_megatron_lm, tmp_path_factory):
+    """A Megatron-Bridge checkout built from the installed package, vendoring the fake Megatron-LM
+    as its 3rdparty/Megatron-LM submodule: the baseline; a submodule bump (harmless); the seeded
+    mapping bug (GatedMLPMapping concatenates up before gate at TP1); a harmless commit."""
+    import megatron.bridge
+
+    mlm, mlm_shas = fake_megatron_lm
+    repo = tmp_path_factory.mktemp("megatron-bridge")
+    shutil.copytree(Path(megatron.bridge.__file__).parent, repo / "src" / "megatron" / "bridge",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(mlm), "3rdparty/Megatron-LM")
+    sub = repo / "3rdparty" / "Megatron-LM"
+    git(sub, "checkout", "-q", mlm_shas["good"])
+    shas = {"good": commit(repo, "bridge, pinning Megatron-LM at the installed megatron-core")}
+    git(sub, "checkout", "-q", git(mlm, "rev-list", "--reverse", f"{mlm_shas['good']}..main").split()[0])
+    shas["bump"] = commit(repo, "bump 3rdparty/Megatron-LM (docs only)")
+    mapping = repo / "src" / "megatron" / "bridge" / "models" / "conversion" / "param_mapping.py"
+    original = mapping.read_text()
+    good = 'return torch.cat([hf_weights["gate"], hf_weights["up"]], dim=0)'
+    assert original.count(good) == 1, "param_mapping.py changed upstream: update the seeded mapping bug"
+    mapping.write_text(original.replace(good, 'return torch.cat([hf_weights["up"], hf_weights["gate"]], dim=0)'))
+    shas["regression"] = commit(repo, "refactor: gated MLP mapping")
+    (repo / "README.md").write_text("harmless\n")
+    shas["head"] = commit(repo, "docs: readme")
+    return repo, shas
+
+
+def test_a_bridge_checkout_walks_the_bridge_history_with_its_submodule_and_records_both_shas(fake_bridge_checkout,
+                                                                                            tmp_path):
+    repo, shas = fake_bridge_checkout
+    reports = tmp_path / "reports"
+    r = harness_cli("gate", "--bridge-checkout", str(repo), "-k", CASE, "--baseline", shas["good"], "--label", "both",
+                    reports=reports)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    run = only_run(reports, "both")
+    (row,) = cause_rows((run / "summary.md").read_text())
+    assert f"| {shas['regression'][:12]} refactor: gated MLP mapping (files: " in row and "param_mapping.py" in row
+    trees = {t["kind"]: t for t in json.loads((run / "results.json").read_text())["meta"]["source_trees"]}
+    sub_sha = git(repo / "3rdparty" / "Megatron-LM", "rev-parse", "HEAD")
+    assert trees["megatron-bridge"]["sha"] == shas["head"]
+    assert trees["megatron-lm"]["sha"] == sub_sha == trees["megatron-lm"]["pinned_by_bridge"]
+    provenance = json.loads(next((run / "provenance").iterdir()).read_text())
+    assert provenance["imported_from_trees"]["megatron.bridge"].startswith(str(repo / "src"))
+    assert provenance["imported_from_trees"]["megatron.core"].startswith(str(repo / "3rdparty" / "Megatron-LM"))
+
+
+def test_bridge_checkout_without_its_submodule_is_a_one_line_error(tmp_path):
+    import megatron.bridge
+
+    (tmp_path / "src" / "megatron").mkdir(parents=True)
+    (tmp_path / "src" / "megatron" / "bridge").symlink_to(Path(megatron.bridge.__file__).parent)
+    r = harness_cli("gate", "--bridge-checkout", str(tmp_path), reports=tmp_path / "reports", timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "3rdparty/Megatron-LM is empty" in r.stderr and not (tmp_path / "reports").exists()

@@ -5,6 +5,7 @@ structure, whole numbers and GitHub's comment limit. Results are synthetic, buil
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from unittest import mock
 
@@ -106,7 +107,7 @@ def test_one_mapping_bug_is_one_root_cause_and_one_exception_another(seeded):
     assert bug.representative == REPRESENTATIVE
     assert bug.rerun == f"harness run {REPRESENTATIVE} --lane cpu"
     assert bug.detail.startswith("1/120 differ (first: decoder.layers.")  # its own numbers, as measured
-    assert bug.first_bad_commit == ""
+    assert bug.bisection is None and bug.commit_text == "not bisected"  # the gate attaches a bisection
     assert (shape.check, shape.tensor, shape.families, shape.layouts) == ("ValueError", "", ("gemma", "phi3"), ("tp2",))
     assert shape.representative == "gemma/tp2/memory/roundtrip"
     assert shape.detail == "ValueError: rank 1: expected shape (4, 2), got (2, 4) at /tmp/run-1/ckpt"
@@ -203,7 +204,6 @@ def test_summary_is_verdict_first_then_root_causes_fixed_link_and_case_rows(gate
     for row in cause_rows:
         assert REPRESENTATIVE in row or "gemma/tp2/memory/roundtrip" in row
         assert row.endswith("| not bisected |")
-    assert "First bad commit: *not bisected*: the gate does not bisect yet" in md
     assert "- `qwen3-moe/tp1/memory/roundtrip`: passes now" in md[sections[1]:sections[2]]
     case_rows = [line.split(" | ")[:2] for line in lines[lines.index("#### Every case (27)"):lines.index(COVERAGE)]
                  if line.startswith("| ")]
@@ -239,7 +239,7 @@ def test_the_gate_table_prints_root_causes_before_the_cases(monkeypatch, capsys,
     from harness import cli
 
     results, verdicts, causes = seeded
-    outcome = gate.GateOutcome(candidate=mock.Mock(results=results, run=mock.Mock(summary_file=tmp_path / "s.md")),
+    outcome = gate.GateOutcome(run=mock.Mock(results=results, run=mock.Mock(summary_file=tmp_path / "s.md")),
                                verdicts=verdicts, root_causes=causes)
     monkeypatch.setattr(cli, "_source_trees", lambda args: [])
     monkeypatch.setattr(cli, "_select", lambda args: [])
@@ -247,9 +247,61 @@ def test_the_gate_table_prints_root_causes_before_the_cases(monkeypatch, capsys,
     monkeypatch.setattr(gate, "run_gate", lambda *a, **k: outcome)
     assert cli.main(["gate"]) == cli.EXIT_FAIL
     out = capsys.readouterr().out
-    first_cause = next(line for line in out.splitlines() if line.split()[:2] == ["1", "22"])
+    first_cause = next(line for line in out.splitlines() if line.split()[:3] == ["1", "REGRESSED", "22"])
     assert "tensors" in first_cause and "not bisected" in first_cause
     assert out.index(first_cause) < out.index("REGRESSED") and "(2 root cause(s))" in out
+
+
+# ------------------------------------------------------------- bisections, fixes, incompatible trees
+
+FIRST_BAD = root_causes.Commit("b" * 40, "refactor: tidy swiglu sharded factory",
+                               ("megatron/core/transformer/mlp.py",), more_files=2)
+SKIPPED = root_causes.Commit("c" * 40, "wip: does not import")
+
+
+def test_a_bisected_cause_names_its_first_bad_commit_and_a_fix_its_first_good_one(seeded):
+    results, verdicts, causes = seeded
+    found = root_causes.Bisection(status=root_causes.Bisection.FOUND, term="first bad", commit=FIRST_BAD, steps=3,
+                                  skipped=(SKIPPED,), range=("a" * 40, "b" * 40))
+    budget = root_causes.Bisection(status=root_causes.Bisection.BUDGET, term="first bad", steps=1,
+                                   reason="budget spent after 1 step(s); narrowed to aaaa..bbbb (2 commit(s) left)")
+    fixed_case = next(r for r in results if r.case_id == "qwen3-moe/tp1/memory/roundtrip")
+    was_failing = tensor_failure(fixed_case.case_id, 0, 10, 0.5, 1, 1)  # how it failed in the baseline
+    (fix,) = gate.fixed_causes(verdicts, {fixed_case.case_id: was_failing})
+    fix = dataclasses.replace(fix, bisection=dataclasses.replace(found, term="first fixed", skipped=()))
+    causes = (dataclasses.replace(causes[0], bisection=found), dataclasses.replace(causes[1], bisection=budget), fix)
+    md = run_report.summary_markdown(results, {}, "g", {v.case_id: v.verdict for v in verdicts}, gate.ORDER, causes)
+    rows = [line for line in md.splitlines() if re.match(r"\| \d+ \| \*\*", line)]
+    assert len(rows) == 2  # the fix is not a regression row
+    assert rows[0].endswith("| bbbbbbbbbbbb refactor: tidy swiglu sharded factory (files: "
+                            "megatron/core/transformer/mlp.py and 2 more) [3 step(s); 1 skipped (no import)] |")
+    assert rows[1].endswith("| not bisected: budget spent after 1 step(s); narrowed to aaaa..bbbb (2 commit(s) left) |")
+    assert "Cause 1: skipped 1 commit(s) that do not import: `cccccccccccc`" in md
+    fixed = md[md.index("#### FIXED (1)"):md.index("[index.html]")]
+    assert ("- cause 3: **1** case(s) that failed `tensors` on `decoder.layers.#.mlp.linear_fc1.weight` now pass "
+            "(e.g. `qwen3-moe/tp1/memory/roundtrip`); first good commit: bbbbbbbbbbbb refactor") in fixed
+    assert "passes now, failed in every reference" not in fixed  # grouped, not listed twice
+    html = html_report.render_run_page(html_report.build_run_page(
+        RunDir("/nonexistent-run"), results, {}, {v.case_id: v.verdict for v in verdicts}, causes))
+    assert "bbbbbbbbbbbb refactor: tidy swiglu" in html and "skipped (does not import):" in html
+
+
+def test_an_incompatible_candidate_is_one_line_not_one_error_per_case():
+    cause = gate.incompatible_cause(
+        "ImportError: cannot import name 'get_te_version' from 'megatron.core.utils' (/tmp/x/megatron/core/utils.py)",
+        mock.Mock(cases=[mock.Mock(id=f"llama/tp{i}/memory/roundtrip") for i in (1, 2)]))
+    cause = dataclasses.replace(cause, bisection=root_causes.Bisection(
+        status=root_causes.Bisection.FOUND, term="first bad", commit=FIRST_BAD, steps=4, range=("a" * 40, "b" * 40)))
+    md = run_report.summary_markdown([], {"source_trees": []}, "g", {}, gate.ORDER, (cause,))
+    first = md.splitlines()[0]
+    assert first.startswith("### Gate: **INCOMPATIBLE**: the candidate cannot start: `ImportError: cannot import name "
+                            "'get_te_version' from 'megatron.core.utils'")
+    assert first.endswith("first bad commit: bbbbbbbbbbbb refactor: tidy swiglu sharded factory (files: "
+                          "megatron/core/transformer/mlp.py and 2 more) [4 step(s)]")
+    assert "no case ran (2 selected)" in md and "Bisected in 4 step(s)" in md
+    assert "| ERROR" not in md and "#### Every case" in md and md.count("| INCOMPATIBLE") == 0
+    outcome = gate.GateOutcome(run=mock.Mock(results=[]), verdicts=[], root_causes=(cause,))
+    assert outcome.regressed and outcome.incompatible is cause
 
 
 # ------------------------------------------------------------------- the PR comment's limit
