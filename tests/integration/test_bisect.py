@@ -201,7 +201,7 @@ def test_a_candidate_that_does_not_import_is_one_verdict_with_the_commit_that_br
     assert f"first bad commit: {shas['unimportable'][:12]} wip: does not import" in first
     run = only_run(reports, "broken")
     assert (run / "summary.md").read_text().startswith("### Gate: **INCOMPATIBLE**")
-    assert json.loads((run / "results.json").read_text())["results"] == []  # no wall of per-case errors
+    assert json.loads((run / "results.json").read_text())["cases"] == []  # no wall of per-case errors
 
 
 @pytest.fixture(scope="module")
