@@ -1,7 +1,9 @@
 """The GPU lane's runtime: NCCL, one rank per GPU (or several ranks per GPU over gloo, when asked:
 ``harness.runtimes.lanes.Placement``), Megatron as users run it (TE layer spec, fused kernels),
 with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
-result must know them (findings: ../shared/notes/gpu-lane-findings.md):
+result must know them (found on one H100 80GB at world size 1, with megatron-core 0.19.2,
+megatron-bridge 0.6.2 and Transformer Engine 2.20.2 on torch 2.11.0+cu130; summarised in the
+README, "The GPU lane"):
 
 1. **dtype**: the model runs in fp32 unless the case is a ``@bf16`` variant. Some bridges force
    bf16 whatever the checkpoint says (gpt_oss_bridge.py sets ``bf16=True, params_dtype=bfloat16``;
