@@ -33,6 +33,7 @@ import torch
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
+from harness.runtimes.base import release_process_groups
 from harness.runtimes.lanes import GPU, Placement, rank_environment
 
 DEFAULT_SEED = 1234
@@ -95,6 +96,7 @@ class GpuRuntime:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         parallel_state.destroy_model_parallel()
+        release_process_groups()  # destroy_model_parallel only forgets the old layout's groups
         parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
         model_parallel_cuda_manual_seed(self.seed if seed is None else seed)
 
