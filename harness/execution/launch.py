@@ -37,7 +37,8 @@ from harness import workspace
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
-from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult, error_headline
+from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
+                             error_section)
 from harness.runtimes.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
@@ -333,17 +334,17 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
     it is the headline, and append the log tails."""
     tail = None
     for result in finished.values():
-        if result.status == ERROR and "--- log tail ---" not in result.error:
+        if result.status == ERROR and LOG_TAIL not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
             raised = _first_exception(run, result.case_id) if PEER_LOST.search(result.headline) else None
             if raised is not None:
                 # Rank 0 only lost a peer; the peer's own exception is what went wrong.
-                result.error = f"rank{raised[0]} raised: {raised[1]}\n--- rank 0 traceback ---\n{result.error}"
+                result.error = f"rank{raised[0]} raised: {raised[1]}{error_section('rank 0 traceback')}{result.error}"
             elif (died := _root_cause(run, group)) is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
-                result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
-            result.error += f"\n--- process group exited with code {code}; log tail ---\n{tail}"
+                result.error = f"{died.reason} during the case{error_section('rank 0 traceback')}{result.error}"
+            result.error += error_section(f"process group exited with code {code}; log tail") + tail
             run.write_case_result(result)
 
 
@@ -434,7 +435,7 @@ def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
 
 
 def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
-    return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=lane)
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane)
 
 
 def _reap_leftovers(proc: subprocess.Popen, run: RunDir, group: str) -> None:
