@@ -241,23 +241,18 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
         return _watch(proc, cases, ws, group, run, options.lane, on_result)
 
 
-class _Finished(dict):
-    """Results by case ID; reports each one (progress line) the moment it is first recorded."""
-
-    def __init__(self, on_result):
-        super().__init__()
-        self.on_result = on_result
-
-    def __setitem__(self, key, value):
-        first = key not in self
-        super().__setitem__(key, value)
-        if first and self.on_result:
-            self.on_result(value)
-
-
 def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: RunDir, lane: str,
            on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
-    finished: dict[str, CaseResult] = _Finished(on_result)
+    finished: dict[str, CaseResult] = {}  # by case ID; only record() adds to it
+
+    def record(case_id: str, result: CaseResult) -> None:
+        """Keep ``result`` as ``case_id``'s, and report it (``on_result``: the progress line) the
+        first time that case finishes."""
+        first = case_id not in finished
+        finished[case_id] = result
+        if first and on_result:
+            on_result(result)
+
     launched = time.monotonic()
     by_id = {c.id: c for c in cases}
     try:
@@ -266,14 +261,14 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                 if case.id not in finished:
                     result = run.read_case_result(case.id)
                     if result is not None:
-                        finished[case.id] = result
+                        record(case.id, result)
             current, since = _current_case(run, group, ws, by_id, finished)
             code = proc.poll()
             if code is not None:
                 # Pick up results written in the last instant before exit.
                 for case in cases:
                     if case.id not in finished and (r := run.read_case_result(case.id)):
-                        finished[case.id] = r
+                        record(case.id, r)
                 if code != 0:
                     _attach_log_tails(finished, code, run, group)
                 if len(finished) == len(cases):
@@ -284,7 +279,7 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
                                            run.log_tail(group, LOG_TAIL_LINES), ws, lane)
                         failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
-                        finished[current] = failure
+                        record(current, failure)
                     break
                 if not finished:
                     tail = run.log_tail(group, LOG_TAIL_LINES)
@@ -293,9 +288,9 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         raise _InfraFailure(_line_of(tail, infra.start()), tail)
                     # Died before starting anything (e.g. an import error): every remaining case gets the same error.
                     for case in cases:
-                        finished[case.id] = _failure(
+                        record(case.id, _failure(
                             case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
-                        )
+                        ))
                 break  # otherwise: some cases finished, none in flight -> relaunch for the rest
             deadline_case = by_id.get(current) if current else None
             if deadline_case is not None and since is not None:
@@ -306,13 +301,13 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         run.log_tail(group, LOG_TAIL_LINES), ws, lane,
                     )
                     failure.duration_s = round(time.time() - since, 3)
-                    finished[current] = failure
+                    record(current, failure)
                     break
             elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
                 _kill(proc)
                 tail = run.log_tail(group, LOG_TAIL_LINES)
                 for case in cases:
-                    finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane)
+                    record(case.id, _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane))
                 break
             time.sleep(POLL_S)
     finally:
