@@ -29,7 +29,18 @@ V_PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED",
 INCOMPATIBLE = "INCOMPATIBLE"
 VERDICT_ORDER = {INCOMPATIBLE: -1, REGRESSED: 0, STILL_FAILING: 1, FIXED: 2, NOT_RUN: 3, V_PASS: 4}  # worst first
 
-_LOG_TAIL_MARK = "\n--- "  # the launcher appends rank log tails after this marker
+# The launcher appends sections to a case's error text (rank 0's traceback under a peer's
+# exception, the rank log tails), each opened by ``error_section(title)``. What precedes the first
+# one is the error itself: the only part ``error_headline`` reads.
+_SECTION_MARK = "\n--- "
+
+
+def error_section(title: str) -> str:
+    """The header line that opens a section the launcher appends to an error text."""
+    return f"{_SECTION_MARK}{title} ---\n"
+
+
+LOG_TAIL = error_section("log tail")  # the launcher's own failures: its reason, then the log tail
 
 
 @dataclass
@@ -59,7 +70,7 @@ def error_headline(error: str) -> str:
     line of a long message; for the launcher's own messages the first line. Rank log tails the
     launcher appends are never the headline.
     """
-    block = error.split(_LOG_TAIL_MARK, 1)[0]
+    block = error.split(_SECTION_MARK, 1)[0]
     lines = [line.rstrip() for line in block.strip("\n").splitlines() if line.strip()]
     if not lines:
         return ""

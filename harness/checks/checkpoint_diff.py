@@ -23,7 +23,6 @@ from harness.formats.hf import HfCheckpoint
 from harness.results import CheckResult, TensorSetComparison
 
 CHUNK_BYTES = 64 * 1024 * 1024
-_MEGATRON = {"torch_dist", "fsdp_dtensor"}
 
 
 @dataclass

@@ -37,7 +37,8 @@ from harness import workspace
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
-from harness.results import ERROR, INFRA_ERROR, INVALID, TIMEOUT, CaseResult, error_headline
+from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
+                             error_section)
 from harness.runtimes.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
@@ -240,23 +241,18 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
         return _watch(proc, cases, ws, group, run, options.lane, on_result)
 
 
-class _Finished(dict):
-    """Results by case ID; reports each one (progress line) the moment it is first recorded."""
-
-    def __init__(self, on_result):
-        super().__init__()
-        self.on_result = on_result
-
-    def __setitem__(self, key, value):
-        first = key not in self
-        super().__setitem__(key, value)
-        if first and self.on_result:
-            self.on_result(value)
-
-
 def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: RunDir, lane: str,
            on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
-    finished: dict[str, CaseResult] = _Finished(on_result)
+    finished: dict[str, CaseResult] = {}  # by case ID; only record() adds to it
+
+    def record(case_id: str, result: CaseResult) -> None:
+        """Keep ``result`` as ``case_id``'s, and report it (``on_result``: the progress line) the
+        first time that case finishes."""
+        first = case_id not in finished
+        finished[case_id] = result
+        if first and on_result:
+            on_result(result)
+
     launched = time.monotonic()
     by_id = {c.id: c for c in cases}
     try:
@@ -265,14 +261,14 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                 if case.id not in finished:
                     result = run.read_case_result(case.id)
                     if result is not None:
-                        finished[case.id] = result
+                        record(case.id, result)
             current, since = _current_case(run, group, ws, by_id, finished)
             code = proc.poll()
             if code is not None:
                 # Pick up results written in the last instant before exit.
                 for case in cases:
                     if case.id not in finished and (r := run.read_case_result(case.id)):
-                        finished[case.id] = r
+                        record(case.id, r)
                 if code != 0:
                     _attach_log_tails(finished, code, run, group)
                 if len(finished) == len(cases):
@@ -283,7 +279,7 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
                                            run.log_tail(group, LOG_TAIL_LINES), ws, lane)
                         failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
-                        finished[current] = failure
+                        record(current, failure)
                     break
                 if not finished:
                     tail = run.log_tail(group, LOG_TAIL_LINES)
@@ -292,9 +288,9 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         raise _InfraFailure(_line_of(tail, infra.start()), tail)
                     # Died before starting anything (e.g. an import error): every remaining case gets the same error.
                     for case in cases:
-                        finished[case.id] = _failure(
+                        record(case.id, _failure(
                             case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
-                        )
+                        ))
                 break  # otherwise: some cases finished, none in flight -> relaunch for the rest
             deadline_case = by_id.get(current) if current else None
             if deadline_case is not None and since is not None:
@@ -305,13 +301,13 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                         run.log_tail(group, LOG_TAIL_LINES), ws, lane,
                     )
                     failure.duration_s = round(time.time() - since, 3)
-                    finished[current] = failure
+                    record(current, failure)
                     break
             elif current is None and not finished and time.monotonic() - launched > STARTUP_ALLOWANCE_S + max(c.timeout_s for c in cases):
                 _kill(proc)
                 tail = run.log_tail(group, LOG_TAIL_LINES)
                 for case in cases:
-                    finished[case.id] = _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane)
+                    record(case.id, _failure(case, TIMEOUT, "process group did not start any case in time", tail, ws, lane))
                 break
             time.sleep(POLL_S)
     finally:
@@ -333,17 +329,17 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
     it is the headline, and append the log tails."""
     tail = None
     for result in finished.values():
-        if result.status == ERROR and "--- log tail ---" not in result.error:
+        if result.status == ERROR and LOG_TAIL not in result.error:
             tail = tail if tail is not None else run.log_tail(group, LOG_TAIL_LINES)
             raised = _first_exception(run, result.case_id) if PEER_LOST.search(result.headline) else None
             if raised is not None:
                 # Rank 0 only lost a peer; the peer's own exception is what went wrong.
-                result.error = f"rank{raised[0]} raised: {raised[1]}\n--- rank 0 traceback ---\n{result.error}"
+                result.error = f"rank{raised[0]} raised: {raised[1]}{error_section('rank 0 traceback')}{result.error}"
             elif (died := _root_cause(run, group)) is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
-                result.error = f"{died.reason} during the case\n--- rank 0 traceback ---\n{result.error}"
-            result.error += f"\n--- process group exited with code {code}; log tail ---\n{tail}"
+                result.error = f"{died.reason} during the case{error_section('rank 0 traceback')}{result.error}"
+            result.error += error_section(f"process group exited with code {code}; log tail") + tail
             run.write_case_result(result)
 
 
@@ -434,7 +430,7 @@ def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
 
 
 def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
-    return CaseResult(case_id=case.id, status=status, error=f"{reason}\n--- log tail ---\n{tail}", world_size=ws, lane=lane)
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane)
 
 
 def _reap_leftovers(proc: subprocess.Popen, run: RunDir, group: str) -> None:

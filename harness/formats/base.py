@@ -1,8 +1,9 @@
 """What every checkpoint reader offers.
 
-A reader exposes *canonical* keys (see ``harness.formats.canonical``) so that two checkpoints of
-different formats line up tensor by tensor, and yields tensors one at a time so that comparing
-two checkpoints never holds two whole models in memory. Readers never write to their input.
+A reader exposes *canonical* keys (HF keys as saved; for torch_dist and fsdp_dtensor the grammar
+of ``harness.formats.megatron_keys``) so that two checkpoints of different formats line up tensor
+by tensor, and yields tensors one at a time so that comparing two checkpoints never holds two
+whole models in memory. Readers never write to their input.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from harness.formats.base import Checkpoint, quote, read_regular_file, why_unrea
 from harness.formats.hf import HfCheckpoint
 from harness.formats.megatron import FsdpDtensorCheckpoint, TorchDistCheckpoint
 
-FORMATS = ("hf", "torch_dist", "fsdp_dtensor")
 MAX_MCORE_METADATA = 1024 * 1024
 
 

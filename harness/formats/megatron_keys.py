@@ -39,7 +39,6 @@ WRAPPERS = ("model", "module")
 SWIGLU_PARTS = ("w", "v")  # fc1 = [W; V]: W the gate (activated) half, V the linear half
 GDN_IN_PROJ_PARTS = ("query", "key", "value", "z", "beta", "alpha")
 GDN_CONV1D_PARTS = ("query", "key", "value")
-GDN_PARTS = GDN_IN_PROJ_PARTS  # every GDN part name (conv1d uses the first three)
 
 # Local-spec norm names -> the fused (TE) names that torch_dist saves them under.
 NORM_ALIASES = {

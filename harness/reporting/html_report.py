@@ -73,7 +73,7 @@ STATUS_LOOKS = {
 }
 KNOWN_LOOK = Look("known", "KNOWN", False,
                   "known upstream failure: fails exactly as golden/ pins it (see golden/known_failures.yaml)")
-# Gate verdicts (harness.regression.gate; not imported: it drags in the run service).
+# Gate verdicts: the names are harness.results' (harness.regression.gate decides them).
 VERDICT_LOOKS = {
     V_PASS: Look("pass", V_PASS, False, "passes now and in golden/ and the baseline"),
     REGRESSED: Look("fail", REGRESSED, True, "fails now, but passed in golden/ or in the baseline"),

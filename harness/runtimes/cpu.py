@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
 from harness.runtimes import gdn_cpu, layer_specs, te_cpu
+from harness.runtimes.base import release_process_groups
 
 # Provider fields that select fused CUDA kernels; each has a plain-PyTorch fallback.
 CPU_UNSAFE_PROVIDER_FLAGS: dict[str, Any] = {
@@ -436,37 +437,3 @@ class CpuRuntime:
         return {"lane": self.lane, "redirected": self.touched_names,
                 "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS),
                 "te_forwards": "harness.runtimes.te_cpu (TE's classes, plain-torch forwards)"}
-
-
-def release_process_groups() -> int:
-    """Destroy every process group but the default one; returns how many.
-
-    ``parallel_state.destroy_model_parallel`` only forgets its ~20 groups (megatron/core/
-    parallel_state.py sets the globals to None), so each re-initialisation leaves them alive, each
-    with its gloo threads (measured: 60 more threads per initialisation, in every rank). Over a
-    rank group's cases that is thousands of threads and a load average in the hundreds on 2 cores.
-    Called between layouts, when no model of the old one is used any more (harness.conversion
-    deletes it first); the default group, the rank group's own, stays.
-
-    DTensor's sharding-propagation caches are cleared too: they key on the DeviceMesh, which
-    compares equal by its rank layout alone, so a Megatron-FSDP model of the next layout would be
-    handed output specs that still name the destroyed groups ("Could not resolve the process group
-    registered under the name 2", seen on the first strict reload).
-    """
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
-
-    stale = [pg for pg in list(distributed_c10d._world.pg_map) if pg is not distributed_c10d.GroupMember.WORLD]
-    for pg in stale:
-        dist.destroy_process_group(pg)
-    if stale:
-        clear_dtensor_caches()
-    return len(stale)
-
-
-def clear_dtensor_caches() -> None:
-    from torch.distributed.tensor import _redistribute
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-    _clear_sharding_prop_cache()
-    _redistribute._gen_transform_infos.cache_clear()

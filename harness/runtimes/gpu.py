@@ -1,7 +1,9 @@
 """The GPU lane's runtime: NCCL, one rank per GPU (or several ranks per GPU over gloo, when asked:
 ``harness.runtimes.lanes.Placement``), Megatron as users run it (TE layer spec, fused kernels),
 with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
-result must know them (findings: ../shared/notes/gpu-lane-findings.md):
+result must know them (found on one H100 80GB at world size 1, with megatron-core 0.19.2,
+megatron-bridge 0.6.2 and Transformer Engine 2.20.2 on torch 2.11.0+cu130; summarised in the
+README, "The GPU lane"):
 
 1. **dtype**: the model runs in fp32 unless the case is a ``@bf16`` variant. Some bridges force
    bf16 whatever the checkpoint says (gpt_oss_bridge.py sets ``bf16=True, params_dtype=bfloat16``;
@@ -31,6 +33,7 @@ import torch
 
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
+from harness.runtimes.base import release_process_groups
 from harness.runtimes.lanes import GPU, Placement, rank_environment
 
 DEFAULT_SEED = 1234
@@ -93,6 +96,7 @@ class GpuRuntime:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         parallel_state.destroy_model_parallel()
+        release_process_groups()  # destroy_model_parallel only forgets the old layout's groups
         parallel_state.initialize_model_parallel(**layout.megatron_kwargs())
         model_parallel_cuda_manual_seed(self.seed if seed is None else seed)
 

@@ -3,7 +3,7 @@
 A *blocker* is the reason a case (or one of its stages) cannot run on a lane; the empty string
 means it can. ``harness list`` shows them, the matrix and pytest skip with them, and a route that
 skips a check quotes them. Measured with megatron-core 0.19.2, megatron-bridge 0.6.2 and
-Transformer Engine 2.20.2 (see ../shared/notes/cpu-runtime-findings.md).
+Transformer Engine 2.20.2, the versions pinned in requirements/stack.txt.
 
 No torch import (the CLI lists cases with this module).
 """

@@ -209,7 +209,7 @@ def test_released_groups_leave_no_dtensor_spec_naming_them(cpu_runtime):
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed import distributed_c10d
 
-    from harness.runtimes.cpu import clear_dtensor_caches, release_process_groups
+    from harness.runtimes.base import clear_dtensor_caches, release_process_groups
 
     def op_on_a_fresh_mesh():
         mesh = DeviceMesh.from_group([dist.new_group([0]), dist.new_group([0])], "cpu", mesh=[[0]],

@@ -97,6 +97,32 @@ def test_the_gpu_runtime_refuses_to_start_with_tf32_possible(monkeypatch):
         gpu_runtime.GpuRuntime().__enter__()
 
 
+def test_re_initialising_gpu_parallel_state_releases_the_old_layouts_process_groups(gloo_world, monkeypatch):
+    """megatron-core's destroy_model_parallel only forgets its groups: without the release the CPU
+    runtime has (harness.runtimes.base.release_process_groups), every layout change on the GPU lane
+    left the old layout's groups alive in each rank. The real initialize_model_parallel runs here
+    on the one-rank gloo world; only the CUDA RNG seeding is replaced."""
+    from megatron.core import parallel_state, tensor_parallel
+    from torch.distributed import distributed_c10d
+
+    from harness.matrix.layouts import Layout
+    from harness.runtimes.base import release_process_groups
+
+    seeds = []
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", seeds.append)  # needs CUDA
+    runtime = gpu_runtime.GpuRuntime()
+    try:
+        runtime.init_model_parallel(Layout())
+        first = len(distributed_c10d._world.pg_map)
+        for _ in range(3):
+            runtime.init_model_parallel(Layout(), seed=7)
+        assert len(distributed_c10d._world.pg_map) == first, "each re-initialisation left the old groups alive"
+        assert first > 1 and seeds == [gpu_runtime.DEFAULT_SEED, 7, 7, 7]
+    finally:
+        parallel_state.destroy_model_parallel()
+        release_process_groups()
+
+
 def test_the_strict_reload_sets_up_and_restores_the_num_microbatches_calculator():
     from megatron.core import num_microbatches_calculator as calculators
 

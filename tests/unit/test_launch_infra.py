@@ -64,6 +64,16 @@ def test_an_early_death_that_is_not_the_machine_is_not_retried(tmp_path):
     assert exit_code(results) == EXIT_FAIL
 
 
+def test_each_case_is_reported_once_as_it_finishes(tmp_path):
+    """on_result (the progress line) hears of every case exactly once, with its final result."""
+    folder, selected = cases(tmp_path)
+    python, _ = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
+    reported = []
+    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder),
+                               on_result=reported.append)
+    assert [r.case_id for r in reported] == [c.id for c in selected] and reported == results
+
+
 def test_a_launch_that_lost_a_port_race_once_is_retried_and_the_cases_run(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, PORT_TAKEN, failures=1)
