@@ -332,6 +332,45 @@ def cmd_bisect_step(args: argparse.Namespace) -> int:
     return step.exit
 
 
+def cmd_mutants(args: argparse.Namespace) -> int:
+    """Mutate Megatron-Bridge's conversion code; kill rate per file and every new survivor."""
+    from harness.regression import mutants
+    from harness.workspace import atomic_write_json, atomic_write_text
+
+    trees = _source_trees(args)
+    bridge = next((t for t in trees if t.kind == "megatron-bridge"), None)
+    package = mutants.bridge_package(bridge)
+    selected = [c for c in _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
+                if not c.invalid_reason and not service.not_runnable_here(c, args.lane)]
+    files = args.file or [*mutants.DEFAULT_FILES, *sorted({f"models/{c.model.family_def.architecture.module}"
+                                                            for c in selected})]
+    generated = []
+    for rel in files:
+        path = package / rel
+        if not path.is_file():
+            raise InputError(f"--file {rel}: no such file in {package}")
+        generated += mutants.generate(path.read_text(), rel)
+    chosen = [m for m in generated if m.id in set(args.id)] if args.id else mutants.sample(generated, args.per_file, args.seed)
+    if args.id and len(chosen) != len(set(args.id)):
+        missing = sorted(set(args.id) - {m.id for m in chosen})
+        raise InputError(f"--id: no such mutant: {missing[0]} (harness mutants --list prints them)")
+    if args.list:
+        for m in chosen:
+            print(f"{m.id}\n{m.diff}\n")
+        print(f"{len(chosen)} of {len(generated)} mutants in {len(files)} file(s)")
+        return EXIT_OK
+    print(f"harness: {len(chosen)} of {len(generated)} mutants in {len(files)} file(s), on {len(selected)} selected "
+          f"case(s)' memory round trips", file=sys.stderr)
+    outcome = mutants.run_mutants(chosen, selected, args.lane, bridge, trees, args.budget, mutants.load_equivalent(),
+                                  say=lambda text: print(text, file=sys.stderr, flush=True))
+    run = outcome.baseline.run
+    atomic_write_json(run / "mutants.json", mutants.document(outcome))
+    atomic_write_text(run / "mutants.md", mutants.markdown(outcome))
+    print(mutants.markdown(outcome))
+    print(f"written: {run / 'mutants.md'}")
+    return EXIT_FAIL if outcome.new_survivors else EXIT_OK
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from harness.regression import selftest
 
@@ -451,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trees(p)
     _add_placement(p)
     p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("mutants", help="mutate Megatron-Bridge's conversion code; kill rate per file, survivors listed")
+    p.add_argument("--file", action="append", metavar="REL", help="a file under megatron/bridge/ to mutate (default: "
+                   "models/conversion/{param_mapping,model_bridge}.py and the bridge module of each selected family)")
+    p.add_argument("--per-file", type=int, default=10, metavar="N", help="sample N mutants per file (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--id", action="append", metavar="MUTANT", help="run only these mutants (IDs from --list)")
+    p.add_argument("--list", action="store_true", help="print the chosen mutants with their diffs; run nothing")
+    p.add_argument("--budget", type=float, default=3600.0, metavar="SECONDS", help="stop starting mutants after this long")
+    p.add_argument("--set", default="default", choices=cases_mod.SETS)
+    p.add_argument("--lane", default="cpu", choices=cases_mod.LANES)
+    p.add_argument("-k", default=None, metavar="EXPR", help="the cases (their families) whose memory round trips may run")
+    _add_trees(p)
+    p.set_defaults(func=cmd_mutants)
 
     p = sub.add_parser("bisect-step", help="one `git bisect run` step: exit 0 good, 1 bad, 125 skip, 128 abort")
     _add_trees(p)

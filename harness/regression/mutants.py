@@ -1,0 +1,426 @@
+"""Detection power, measured: small mutants of Megatron-Bridge's conversion code, run through the
+matrix (``harness mutants``).
+
+The seeded faults (``faults``) are regressions someone imagined. Mutants ask the other question:
+of all the small ways the conversion code could be wrong, what fraction does the matrix catch?
+Each mutant is one edit of one Bridge file, made with ``ast`` in a throw-away copy of the tree
+(mutmut and cosmic-ray mutate a project run by its own test runner; this tree is a third party's,
+run through the harness's launcher with ``--megatron-bridge``, so the edit is made here):
+
+    swap-concat     torch.cat([a, b]) -> torch.cat([b, a])     (gate/up, q/k/v order)
+    swap-args       f(a, b) -> f(b, a)
+    off-by-one      x[a:b] -> x[a:b + 1], range(n) -> range(n + 1)
+    flip-bool       True <-> False, not x -> x, == <-> !=, in <-> not in, is <-> is not
+    drop-transpose  w.t() / w.transpose(0, 1) / w.T -> w
+    change-constant an int n -> n + 1 (dim=0 -> dim=1, a split count)
+    delete-mapping  one ``...Mapping(...)`` entry left out of a mapping list
+
+A mutant is run on the cases that cover its file: a family's own bridge and provider files on
+that family's memory round trips; the shared conversion code (``models/conversion/``) on the
+fewest families whose bridges use every mapping class any CPU-runnable family uses (a greedy
+cover, read from the bridges' source). It is *killed* when a case that passes on the unmutated
+copy does not pass with it. A survivor is a gap in the matrix, or an equivalent mutant (a change
+no conversion can show); ``golden/mutants/equivalent.yaml`` records the latter with the reason,
+so a later run lists only new survivors. Mutant IDs hash the edited source and its function, not
+line numbers, so they survive unrelated edits of the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import yaml
+
+from harness import workspace
+from harness.execution import service
+from harness.execution.source_trees import SourceTree, validate
+from harness.matrix.cases import Case
+from harness.results import PASS, CaseResult
+
+EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
+CONVERSION_DIR = "models/conversion/"
+DEFAULT_FILES = ("models/conversion/param_mapping.py", "models/conversion/model_bridge.py")
+KILLED, SURVIVED, EQUIVALENT, NOT_RUN = "killed", "survived", "equivalent", "not-run"
+
+_CONCAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+_TRANSPOSE = {"t", "transpose", "permute"}
+_NO_SWAP = {"isinstance", "issubclass", "getattr", "setattr", "hasattr", "print", "format", "join", "get", "setdefault",
+            "replace", "startswith", "endswith", "split", "rsplit", "warn", "warning", "info", "debug", "error",
+            "append", "extend", "update", "register_bridge", "re.sub", "sub", "match", "search", "fullmatch"}
+_FLIPPED_OPS = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot,
+                ast.IsNot: ast.Is}
+_QUIET_CALLS = {"warn", "warning", "info", "debug", "error", "exception", "print", "print_rank_0", "log"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One edit of one file: ``original`` (a source segment at ``span``) becomes ``replacement``."""
+
+    id: str  # "<file>:<operator>:<hash>": stable across unrelated edits of the file
+    file: str  # relative to the megatron/bridge package
+    operator: str
+    line: int
+    function: str  # the enclosing function ("<module>" at top level)
+    original: str
+    replacement: str
+    span: tuple[int, int]  # character offsets of ``original`` in the file
+
+    def apply(self, source: str) -> str:
+        start, end = self.span
+        if source[start:end] != self.original:
+            raise ValueError(f"{self.id}: the file no longer has {self.original!r} at line {self.line}")
+        return source[:start] + self.replacement + source[end:]
+
+    @property
+    def diff(self) -> str:
+        """A one-hunk diff a reviewer reads: where, then the line before and after."""
+        before = self.original.strip().splitlines() or [""]
+        after = self.replacement.strip().splitlines() or ["(deleted)"]
+        return "\n".join([f"--- {self.file}:{self.line} in {self.function}() [{self.operator}]",
+                          *(f"- {line}" for line in before), *(f"+ {line}" for line in after)])
+
+
+def _callee(call: ast.Call) -> str:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def _plus_one(node: ast.expr) -> ast.expr:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return ast.Constant(node.value + 1)
+    return ast.BinOp(left=node, op=ast.Add(), right=ast.Constant(1))
+
+
+def _mutations(node: ast.AST) -> Iterator[tuple[str, ast.AST]]:
+    """(operator, replacement node) for each mutant of ``node`` itself (not of its children)."""
+    if isinstance(node, ast.Call):
+        callee = _callee(node)
+        args = node.args
+        if callee in _CONCAT and args and isinstance(args[0], (ast.List, ast.Tuple)) and len(args[0].elts) >= 2:
+            new = copy.deepcopy(node)
+            new.args[0].elts[0], new.args[0].elts[1] = new.args[0].elts[1], new.args[0].elts[0]
+            yield "swap-concat", new
+        elif (len(args) >= 2 and callee not in _NO_SWAP and not any(isinstance(a, ast.Starred) for a in args[:2])
+              and not all(isinstance(a, ast.Constant) for a in args[:2]) and ast.dump(args[0]) != ast.dump(args[1])):
+            new = copy.deepcopy(node)
+            new.args[0], new.args[1] = new.args[1], new.args[0]
+            yield "swap-args", new
+        if isinstance(node.func, ast.Attribute) and callee in _TRANSPOSE:
+            yield "drop-transpose", node.func.value
+        if callee == "range" and args:
+            new = copy.deepcopy(node)
+            new.args[-1 if len(args) < 3 else 1] = _plus_one(new.args[-1 if len(args) < 3 else 1])
+            yield "off-by-one", new
+    elif isinstance(node, ast.Attribute) and node.attr in ("T", "mT") and isinstance(node.ctx, ast.Load):
+        yield "drop-transpose", node.value
+    elif isinstance(node, ast.Slice):
+        for bound in ("lower", "upper"):
+            value = getattr(node, bound)
+            if value is not None:
+                yield "off-by-one", replace_field(node, bound, _plus_one(copy.deepcopy(value)))
+    elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+        yield "flip-bool", ast.Constant(not node.value)
+    elif isinstance(node, ast.Constant) and type(node.value) is int:
+        yield "change-constant", ast.Constant(node.value + 1)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield "flip-bool", node.operand
+    elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _FLIPPED_OPS:
+        new = copy.deepcopy(node)
+        new.ops = [_FLIPPED_OPS[type(node.ops[0])]()]
+        yield "flip-bool", new
+
+
+def replace_field(node: ast.AST, name: str, value: ast.AST) -> ast.AST:
+    new = copy.deepcopy(node)
+    setattr(new, name, value)
+    return new
+
+
+class _Source:
+    """Offsets in a file's text from ``ast``'s (line, UTF-8 byte column) positions."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.starts = [0]
+        for line in text.splitlines(keepends=True):
+            self.starts.append(self.starts[-1] + len(line))
+        self.lines = text.splitlines(keepends=True)
+
+    def offset(self, line: int, byte_col: int) -> int:
+        return self.starts[line - 1] + len(self.lines[line - 1].encode()[:byte_col].decode(errors="ignore"))
+
+    def span(self, node: ast.AST) -> tuple[int, int]:
+        return self.offset(node.lineno, node.col_offset), self.offset(node.end_lineno, node.end_col_offset)
+
+
+def _skipped_subtrees(tree: ast.Module) -> set[int]:
+    """Nodes no mutant touches: annotations, f-strings, docstrings, raise / assert statements and
+    logging calls (a mutant there changes a message or a guard's wording, not a conversion)."""
+    skip: set[int] = set()
+
+    def mark(node: ast.AST | None) -> None:
+        if node is not None:
+            skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            mark(node.returns)
+            for a in (*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs, node.args.vararg, node.args.kwarg):
+                if a is not None:
+                    mark(a.annotation)
+            mark(node.args)  # default values are signatures, not conversion logic
+        elif isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        elif isinstance(node, (ast.JoinedStr, ast.Raise, ast.Assert)):
+            mark(node)
+        elif isinstance(node, ast.Call) and _callee(node) in _QUIET_CALLS:
+            mark(node)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            mark(node)  # docstrings
+    return skip
+
+
+def generate(source: str, file: str) -> list[Mutant]:
+    """Every mutant of one file, in source order."""
+    tree = ast.parse(source)
+    text = _Source(source)
+    skip = _skipped_subtrees(tree)
+    functions: dict[int, str] = {}
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(fn):
+                functions[id(n)] = fn.name  # the innermost wins: walked after its outer function
+    out: list[Mutant] = []
+    seen: dict[str, int] = {}
+
+    def add(operator: str, node: ast.AST, span: tuple[int, int], replacement: str) -> None:
+        original = source[span[0]:span[1]]
+        function = functions.get(id(node), "<module>")
+        key = f"{operator}|{function}|{original}|{replacement}"
+        seen[key] = seen.get(key, 0) + 1  # the n-th identical edit in one function
+        digest = hashlib.sha1(f"{key}|{seen[key]}".encode()).hexdigest()[:10]
+        out.append(Mutant(id=f"{file}:{operator}:{digest}", file=file, operator=operator, line=node.lineno,
+                          function=function, original=original, replacement=replacement, span=span))
+
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "lineno"):
+            continue
+        if isinstance(node, ast.List) and len(node.elts) >= 2:
+            for elt in node.elts:
+                if isinstance(elt, ast.Call) and _callee(elt).endswith("Mapping"):
+                    start, end = text.span(elt)
+                    rest = source[end:]
+                    end += len(rest) - len(rest.lstrip(" \t")) + (1 if rest.lstrip(" \t").startswith(",") else 0)
+                    add("delete-mapping", elt, (start, end), "")
+        for operator, new in _mutations(node):
+            add(operator, node, text.span(node), ast.unparse(new))
+    out.sort(key=lambda m: (m.span, m.operator))
+    return out
+
+
+# -------------------------------------------------------------------------------- the cases
+
+
+def bridge_package(tree: SourceTree | None) -> Path:
+    """The megatron/bridge package to mutate: a given Bridge tree's, else the installed one."""
+    if tree is not None:
+        return Path(tree.import_root) / "megatron" / "bridge"
+    import importlib.util
+
+    spec = importlib.util.find_spec("megatron.bridge")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("megatron.bridge is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def mapping_classes(module_file: Path) -> frozenset[str]:
+    """The ``...Mapping`` classes a bridge module names (what of the shared code it exercises)."""
+    tree = ast.parse(module_file.read_text())
+    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.endswith("Mapping"))
+
+
+def covering_cases(file: str, cases: list[Case], package: Path) -> list[Case]:
+    """The memory round trips that run ``file``: its family's (a family's own bridge or provider
+    file), or for the shared conversion code those of the fewest families whose bridges use every
+    mapping class any of the given cases' families uses."""
+    trips = [c for c in cases if c.path == "memory/roundtrip"]
+    by_family: dict[str, list[Case]] = {}
+    for c in trips:
+        by_family.setdefault(c.model.family, []).append(c)
+    modules = {fam: c[0].model.family_def.architecture.module for fam, c in by_family.items()}
+    if not file.startswith(CONVERSION_DIR):
+        own = [c for fam, cs in by_family.items() if f"models/{modules[fam]}" == file for c in cs]
+        if own:  # a family's bridge module: that family's cases
+            return own
+        folder = file.removeprefix("models/").split("/", 1)[0] + "/"  # a provider or helper: its folder's families
+        return [c for fam, cs in by_family.items() if modules[fam].startswith(folder) for c in cs]
+    uses = {fam: mapping_classes(package / "models" / module) for fam, module in modules.items()}
+    needed = frozenset().union(*uses.values()) if uses else frozenset()
+    chosen: list[str] = []
+    covered: frozenset[str] = frozenset()
+    while covered != needed:
+        fam = max(sorted(uses), key=lambda f: (len(uses[f] - covered), -len(by_family[f])))
+        if not uses[fam] - covered:
+            break
+        chosen.append(fam)
+        covered |= uses[fam]
+    return [c for fam in chosen for c in by_family[fam]]
+
+
+# ------------------------------------------------------------------------------ the verdicts
+
+
+@dataclass(frozen=True)
+class MutantResult:
+    mutant: Mutant
+    status: str  # KILLED / SURVIVED / EQUIVALENT / NOT_RUN
+    killed_by: tuple[str, ...] = ()  # case IDs that stopped passing, with their headline
+    why: str = ""  # an equivalent mutant's reason, or why it did not run
+    cases: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass
+class FileScore:
+    file: str
+    mutants: int = 0
+    killed: int = 0
+    survived: int = 0
+    equivalent: int = 0
+    not_run: int = 0
+
+    @property
+    def kill_rate(self) -> float | None:
+        """Killed over non-equivalent mutants that ran; None if none ran."""
+        ran = self.killed + self.survived
+        return self.killed / ran if ran else None
+
+
+def scores(results: list[MutantResult]) -> list[FileScore]:
+    by_file: dict[str, FileScore] = {}
+    for r in results:
+        s = by_file.setdefault(r.mutant.file, FileScore(r.mutant.file))
+        s.mutants += 1
+        setattr(s, r.status.replace("-", "_"), getattr(s, r.status.replace("-", "_")) + 1)
+    return list(by_file.values())
+
+
+def load_equivalent(path: Path = EQUIVALENT_FILE) -> dict[str, str]:
+    """Mutant ID -> why no conversion can show it."""
+    if not path.exists():
+        return {}
+    doc = yaml.safe_load(path.read_text()) or {}
+    return {str(e["id"]): str(e["why"]) for e in doc.get("equivalent", [])}
+
+
+def sample(mutants: list[Mutant], per_file: int | None, seed: int) -> list[Mutant]:
+    """Up to ``per_file`` mutants of each file, drawn with ``seed`` (all with None)."""
+    if per_file is None:
+        return mutants
+    rng = random.Random(seed)
+    by_file: dict[str, list[Mutant]] = {}
+    for m in mutants:
+        by_file.setdefault(m.file, []).append(m)
+    out = []
+    for file, ms in by_file.items():
+        out += sorted(rng.sample(ms, min(per_file, len(ms))), key=lambda m: m.span)
+    return out
+
+
+@dataclass
+class MutantsOutcome:
+    baseline: service.RunOutcome
+    results: list[MutantResult] = field(default_factory=list)
+
+    @property
+    def new_survivors(self) -> list[MutantResult]:
+        return [r for r in self.results if r.status == SURVIVED]
+
+
+def _forget_bytecode(file: Path) -> None:
+    """A rewritten file of the same size in the same second would pass Python's pyc check."""
+    for pyc in (file.parent / "__pycache__").glob(f"{file.stem}.*.pyc"):
+        pyc.unlink(missing_ok=True)
+
+
+def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: SourceTree | None,
+                other_trees: list[SourceTree], budget_s: float, equivalent: dict[str, str],
+                say: Callable[[str], None] = lambda text: None) -> MutantsOutcome:
+    """Copy the Bridge package once, run the unmutated copy on every covering case (the
+    baseline), then each mutant on its file's cases; ``budget_s`` stops it between mutants."""
+    package = bridge_package(bridge)
+    cover = {f: covering_cases(f, cases, package) for f in sorted({m.file for m in mutants})}
+    union = list({c.id: c for cs in cover.values() for c in cs}.values())
+    with tempfile.TemporaryDirectory(prefix="harness-mutants-") as tmp:
+        copy_root = Path(tmp) / "src" / "megatron" / "bridge"
+        shutil.copytree(package, copy_root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        tree = validate("megatron-bridge", tmp)
+        trees = [t for t in other_trees if t.kind != "megatron-bridge"] + [tree]
+        say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s)")
+        baseline = service.run_selection(service.RunRequest(cases=union, lane=lane, label="mutants", source_trees=trees))
+        passing = {r.case_id for r in baseline.results if r.status == PASS}
+        outcome = MutantsOutcome(baseline=baseline)
+        deadline = time.monotonic() + budget_s
+        for i, m in enumerate(mutants, 1):
+            on = [c for c in cover[m.file] if c.id in passing]
+            if m.id in equivalent:
+                outcome.results.append(MutantResult(m, EQUIVALENT, why=equivalent[m.id]))
+                continue
+            if not on:
+                outcome.results.append(MutantResult(m, NOT_RUN, why="no covering case passes unmutated"))
+                continue
+            if time.monotonic() >= deadline:
+                outcome.results.append(MutantResult(m, NOT_RUN, why=f"budget ({budget_s:.0f} s) spent"))
+                continue
+            target = copy_root / m.file
+            original = target.read_text()
+            target.write_text(m.apply(original))
+            _forget_bytecode(target)
+            started = time.monotonic()
+            killers: tuple[str, ...] = ()
+            try:
+                # One-rank cases first (one launch, and most mutants die there); the rest only if it survives.
+                for stage in ([c for c in on if c.world_size == 1], [c for c in on if c.world_size > 1]):
+                    if stage and not killers:
+                        run = service.run_selection(service.RunRequest(cases=stage, lane=lane, label=f"mutant-{i}",
+                                                                       source_trees=trees), stream=None)
+                        killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)
+            finally:
+                target.write_text(original)
+                _forget_bytecode(target)
+            result = MutantResult(m, KILLED if killers else SURVIVED, killed_by=killers,
+                                  cases=tuple(c.id for c in on), seconds=round(time.monotonic() - started, 1))
+            outcome.results.append(result)
+            say(f"[{i}/{len(mutants)}] {result.status.upper():8} {m.id} ({result.seconds:.0f}s)"
+                + (f"  {killers[0][:100]}" if killers else f"\n{m.diff}"))
+    return outcome
+
+
+# ------------------------------------------------------------------------------- the report
+
+
+def markdown(outcome: MutantsOutcome) -> str:
+    """Kill rate per file, then every survivor with its diff (what a new case must kill)."""
+    lines = ["### Mutants of Megatron-Bridge's conversion code", "",
+             "| file | mutants | killed | survived | equivalent | not run | kill rate |", "|---|---|---|---|---|---|---|"]
+    for s in scores(outcome.results):
+        rate = f"{100 * s.kill_rate:.0f}%" if s.kill_rate is not None else "-"
+        lines.append(f"| `{s.file}` | {s.mutants} | {s.killed} | {s.survived} | {s.equivalent} | {s.not_run} | {rate} |")
+    survivors = outcome.new_survivors
+    lines += ["", f"#### Survivors ({len(survivors)})", ""]
+    lines += [f"```diff\n{r.mutant.diff}\n```\n`{r.mutant.id}` ran on {', '.join(r.cases)}" for r in survivors] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def document(outcome: MutantsOutcome) -> dict:
+    return {"scores": [{**asdict(s), "kill_rate": s.kill_rate} for s in scores(outcome.results)],
+            "results": [{**asdict(replace(r, mutant=r.mutant)), "diff": r.mutant.diff} for r in outcome.results]}

@@ -1,0 +1,129 @@
+"""The mutant generator (``harness.regression.mutants``): each operator makes the edit it names,
+every mutant of the real Bridge files still compiles, IDs survive unrelated edits, and nothing is
+mutated where no conversion could show it. The mutants' runs are tests/integration/test_mutants.py."""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+
+import pytest
+
+from harness.regression import mutants
+
+SOURCE = textwrap.dedent('''
+    """Module docstring: never mutated."""
+    import torch
+
+
+    def split(w, n: int = 2):
+        """Docstring."""
+        if w is None:
+            raise ValueError("bad shape 3")
+        logger.warning("tp size %d", 4)
+        gate, up = torch.chunk(w, 2, dim=0)
+        both = torch.cat([gate, up], dim=0)
+        head = both[0:n]
+        for i in range(n):
+            pass
+        return both.t(), head.T, not True
+
+
+    MAPPINGS = [
+        AutoMapping("a", "b"),
+        GatedMLPMapping("c", gate="g", up="u"),
+    ]
+''')
+
+
+def by_operator(ms):
+    out = {}
+    for m in ms:
+        out.setdefault(m.operator, []).append(m)
+    return out
+
+
+def test_each_operator_makes_the_edit_it_names():
+    ms = mutants.generate(SOURCE, "models/x.py")
+    ops = by_operator(ms)
+    applied = {m.id: m.apply(SOURCE) for m in ms}
+    assert {"swap-concat", "swap-args", "off-by-one", "flip-bool", "drop-transpose", "change-constant",
+            "delete-mapping"} <= set(ops)
+    (concat,) = ops["swap-concat"]
+    assert "torch.cat([up, gate], dim=0)" in applied[concat.id]
+    assert any("torch.chunk(2, w, dim=0)" in applied[m.id] for m in ops["swap-args"])
+    assert any("both[0:n + 1]" in applied[m.id] for m in ops["off-by-one"])
+    assert any("range(n + 1)" in applied[m.id] for m in ops["off-by-one"])
+    assert any("return (both, head.T, not True)" in applied[m.id].replace("return both, head.T", "return (both, head.T")
+               or "return both, head.T, not True" in applied[m.id] for m in ops["drop-transpose"])
+    assert any("return both.t(), head, not True" in applied[m.id] for m in ops["drop-transpose"])
+    assert any("torch.chunk(w, 2, dim=1)" in applied[m.id] for m in ops["change-constant"])
+    assert any("w is not None" in applied[m.id] for m in ops["flip-bool"])
+    deleted = [applied[m.id] for m in ops["delete-mapping"]]
+    assert len(deleted) == 2 and all(ast.parse(text) for text in deleted)
+    tree = ast.parse(deleted[1])
+    (assign,) = [n for n in tree.body if isinstance(n, ast.Assign)]
+    assert [ast.unparse(e.func) for e in assign.value.elts] == ["AutoMapping"]  # the second entry is gone, comma too
+    for m in ms:
+        ast.parse(applied[m.id])  # every mutant is still Python
+        assert applied[m.id] != SOURCE
+
+
+def test_nothing_is_mutated_where_no_conversion_can_show_it():
+    ms = mutants.generate(SOURCE, "models/x.py")
+    lines = {m.line for m in ms}
+    src = SOURCE.splitlines()
+    assert not any('"""' in src[line - 1] or "raise" in src[line - 1] or "logger" in src[line - 1] for line in lines)
+    assert not any("n: int = 2" in m.original for m in ms)  # signatures and defaults
+
+
+def test_ids_survive_unrelated_edits_and_a_moved_file_is_refused():
+    before = {m.id: m for m in mutants.generate(SOURCE, "models/x.py")}
+    shifted = "# a new comment\n\n" + SOURCE
+    after = {m.id: m for m in mutants.generate(shifted, "models/x.py")}
+    assert set(before) == set(after) and len(before) == len(mutants.generate(SOURCE, "models/x.py"))
+    some = next(iter(before.values()))
+    with pytest.raises(ValueError, match="no longer has"):
+        some.apply(shifted)  # offsets of the old text: refused, never a wrong edit
+    assert after[some.id].apply(shifted) != shifted
+
+
+def test_every_mutant_of_the_real_conversion_code_compiles():
+    package = mutants.bridge_package(None)
+    for rel in mutants.DEFAULT_FILES:
+        source = (package / rel).read_text()
+        ms = mutants.generate(source, rel)
+        assert len(ms) > 100 and len({m.id for m in ms}) == len(ms)
+        for m in mutants.sample(ms, 40, seed=1):
+            compile(m.apply(source), rel, "exec")
+
+
+def test_a_family_file_runs_its_family_and_the_shared_code_a_cover_of_families():
+    from harness.execution import service
+    from harness.matrix.cases import load_cases
+
+    cases = [c for c in load_cases().select(lane="cpu", set_name="default")
+             if not c.invalid_reason and not service.not_runnable_here(c, "cpu")]
+    package = mutants.bridge_package(None)
+    llama = mutants.covering_cases("models/llama/llama_bridge.py", cases, package)
+    assert llama and {c.model.family for c in llama} == {"llama"} and all(c.path == "memory/roundtrip" for c in llama)
+    shared = mutants.covering_cases("models/conversion/param_mapping.py", cases, package)
+    families = {c.model.family for c in shared}
+    used = set().union(*(mutants.mapping_classes(package / "models" / c.model.family_def.architecture.module)
+                         for c in cases if c.path == "memory/roundtrip"))
+    covered = set().union(*(mutants.mapping_classes(package / "models" / c.model.family_def.architecture.module)
+                            for c in shared))
+    assert covered == used and 1 < len(families) < len({c.model.family for c in cases})
+
+
+def test_the_kill_rate_counts_only_mutants_that_ran_and_are_not_equivalent():
+    m = mutants.generate(SOURCE, "models/x.py")[:5]
+    results = [mutants.MutantResult(m[0], mutants.KILLED), mutants.MutantResult(m[1], mutants.KILLED),
+               mutants.MutantResult(m[2], mutants.SURVIVED), mutants.MutantResult(m[3], mutants.EQUIVALENT, why="x"),
+               mutants.MutantResult(m[4], mutants.NOT_RUN, why="budget")]
+    (score,) = mutants.scores(results)
+    assert (score.mutants, score.killed, score.survived, score.equivalent, score.not_run) == (5, 2, 1, 1, 1)
+    assert score.kill_rate == pytest.approx(2 / 3)
+    outcome = mutants.MutantsOutcome(baseline=None, results=results)
+    md = mutants.markdown(outcome)
+    assert "| `models/x.py` | 5 | 2 | 1 | 1 | 1 | 67% |" in md and "#### Survivors (1)" in md and m[2].diff in md
