@@ -97,6 +97,7 @@ def _execute(request: service.RunRequest, raw_exit: bool = False) -> int:
     from harness.regression import golden
 
     outcome = service.run_selection(request)
+    run_report.write_outcome(outcome)
     results = outcome.results
     print(run_report.table(results))
     if len(results) == 1:

@@ -17,6 +17,7 @@ from typing import Any
 from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case, CaseSet
+from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
 from harness.runtimes import lanes
 from harness.workspace import atomic_write_json, atomic_write_text
@@ -210,6 +211,7 @@ def run_selftest(case_set: CaseSet, lane: str, only: list[str] | None = None,
                                  source_trees=list(source_trees or []), placement=placement or lanes.Placement(), jobs=jobs,
                                  **({"cases_dir": cases_dir} if cases_dir else {}))
     outcome = service.run_selection(request, stream=stream)
+    run_report.write_outcome(outcome)
     rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, lane, only)
     atomic_write_json(outcome.run / "selftest.json", document(rows, clean_bad, lane))
     atomic_write_text(outcome.run / "selftest.md", markdown(rows, clean_bad, lane))
