@@ -83,8 +83,11 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
              trees: list[SourceTree] | None = None) -> service.RunRequest:
+    from harness.regression import faults
+
     return service.RunRequest(
         cases=selected, lane=args.lane, label=label, faults=_check_faults(getattr(args, "inject", None)),
+        fault_provider=faults.PROVIDER,
         source_trees=_source_trees(args) if trees is None else trees, cases_dir=_cases_dir(args),
         placement=_placement(args), jobs=_jobs(args),
     )

@@ -57,7 +57,8 @@ class RunRequest:
     cases: list[Case]
     lane: str = lanes.CPU
     label: str = "run"
-    faults: list[str] = field(default_factory=list)  # seeded regressions, harness.regression.faults
+    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
+    fault_provider: str = ""  # the module that applies them in the ranks, by name (run_dir.Plan.fault_provider)
     source_trees: list[SourceTree] = field(default_factory=list)
     cases_dir: Path = workspace.CASES_DIR
     placement: lanes.Placement = field(default_factory=lanes.Placement)
@@ -82,7 +83,7 @@ def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
 
 def _launch_options(request: RunRequest) -> launch.LaunchOptions:
     return launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
-                                source_trees=list(request.source_trees), placement=request.placement,
+                                fault_provider=request.fault_provider, source_trees=list(request.source_trees), placement=request.placement,
                                 jobs=request.jobs)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from harness.execution import service
 from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case, CaseSet
+from harness.regression import faults
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
 from harness.runtimes import lanes
@@ -208,6 +209,7 @@ def run_selftest(case_set: CaseSet, lane: str, only: list[str] | None = None,
     """Run every (regression, case) pair and the clean cases in one run; write selftest.json/.md."""
     selected, specs = plan(case_set, lane, only)
     request = service.RunRequest(cases=selected, lane=lane, label=label or f"selftest-{lane}", faults=specs,
+                                 fault_provider=faults.PROVIDER,
                                  source_trees=list(source_trees or []), placement=placement or lanes.Placement(), jobs=jobs,
                                  **({"cases_dir": cases_dir} if cases_dir else {}))
     outcome = service.run_selection(request, stream=stream)
