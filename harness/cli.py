@@ -69,7 +69,7 @@ def _check_faults(specs: list[str] | None) -> list[str]:
 
 
 def _placement(args: argparse.Namespace):
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     return lanes.placement(getattr(args, "ranks_per_gpu", 1), args.lane)
 
@@ -140,7 +140,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
     if args.ids_only:

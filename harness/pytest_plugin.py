@@ -25,7 +25,7 @@ from harness.execution import service
 from harness.matrix.cases import Case, CaseSet, load_cases
 from harness.reporting import run_report
 from harness.results import CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 PARAM = "matrix_case"
 

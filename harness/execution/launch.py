@@ -39,7 +39,7 @@ from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
 from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
                              error_section)
-from harness.runtimes.lanes import Placement, rank_environment
+from harness.matrix.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from harness import workspace
 from harness.execution.source_trees import SourceTree
 from harness.results import CaseResult
-from harness.runtimes.lanes import Placement
+from harness.matrix.lanes import Placement
 
 RESULTS_NAME = "results.json"
 # A rank that recorded its case error exits with this code (it may leave peers blocked in a

@@ -26,7 +26,7 @@ from harness.execution.run_dir import RunDir
 from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case
 from harness.results import SKIP, CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 
 @dataclass

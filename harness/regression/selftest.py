@@ -20,7 +20,7 @@ from harness.matrix.cases import Case, CaseSet
 from harness.regression import faults
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 from harness.workspace import atomic_write_json, atomic_write_text
 
 
