@@ -21,7 +21,7 @@ def floor(family: str, batches: int) -> dict[str, float]:
     from harness.checks.logits import logit_metrics
     from harness.conversion.forward import fixed_batch
     from harness.matrix import zoo
-    from harness.runtimes.hf_reference import pure_torch_reference
+    from harness.matrix.hf_reference import pure_torch_reference
 
     spec = zoo.ModelSpec.parse(f"{family}@bf16")
     hf_dir = zoo.materialize(spec)

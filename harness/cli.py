@@ -69,7 +69,7 @@ def _check_faults(specs: list[str] | None) -> list[str]:
 
 
 def _placement(args: argparse.Namespace):
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     return lanes.placement(getattr(args, "ranks_per_gpu", 1), args.lane)
 
@@ -83,8 +83,11 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
              trees: list[SourceTree] | None = None) -> service.RunRequest:
+    from harness.regression import faults
+
     return service.RunRequest(
         cases=selected, lane=args.lane, label=label, faults=_check_faults(getattr(args, "inject", None)),
+        fault_provider=faults.PROVIDER,
         source_trees=_source_trees(args) if trees is None else trees, cases_dir=_cases_dir(args),
         placement=_placement(args), jobs=_jobs(args),
     )
@@ -97,6 +100,7 @@ def _execute(request: service.RunRequest, raw_exit: bool = False) -> int:
     from harness.regression import golden
 
     outcome = service.run_selection(request)
+    run_report.write_outcome(outcome)
     results = outcome.results
     print(run_report.table(results))
     if len(results) == 1:
@@ -136,7 +140,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     selected = _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
     if args.ids_only:

@@ -25,7 +25,7 @@ from harness.execution import service
 from harness.matrix.cases import Case, CaseSet, load_cases
 from harness.reporting import run_report
 from harness.results import CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 PARAM = "matrix_case"
 
@@ -120,6 +120,7 @@ class MatrixRunner:
                                      placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
                                      jobs=config.getoption("--harness-jobs", 1))
         outcome = service.run_selection(request, stream=None)
+        run_report.write_outcome(outcome)
         self.runs[(lane, world_size)] = outcome
         for result in outcome.results:
             self.results[(lane, result.case_id)] = result

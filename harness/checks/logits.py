@@ -13,7 +13,7 @@ import torch
 
 from harness.matrix.zoo import ModelSpec
 from harness.results import CheckResult
-from harness.runtimes.lanes import GPU
+from harness.matrix.lanes import GPU
 
 
 @dataclass(frozen=True)

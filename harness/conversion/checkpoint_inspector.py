@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Both sides get the same fixed batch and return fp32 logits ``[batch, seq, vocab]`` on CPU, with
 Megatron's padded vocab cut back to the HF vocab. The HF reference always runs on the CPU in
-plain torch (``harness.runtimes.hf_reference``). The Megatron side gathers tensor-parallel vocab
+plain torch (``harness.matrix.hf_reference``). The Megatron side gathers tensor-parallel vocab
 shards and walks pipeline stages explicitly (send/recv of the hidden state), which works on gloo.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from harness.conversion.bridge_calls import unwrap
-from harness.runtimes.hf_reference import pure_torch_reference
+from harness.matrix.hf_reference import pure_torch_reference
 
 BATCH_SEED = 4321
 

@@ -37,7 +37,7 @@ from harness.matrix import zoo
 from harness.matrix.cases import Case
 from harness.matrix.layouts import Layout
 from harness.results import CheckResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 from harness.runtimes.base import Runtime
 
 

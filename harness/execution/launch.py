@@ -39,7 +39,7 @@ from harness.execution.source_trees import SourceTree, pythonpath
 from harness.matrix.cases import Case
 from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
                              error_section)
-from harness.runtimes.lanes import Placement, rank_environment
+from harness.matrix.lanes import Placement, rank_environment
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
@@ -57,7 +57,8 @@ class LaunchOptions:
     lane: str = "cpu"
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
-    faults: list[str] = field(default_factory=list)  # seeded regressions (harness.regression.faults)
+    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
+    fault_provider: str = ""  # the module applying them in the ranks (run_dir.Plan.fault_provider)
     source_trees: list[SourceTree] = field(default_factory=list)  # ahead of the installed wheels
     cases_dir: Path = workspace.CASES_DIR
     placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
@@ -223,6 +224,7 @@ def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: L
         cases=[c.id for c in cases],
         cases_dir=str(options.cases_dir),
         faults=list(options.faults),
+        fault_provider=options.fault_provider,
         source_trees=list(options.source_trees),
         # Gloo/NCCL collectives give up a little after the longest case would be killed.
         collective_timeout_s=max(c.timeout_s for c in cases) + 60,

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from harness import workspace
 from harness.execution.source_trees import SourceTree
 from harness.results import CaseResult
-from harness.runtimes.lanes import Placement
+from harness.matrix.lanes import Placement
 
 RESULTS_NAME = "results.json"
 # A rank that recorded its case error exits with this code (it may leave peers blocked in a
@@ -49,10 +49,18 @@ class Plan:
     lane: str
     cases: list[str]
     cases_dir: str
-    faults: list[str] = field(default_factory=list)  # seeded regressions (harness.regression.faults)
+    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
     source_trees: list[SourceTree] = field(default_factory=list)
     collective_timeout_s: float = 360.0
     placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
+    # The module that applies ``faults`` in the ranks, by name (e.g. "harness.regression.faults"):
+    # its ``active(specs, case_id)`` is a context manager around each case. The worker imports it
+    # only when there are faults, so execution never imports the floor that owns them.
+    fault_provider: str = ""
+
+    def __post_init__(self) -> None:
+        if self.faults and not self.fault_provider:
+            raise ValueError(f"faults {self.faults} without a fault_provider module to apply them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

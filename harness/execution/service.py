@@ -1,8 +1,10 @@
-"""Run a selection of cases and write a run folder: the one service every entry point uses.
+"""Run a selection of cases into a run folder: the one service every entry point uses.
 
 ``harness run`` / ``matrix`` / ``gate`` / ``bisect-step`` / ``selftest`` and the pytest plugin all
-call ``run_selection``, so every run folder has the same files and the same metadata (the
-installed versions golden/ records, the source trees, the injected faults).
+call ``run_selection``, so every run has the same metadata (the installed versions golden/ records,
+the source trees, the injected faults). It selects, executes and returns the results; the run's
+reports (``results.json``, ``junit.xml``, ``summary.md``, ``index.html``, ``reports/latest``) are
+written by the caller, a floor above (``harness.reporting.run_report.write_outcome``).
 
 Cases that cannot run here are not launched: they come back as ``skip`` with the reason (a case
 whose lane cannot build it, a GPU case needing more GPUs than this machine has); declared-invalid
@@ -23,9 +25,8 @@ from harness.execution import launch, provenance
 from harness.execution.run_dir import RunDir
 from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case
-from harness.reporting import run_report
 from harness.results import SKIP, CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 
 @dataclass
@@ -56,7 +57,8 @@ class RunRequest:
     cases: list[Case]
     lane: str = lanes.CPU
     label: str = "run"
-    faults: list[str] = field(default_factory=list)  # seeded regressions, harness.regression.faults
+    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
+    fault_provider: str = ""  # the module that applies them in the ranks, by name (run_dir.Plan.fault_provider)
     source_trees: list[SourceTree] = field(default_factory=list)
     cases_dir: Path = workspace.CASES_DIR
     placement: lanes.Placement = field(default_factory=lanes.Placement)
@@ -81,7 +83,7 @@ def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
 
 def _launch_options(request: RunRequest) -> launch.LaunchOptions:
     return launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
-                                source_trees=list(request.source_trees), placement=request.placement,
+                                fault_provider=request.fault_provider, source_trees=list(request.source_trees), placement=request.placement,
                                 jobs=request.jobs)
 
 
@@ -94,7 +96,8 @@ def import_problem(request: RunRequest) -> str:
 def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
                   on_result: Callable[[CaseResult], None] | None = None) -> RunOutcome:
     """Run ``request.cases`` into a new run folder; progress (``[done/total] ... ETA``) goes to
-    ``stream`` (None: silent). Returns the results in the order of the request."""
+    ``stream`` (None: silent). Returns the results in the order of the request; the caller writes
+    the run's reports (``run_report.write_outcome``)."""
     run = RunDir.create(request.label)
     meta = RunMeta(
         label=request.label,
@@ -145,5 +148,4 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
         by_id[result.case_id] = result
     meta.wall_s = round(time.monotonic() - started, 2)
     results = [by_id[c.id] for c in request.cases]
-    run_report.write_run(run, results, meta.to_dict())
     return RunOutcome(run=run, results=results, meta=meta)

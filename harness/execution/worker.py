@@ -71,6 +71,18 @@ BRIDGE_API = ("megatron.bridge", "megatron.bridge.models", "megatron.bridge.trai
               "megatron.bridge.training.state")
 
 
+def faults_for(plan: Plan, case_id: str):
+    """The plan's seeded faults around one case: the ``active(specs, case_id)`` context manager of
+    the module the plan names (``Plan.fault_provider``), imported by name only when there are
+    faults; a no-op context otherwise."""
+    import contextlib
+    import importlib
+
+    if not plan.faults:
+        return contextlib.nullcontext()
+    return importlib.import_module(plan.fault_provider).active(plan.faults, case_id)
+
+
 def probe(trees_json: str, lane: str) -> int:
     """``--probe``: import the stack as a rank would; exit 0, or print the traceback and exit 1."""
     import json
@@ -108,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.execution import provenance
     from harness.matrix.cases import load_cases
-    from harness.regression import faults
     from harness.runtimes import make_runtime
 
     runner, _, imported = import_stack(plan.source_trees, plan.lane)
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.START, time.time(), rank))
             started = time.monotonic()
             try:
-                with faults.active(plan.faults, case_id):
+                with faults_for(plan, case_id):
                     result = runner.run_case(case, runtime, workdir=run.scratch(case_id))
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
                 # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives

@@ -36,7 +36,7 @@ from harness.errors import InputError, load_yaml
 from harness.matrix import zoo
 from harness.matrix.coincidences import SWEEPS
 from harness.matrix.layouts import Layout, LayoutError
-from harness.runtimes import lanes as lane_rules
+from harness.matrix import lanes as lane_rules
 
 # format/kind -> description. The format is what sits on disk between the conversions.
 PATHS: dict[str, str] = {
@@ -137,7 +137,7 @@ class Case:
 
     @property
     def lanes(self) -> tuple[str, ...]:
-        """The lanes this case can run on (the rules: harness.runtimes.lanes)."""
+        """The lanes this case can run on (the rules: harness.matrix.lanes)."""
         return lane_rules.lanes_for(self)
 
 

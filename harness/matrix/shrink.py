@@ -12,7 +12,7 @@ Why these values (each makes a class of conversion bug visible):
 - 4 routed experts, top-3: more experts than top-k, and a top-k that is not Megatron's default 2;
 - vocab 250: not a multiple of Megatron's padding (128 x TP), so a kept padding shows;
 - eps 1e-3, RoPE theta 50000: not Megatron's defaults (1e-5, 10000), so a dropped mapping shows
-  (``harness.matrix.zoo_audit`` enforces this for every mapped field);
+  (``harness.conversion.zoo_audit`` enforces this for every mapped field);
 - 2 layers (the first dense where the family has dense-then-MoE layers): per-layer numbering and
   both MLP kinds are exercised.
 """

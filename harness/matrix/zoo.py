@@ -50,7 +50,7 @@ class Family:
 
     ``provider`` holds Megatron provider settings the family needs on *every* lane (e.g. a MoE
     dispatcher choice); lane-specific settings live in the runtimes (``harness.runtimes``), and
-    why a family cannot run on a lane in ``harness.runtimes.lanes``.
+    why a family cannot run on a lane in ``harness.matrix.lanes``.
     """
 
     name: str
@@ -384,7 +384,7 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     import torch
     import transformers
 
-    from harness.runtimes.hf_reference import pure_torch_reference
+    from harness.matrix.hf_reference import pure_torch_reference
 
     family = get_family(spec.family)
     model_cls = getattr(transformers, family.hf_architecture)
@@ -421,7 +421,7 @@ def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from harness.runtimes.hf_reference import pure_torch_reference
+    from harness.matrix.hf_reference import pure_torch_reference
 
     n, k = config.num_hidden_layers, config.num_nextn_predict_layers
     deeper = copy.deepcopy(config)

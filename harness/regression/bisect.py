@@ -32,6 +32,7 @@ from harness.execution import service
 from harness.execution.source_trees import History, SourceTree, worktree
 from harness.matrix.cases import Case
 from harness.regression.root_causes import Bisection, Commit
+from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
 
 EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128
@@ -82,7 +83,9 @@ def case_step(case: Case, lane: str, cases_dir: Path) -> Callable[[list[SourceTr
         started = time.monotonic()
         request = service.RunRequest(cases=[case], lane=lane, label=f"bisect-step-{_shas(trees)}",
                                      source_trees=trees, cases_dir=cases_dir)
-        result = service.run_selection(request, stream=None).results[0]
+        outcome = service.run_selection(request, stream=None)
+        run_report.write_outcome(outcome)  # each step's run folder, as any run's
+        result = outcome.results[0]
         return Step(sha="", status=result.status, exit=step_exit_code(result.status, result.error),
                     failing=result.headline, seconds=round(time.monotonic() - started, 1))
     return run

@@ -30,6 +30,9 @@ class Fault:
 
 
 FAULTS: dict[str, Fault] = {}
+# What a RunRequest names as its fault_provider: the worker imports this module by name and enters
+# ``active(specs, case_id)`` around each case (harness.execution.run_dir.Plan.fault_provider).
+PROVIDER = __name__
 
 
 def fault(name: str, description: str):

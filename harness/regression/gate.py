@@ -143,7 +143,9 @@ def baseline_results(ref: str, request: service.RunRequest, stream=None) -> tupl
         raise InputError(f"--baseline {ref}: neither a finished run nor {where}")
     with walked.trees_at(ref) as trees:
         base = replace(request, label=f"baseline-{ref}", source_trees=trees)
-        return {r.case_id: r for r in service.run_selection(base, stream=stream).results}, True
+        outcome = service.run_selection(base, stream=stream)
+        run_report.write_outcome(outcome)
+        return {r.case_id: r for r in outcome.results}, True
 
 
 def incompatible_cause(problem: str, request: service.RunRequest) -> RootCause:
@@ -215,11 +217,12 @@ def run_gate(request: service.RunRequest, baseline_ref: str | None = None, strea
             found = Bisection.not_tried("first bad", "give --baseline GIT_REF to find the commit")
         cause = replace(cause, bisection=found)
         empty = service.run_selection(replace(request, cases=[]), stream=None)
-        run_report.write_run(empty.run, [], empty.meta.to_dict(), verdicts={}, verdict_order=ORDER, root_causes=(cause,))
+        run_report.write_outcome(empty, verdicts={}, verdict_order=ORDER, root_causes=(cause,))
         return GateOutcome(run=empty, verdicts=[], root_causes=(cause,))
 
     baseline, _ = baseline_results(baseline_ref, request, stream) if baseline_ref else (None, False)
     candidate = service.run_selection(request, stream=stream)
+    run_report.write_outcome(candidate)  # a plain run folder now; the verdicts are added once judged and bisected
     verdicts = judge_all(candidate.results, baseline)
     causes = regressed_causes(candidate.results, verdicts, request.source_trees) + fixed_causes(
         verdicts, baseline, request.source_trees)
@@ -229,6 +232,6 @@ def run_gate(request: service.RunRequest, baseline_ref: str | None = None, strea
         why = "--baseline is a finished run, not a git ref" if baseline_ref else "no --baseline GIT_REF to bisect from"
         causes = tuple(replace(c, bisection=Bisection.not_tried(
             "first bad" if c.verdict == REGRESSED else "first fixed", why)) for c in causes)
-    run_report.write_run(candidate.run, candidate.results, candidate.meta.to_dict(),
-                         verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER, root_causes=causes)
+    run_report.write_outcome(candidate, verdicts={v.case_id: v.verdict for v in verdicts}, verdict_order=ORDER,
+                             root_causes=causes)
     return GateOutcome(run=candidate, verdicts=verdicts, root_causes=causes)

@@ -10,7 +10,7 @@ run's results where given and otherwise from ``golden/<lane>/`` (the committed e
 - ``known upstream failure``: some fail exactly as golden pins them (golden/known_failures.yaml
   gives the upstream cause); the rest pass;
 - ``FAIL``: some case fails in a way golden does not pin;
-- ``cannot run``: no case of the family can run on the lane (``harness.runtimes.lanes`` says why);
+- ``cannot run``: no case of the family can run on the lane (``harness.matrix.lanes`` says why);
 - ``not run``: runnable cases, but no outcome yet (e.g. the GPU lane before its first golden run).
 
 Torch-free: ``harness coverage`` and every run's ``summary.md`` use it.
@@ -25,7 +25,7 @@ from harness.matrix import bridge_registry, zoo
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import golden
 from harness.results import FAILED, PASS, SKIP, CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 COVERED_PASS, KNOWN, FAILING, CANNOT_RUN, NOT_RUN, NOT_COVERED = (
     "pass", "known upstream failure", "FAIL", "cannot run", "not run", "not covered")

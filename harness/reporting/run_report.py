@@ -7,7 +7,7 @@ Every file is written atomically; ``reports/latest`` is moved last.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from harness import workspace
 from harness.execution.run_dir import RunDir
@@ -21,6 +21,16 @@ from harness.results import CRASHED, FAIL, FIXED, INCOMPATIBLE, PASS, REGRESSED,
 COMMENT_LIMIT = 65536
 COMMENT_RESERVE = 1024
 SUMMARY_LIMIT = COMMENT_LIMIT - COMMENT_RESERVE
+
+if TYPE_CHECKING:
+    from harness.execution.service import RunOutcome
+
+
+def write_outcome(outcome: "RunOutcome", **gate: Any) -> Path:
+    """The run folder of a finished ``service.run_selection``: every caller that runs a selection
+    writes it with this (execution returns results, the floor above it reports them). ``gate``:
+    ``write_run``'s verdict arguments."""
+    return write_run(outcome.run, outcome.results, outcome.meta.to_dict(), **gate)
 
 
 def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any],

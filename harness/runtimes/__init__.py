@@ -1,10 +1,11 @@
-"""Lanes and their runtimes: where Megatron runs (CPU/gloo or GPU/nccl) and what each lane can run.
+"""The lanes' runtimes: where Megatron runs (CPU/gloo or GPU/nccl).
 
-* ``lanes``: every rule that says a case (or one of its checks) cannot run on a lane, and why;
 * ``base``: the ``Runtime`` protocol the conversion code talks to;
 * ``cpu`` / ``gpu``: the two runtimes.
 
-Importing this package (or ``lanes``) does not import torch: the CLI lists cases with it.
+What each lane can run, and why not, is a rule on cases: ``harness.matrix.lanes`` (the bottom
+floor, which cases and the CLI use without any runtime). Importing this package does not import
+torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.runtimes.base import Runtime
-    from harness.runtimes.lanes import Placement
+    from harness.matrix.lanes import Placement
 
 
 def make_runtime(lane: str, placement: "Placement | None" = None) -> "Runtime":

@@ -2,7 +2,7 @@
 
 A runtime is a context manager active for the whole life of a rank's process group. Routes,
 bridge calls and the forward pass receive it and never look at which lane they are on except
-through ``lane`` (for lane rules, ``harness.runtimes.lanes``).
+through ``lane`` (for lane rules, ``harness.matrix.lanes``).
 
 Also here, shared by both runtimes: ``release_process_groups``, what ``init_model_parallel`` does
 before it builds the next layout's groups. Importing this module does not import torch.
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class Runtime(Protocol):
-    lane: str  # "cpu" | "gpu" (harness.runtimes.lanes.LANES)
+    lane: str  # "cpu" | "gpu" (harness.matrix.lanes.LANES)
     backend: str  # torch.distributed backend of the process group
     use_cpu_initialization: bool  # provide_distributed_model builds the weights on the CPU
 

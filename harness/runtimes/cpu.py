@@ -22,7 +22,7 @@ things, and only for the duration of a run (``CpuRuntime`` is a context manager)
 Nothing here is applied at import time. Every redirect is a ``unittest.mock.patch.object`` on one
 ``ExitStack``, so each is undone on exit, exception or not, and one that fails to install undoes
 those before it (tests/unit/test_cpu_runtime.py proves it). The GPU lane never enters this
-context. What the CPU lane therefore does not test is ``harness.runtimes.lanes.NOT_TESTED``.
+context. What the CPU lane therefore does not test is ``harness.matrix.lanes.NOT_TESTED``.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ class CpuRuntime:
         classes, forwards from ``te_cpu``), or megatron-core's local spec for a ``@local`` case."""
         if model.local_spec:
             provider.transformer_layer_spec = layer_specs.local_block_spec
-            # The local torch norm rejects sequence parallelism; harness.runtimes.lanes says what that costs.
+            # The local torch norm rejects sequence parallelism; harness.matrix.lanes says what that costs.
             provider.sequence_parallel = False
             layer_specs.allow_target(self._allowlisted)
         moe = {**CPU_MOE_FLAGS, "moe_grouped_gemm": not model.local_spec} if model.is_moe else {}

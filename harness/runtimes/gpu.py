@@ -1,5 +1,5 @@
 """The GPU lane's runtime: NCCL, one rank per GPU (or several ranks per GPU over gloo, when asked:
-``harness.runtimes.lanes.Placement``), Megatron as users run it (TE layer spec, fused kernels),
+``harness.matrix.lanes.Placement``), Megatron as users run it (TE layer spec, fused kernels),
 with four adjustments, each recorded in ``provenance()`` because a reader of a GPU
 result must know them (found on one H100 80GB at world size 1, with megatron-core 0.19.2,
 megatron-bridge 0.6.2 and Transformer Engine 2.20.2 on torch 2.11.0+cu130; summarised in the
@@ -10,7 +10,7 @@ README, "The GPU lane"):
    others force ``autocast_dtype``); an fp32 source would then be rounded on load and the weight
    round trip could not be bitwise.
 2. **TF32 off**: ``NVIDIA_TF32_OVERRIDE=0`` must be in the rank's environment before CUDA starts
-   (the launcher puts it there, ``harness.runtimes.lanes.rank_environment``): TE's cuBLASLt GEMMs
+   (the launcher puts it there, ``harness.matrix.lanes.rank_environment``): TE's cuBLASLt GEMMs
    ask for TF32 on fp32 operands and ignore ``torch.backends.cuda.matmul.allow_tf32``
    (transformer_engine/common/gemm/cublaslt_gemm.cu). With TF32 the fp32 logit floor is 2.7e-3 to
    5.0e-3 instead of ~2e-6 (measured on an H100).
@@ -34,7 +34,7 @@ import torch
 from harness.matrix.layouts import Layout
 from harness.matrix.zoo import ModelSpec
 from harness.runtimes.base import release_process_groups
-from harness.runtimes.lanes import GPU, Placement, rank_environment
+from harness.matrix.lanes import GPU, Placement, rank_environment
 
 DEFAULT_SEED = 1234
 

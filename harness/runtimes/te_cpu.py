@@ -27,7 +27,7 @@ megatron-core's own ``tensor_parallel.mappings`` functions:
 Compute is fp32 where TE's kernels accumulate in fp32 (norms, softmax); GEMMs run in the
 activation dtype as torch's CPU matmul does. What these do not reproduce is TE's kernel choice
 (cuBLAS, cuDNN/flash attention, fused norms) and fp8: the CPU lane does not test TE's kernels
-(``harness.runtimes.lanes.NOT_TESTED``). tests/unit/test_te_cpu.py checks each against a reference
+(``harness.matrix.lanes.NOT_TESTED``). tests/unit/test_te_cpu.py checks each against a reference
 formula, and against the real TE module where a GPU is lent.
 """
 

@@ -1,7 +1,7 @@
 """Can several ranks share one GPU? Try each collective Megatron, Megatron-FSDP and DCP use.
 
 Run by torchrun, one process per rank, with the ranks placed as ``--ranks-per-gpu`` says (the
-placement of ``harness.runtimes.lanes.Placement``)::
+placement of ``harness.matrix.lanes.Placement``)::
 
     python3 -m torch.distributed.run --standalone --nproc_per_node 2 scripts/gpu/probe_collectives.py \
         --backend gloo --ranks-per-gpu 2 --json $OUT/probe-gloo.json

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.matrix import zoo, zoo_audit
+from harness.conversion import zoo_audit
+from harness.matrix import zoo
 
 pytestmark = pytest.mark.cpu
 

@@ -35,7 +35,7 @@ def run_torch_free(code: str, *args: str) -> subprocess.CompletedProcess:
     "harness.cli", "harness.execution.service", "harness.execution.launch", "harness.regression.gate",
     "harness.regression.bisect", "harness.regression.golden", "harness.regression.selftest",
     "harness.reporting.run_report", "harness.checks.checkpoint_diff", "harness.formats.detect",
-    "harness.matrix.cases", "harness.runtimes.lanes",
+    "harness.matrix.cases", "harness.matrix.lanes",
 ])
 def test_light_modules_import_without_torch(module):
     r = run_torch_free(f"import {module}")

@@ -114,7 +114,7 @@ def test_padded_vocab_lifts_the_vocab_rule(tmp_path):
 
 def test_every_family_has_cases_and_cpu_blocked_ones_say_why(case_set):
     from harness.matrix import zoo
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     families = {c.model.family for c in case_set.cases}
     assert families == set(zoo.FAMILIES), "a family without cases was silently dropped"
@@ -204,7 +204,7 @@ def test_the_sweep_covers_the_shape_classes(case_set):
 
 
 def test_the_checkpoint_inspector_case_needs_a_megatron_lm_tree_with_the_tool(tmp_path, monkeypatch, case_set):
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     case = case_set.get("llama@bf16/tp1/fsdp_dtensor/checkpoint-inspector")
     monkeypatch.delenv("HARNESS_MEGATRON_LM", raising=False)

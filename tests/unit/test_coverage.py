@@ -8,7 +8,7 @@ import pytest
 from harness.matrix import bridge_registry, cases, zoo
 from harness.reporting import coverage
 from harness.results import CaseResult
-from harness.runtimes import lanes
+from harness.matrix import lanes
 
 pytestmark = pytest.mark.cpu
 

@@ -11,7 +11,7 @@ import torch
 
 from harness.matrix import zoo
 from harness.runtimes import gpu as gpu_runtime
-from harness.runtimes.lanes import GPU, capacity_blocker, rank_environment
+from harness.matrix.lanes import GPU, capacity_blocker, rank_environment
 from harness.results import CaseResult, error_headline
 
 pytestmark = pytest.mark.cpu
@@ -148,7 +148,7 @@ def test_cases_needing_more_gpus_than_the_machine_has_are_skipped_with_a_reason(
 
 
 def test_gpu_count_honours_harness_gpus_and_cuda_visible_devices(monkeypatch):
-    from harness.runtimes import lanes
+    from harness.matrix import lanes
 
     monkeypatch.setenv("HARNESS_GPUS", "1")
     assert lanes.gpu_count() == 1
@@ -199,7 +199,7 @@ def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_install
     import transformers
     import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
 
-    from harness.runtimes.hf_reference import pure_torch_reference
+    from harness.matrix.hf_reference import pure_torch_reference
 
     def triton_kernel(*_args, **_kwargs):
         raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
@@ -229,7 +229,7 @@ def test_ranks_per_gpu_fits_multi_rank_cases_on_fewer_gpus_and_refuses_what_stil
 
 
 def test_ranks_sharing_a_gpu_use_gloo_and_consecutive_ranks_share_a_device():
-    from harness.runtimes.lanes import Placement
+    from harness.matrix.lanes import Placement
 
     shared = Placement(2)
     assert [shared.device_index(r) for r in range(4)] == [0, 0, 1, 1]
@@ -243,7 +243,7 @@ def test_ranks_sharing_a_gpu_use_gloo_and_consecutive_ranks_share_a_device():
 def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_path, monkeypatch):
     from harness.execution.run_dir import Plan, RunDir
     from harness.runtimes import make_runtime
-    from harness.runtimes.lanes import Placement
+    from harness.matrix.lanes import Placement
 
     run = RunDir(tmp_path)
     path = run.write_plan(Plan(run_dir=str(tmp_path), group="ws2-1", lane=GPU, cases=["x"], cases_dir=".",
@@ -261,7 +261,7 @@ def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_
 
 def test_a_two_rank_case_on_a_one_gpu_machine_is_launched_only_with_two_ranks_per_gpu(case_set):
     from harness.execution import service
-    from harness.runtimes.lanes import Placement
+    from harness.matrix.lanes import Placement
 
     case = next(c for c in case_set.select(lane=GPU) if c.world_size == 2 and not c.invalid_reason)
     assert service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
