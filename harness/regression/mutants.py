@@ -44,6 +44,7 @@ from harness import workspace
 from harness.execution import service
 from harness.execution.source_trees import SourceTree, validate
 from harness.matrix.cases import Case
+from harness.reporting import run_report
 from harness.results import PASS, CaseResult
 
 EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
@@ -367,6 +368,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
         trees = [t for t in other_trees if t.kind != "megatron-bridge"] + [tree]
         say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s)")
         baseline = service.run_selection(service.RunRequest(cases=union, lane=lane, label="mutants", source_trees=trees))
+        run_report.write_outcome(baseline)
         passing = {r.case_id for r in baseline.results if r.status == PASS}
         outcome = MutantsOutcome(baseline=baseline)
         deadline = time.monotonic() + budget_s
@@ -393,6 +395,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
                     if stage and not killers:
                         run = service.run_selection(service.RunRequest(cases=stage, lane=lane, label=f"mutant-{i}",
                                                                        source_trees=trees), stream=None)
+                        run_report.write_outcome(run)  # a killer's or a survivor's run, to read
                         killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)
             finally:
                 target.write_text(original)
