@@ -31,7 +31,7 @@ from harness.errors import InputError
 from harness.execution import service
 from harness.execution.source_trees import History, SourceTree, worktree
 from harness.matrix.cases import Case
-from harness.regression.root_causes import Bisection, Commit
+from harness.regression.root_causes import Bisection, Commit, normalise
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
 
@@ -67,18 +67,25 @@ class Step:
         return [Step(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
 
 
-def step_exit_code(status: str, error: str) -> int:
+def step_exit_code(status: str, error: str, headline: str = "", tracked: str = "") -> int:
+    """Good, bad, skip or abort for one step's case. An import failure is a skip (that commit
+    cannot say anything about the case), unless it *is* the failure being tracked: ``tracked`` is
+    that failure's headline, normalised (``root_causes.normalise``), e.g. an API break that only
+    the case's own code path imports."""
     if status == PASS:
         return EXIT_GOOD
     if status == INFRA_ERROR:
         return EXIT_ABORT
+    if tracked and normalise(headline) == tracked:
+        return EXIT_BAD
     if status == SKIP or (status in CRASHED and any(marker in error for marker in IMPORT_FAILURE)):
         return EXIT_SKIP
     return EXIT_BAD
 
 
-def case_step(case: Case, lane: str, cases_dir: Path) -> Callable[[list[SourceTree]], Step]:
-    """A step that runs ``case`` against the trees (one run folder per step, quietly)."""
+def case_step(case: Case, lane: str, cases_dir: Path, tracked: str = "") -> Callable[[list[SourceTree]], Step]:
+    """A step that runs ``case`` against the trees (one run folder per step, quietly); ``tracked``:
+    the headline of the failure being bisected (``step_exit_code``)."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
         request = service.RunRequest(cases=[case], lane=lane, label=f"bisect-step-{_shas(trees)}",
@@ -86,8 +93,9 @@ def case_step(case: Case, lane: str, cases_dir: Path) -> Callable[[list[SourceTr
         outcome = service.run_selection(request, stream=None)
         run_report.write_outcome(outcome)  # each step's run folder, as any run's
         result = outcome.results[0]
-        return Step(sha="", status=result.status, exit=step_exit_code(result.status, result.error),
-                    failing=result.headline, seconds=round(time.monotonic() - started, 1))
+        code = step_exit_code(result.status, result.error, result.headline, normalise(tracked) if tracked else "")
+        return Step(sha="", status=result.status, exit=code, failing=result.headline,
+                    seconds=round(time.monotonic() - started, 1))
     return run
 
 

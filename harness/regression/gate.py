@@ -157,13 +157,14 @@ def incompatible_cause(problem: str, request: service.RunRequest) -> RootCause:
 
 
 def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: str, baseline: dict[str, CaseResult],
-                  request: service.RunRequest, budget_s: float,
-                  say: Callable[[str], None]) -> tuple[RootCause, ...]:
+                  request: service.RunRequest, budget_s: float, say: Callable[[str], None],
+                  failing: dict[str, str] | None = None) -> tuple[RootCause, ...]:
     """Each cause with its bisection: the first bad commit of a REGRESSED cause, the first good one
     of a FIXED cause, on a representative case that behaved the other way at the baseline; causes
     left when ``budget_s`` is spent say so."""
     deadline = time.monotonic() + budget_s
     candidate = walked.walked.sha
+    failing = failing or {}  # case_id -> the candidate's headline
     by_id = {c.id: c for c in request.cases}
     out = []
     for i, cause in enumerate(causes, 1):
@@ -181,9 +182,11 @@ def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: 
         else:
             say(f"harness: bisecting cause {i} ({cause.verdict}, {cause.count} case(s)) on {flipped[0]} between "
                 f"{baseline_ref} and {candidate[:12]}")
-            found = bisect.bisect(walked, baseline_ref, candidate, bisect.case_step(by_id[flipped[0]], request.lane,
-                                                                                    request.cases_dir),
-                                  terms=terms, deadline=deadline, say=say)
+            # The failure being tracked: the candidate's (a regression) or the baseline's (a fix). An
+            # import failure that is this one is "bad", not a commit to skip.
+            tracked = (failing.get(flipped[0]) if regression else baseline[flipped[0]].headline) or ""
+            step = bisect.case_step(by_id[flipped[0]], request.lane, request.cases_dir, tracked=tracked)
+            found = bisect.bisect(walked, baseline_ref, candidate, step, terms=terms, deadline=deadline, say=say)
         out.append(replace(cause, bisection=found))
     return tuple(out)
 
@@ -227,7 +230,8 @@ def run_gate(request: service.RunRequest, baseline_ref: str | None = None, strea
     causes = regressed_causes(candidate.results, verdicts, request.source_trees) + fixed_causes(
         verdicts, baseline, request.source_trees)
     if git_baseline and causes:
-        causes = bisect_causes(causes, walked, baseline_ref, baseline or {}, request, bisect_budget_s, say)
+        causes = bisect_causes(causes, walked, baseline_ref, baseline or {}, request, bisect_budget_s, say,
+                               failing={r.case_id: r.headline for r in candidate.results})
     elif causes:
         why = "--baseline is a finished run, not a git ref" if baseline_ref else "no --baseline GIT_REF to bisect from"
         causes = tuple(replace(c, bisection=Bisection.not_tried(

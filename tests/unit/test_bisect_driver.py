@@ -127,3 +127,15 @@ def test_the_walked_repository_is_the_megatron_lm_else_the_bridge_else_a_bridge_
     checkout = source_trees.history([pinned, bridge])
     assert checkout.walked is bridge and checkout.follows_submodule and checkout.fixed == ()
     assert source_trees.history([]) is None
+
+
+def test_an_import_failure_is_a_skip_unless_it_is_the_failure_being_bisected():
+    from harness.regression.root_causes import normalise
+
+    api_break = "ImportError: cannot import name 'torch_chunk_gated_delta_rule' from 'megatron.core.ssm.x' (/tmp/a/x.py)"
+    other = "ImportError: cannot import name 'something_else' from 'megatron.core.y' (/tmp/b/y.py)"
+    moved = api_break.replace("/tmp/a/", "/tmp/harness-worktree-1/tree/")  # same break, another checkout
+    assert bisect.step_exit_code("error", f"Traceback ...\n{api_break}", api_break) == EXIT_SKIP
+    assert bisect.step_exit_code("error", f"Traceback ...\n{moved}", moved, normalise(api_break)) == EXIT_BAD
+    assert bisect.step_exit_code("error", f"Traceback ...\n{other}", other, normalise(api_break)) == EXIT_SKIP
+    assert bisect.step_exit_code("pass", "", "", normalise(api_break)) == EXIT_GOOD
