@@ -370,6 +370,7 @@ def cmd_mutants(args: argparse.Namespace) -> int:
     run = outcome.baseline.run
     atomic_write_json(run / "mutants.json", mutants.document(outcome))
     atomic_write_text(run / "mutants.md", mutants.markdown(outcome))
+    atomic_write_text(run / "mutants.html", mutants.html(outcome, run.name))
     print(mutants.markdown(outcome))
     print(f"written: {run / 'mutants.md'}")
     return EXIT_FAIL if outcome.new_survivors else EXIT_OK

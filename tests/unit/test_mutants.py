@@ -127,3 +127,13 @@ def test_the_kill_rate_counts_only_mutants_that_ran_and_are_not_equivalent():
     outcome = mutants.MutantsOutcome(baseline=None, results=results)
     md = mutants.markdown(outcome)
     assert "| `models/x.py` | 5 | 2 | 1 | 1 | 1 | 67% |" in md and "#### Survivors (1)" in md and m[2].diff in md
+
+
+def test_the_html_page_shows_the_rate_and_survivors_first_with_their_diffs():
+    m = mutants.generate(SOURCE, "models/x.py")[:2]
+    outcome = mutants.MutantsOutcome(baseline=None, results=[
+        mutants.MutantResult(m[0], mutants.KILLED, killed_by=("a/tp1/memory/roundtrip: tensors: 1/2 differ",)),
+        mutants.MutantResult(m[1], mutants.SURVIVED, cases=("a/tp1/memory/roundtrip",))])
+    page = mutants.html(outcome, "20261202T000000Z-mutants")
+    assert "<td>50%</td>" in page and page.index(m[1].id) < page.index(m[0].id)  # the survivor leads
+    assert "killed by: a/tp1/memory/roundtrip: tensors: 1/2 differ" in page
