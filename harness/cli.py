@@ -534,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry_point() -> int:
+    """The ``harness`` command and ``python -m harness``: ``main`` with SIGTERM handled as Ctrl-C.
+
+    A cancelled CI job or ``kill`` sends SIGTERM, which by default ends Python without running any
+    ``finally``: the throw-away worktrees of gate and bisect (``source_trees.worktree``) and a
+    bisection's state would be left behind. As SystemExit they are cleaned up."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -260,3 +260,26 @@ def test_bridge_checkout_without_its_submodule_is_a_one_line_error(tmp_path):
     r = harness_cli("gate", "--bridge-checkout", str(tmp_path), reports=tmp_path / "reports", timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "3rdparty/Megatron-LM is empty" in r.stderr and not (tmp_path / "reports").exists()
+
+
+def test_sigterm_cleans_up_the_worktree_as_ctrl_c_does(fake_megatron_lm, tmp_path):
+    """A cancelled CI job sends SIGTERM: the bisection's worktree must still be removed."""
+    import os
+    import signal
+    import time
+
+    repo, shas = fake_megatron_lm
+    env = dict(os.environ, HARNESS_REPORTS=str(tmp_path / "reports"))
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "bisect", "--megatron-lm", str(repo), "--good", shas["good"],
+                             "--bad", shas["bad"], "--case", CASE], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while git(repo, "worktree", "list").count("\n") == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)  # until the bisection's worktree exists
+    assert git(repo, "worktree", "list").count("\n") == 1, "the bisection never started"
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole session, as a CI runner cancels a job
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    git(repo, "worktree", "prune")
+    assert git(repo, "worktree", "list").count("\n") == 0, "SIGTERM left the bisection's worktree behind"
