@@ -94,8 +94,9 @@ def summary_markdown(results: list[CaseResult], meta: dict[str, Any], run_name: 
     a number)."""
     if verdicts is not None:
         head = gate_head(results, meta, run_name, verdicts, verdict_order or {}, root_causes)
-        head += ["", f"#### Every case ({len(results)})", "",
-                 "| verdict | cause | case | failing check | key numbers |", "|---|---|---|---|---|"]
+        if results:  # an INCOMPATIBLE candidate ran none: no empty table
+            head += ["", f"#### Every case ({len(results)})", "",
+                     "| verdict | cause | case | failing check | key numbers |", "|---|---|---|---|---|"]
     else:
         counts = status_counts(results)
         partial = sum(r.label.endswith("*") for r in results)
