@@ -59,6 +59,7 @@ _GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<fc>linear_fc[12])
 _SEQUENTIAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$")
 _CANONICAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)$")
 _LAYER = re.compile(r"^(?P<layer>.*decoder\.layers\.\d+)\.")
+_LAYER_NUMBER = re.compile(r"\.layers\.(?P<n>\d+)\.")
 
 # SwiGLU fc1 parameters (weight or bias) in stored naming: dense, GroupedMLP / SequentialMLP expert
 # and shared expert, with the split part (the patterns of handle_swiglu_in_state_dict's
@@ -117,6 +118,42 @@ def canonical(key: str) -> str:
 def is_gated_fc1(canonical_key: str) -> bool:
     """A SwiGLU fc1 weight or bias (dense, expert or shared expert) in canonical naming."""
     return bool(_CANONICAL_FC1.search(canonical_key))
+
+
+# ------------------------------------------------------------------------------- layer and expert numbers
+# In parameter names as a model's ``named_parameters`` gives them (wrappers allowed): the numbers
+# Megatron-Bridge turns from rank-local to global (``_megatron_local_name_to_global`` in
+# megatron/bridge/models/conversion/model_bridge.py, megatron-bridge 0.6.2).
+
+
+def layer_number(key: str) -> int | None:
+    """The number of the first ``.layers.<i>.`` segment of a key; None if it has none."""
+    m = _LAYER_NUMBER.search(key)
+    return int(m["n"]) if m else None
+
+
+def renumber_layer(key: str, number: int) -> str:
+    """The key with the number of its first ``.layers.<i>.`` segment replaced (unchanged if it has none)."""
+    m = _LAYER_NUMBER.search(key)
+    return f"{key[:m.start('n')]}{number}{key[m.end('n'):]}" if m else key
+
+
+def _stored_expert(key: str) -> re.Match[str] | None:
+    return _GROUPED_EXPERT.match(key) or _SEQUENTIAL_EXPERT.match(key)
+
+
+def expert_number(key: str) -> int | None:
+    """The expert number a GroupedMLP (``…mlp.experts.linear_fc1.weight<e>``) or SequentialMLP
+    (``…mlp.experts.local_experts.<e>.…``) key spells, local or global as the key has it; None for
+    any other key (canonical ``…mlp.experts.<e>.…`` included)."""
+    m = _stored_expert(key)
+    return int(m["e"]) if m else None
+
+
+def renumber_expert(key: str, number: int) -> str:
+    """The GroupedMLP / SequentialMLP key with its expert number replaced (any other key unchanged)."""
+    m = _stored_expert(key)
+    return f"{key[:m.start('e')]}{number}{key[m.end('e'):]}" if m else key
 
 
 # ------------------------------------------------------------------------------- torch_dist
@@ -195,8 +232,7 @@ class FsdpKey:
     @property
     def expert(self) -> int | None:
         """The (global, as stored) expert number, or None for a non-expert key."""
-        m = _GROUPED_EXPERT.match(self.base) or _SEQUENTIAL_EXPERT.match(self.base)
-        return int(m["e"]) if m else None
+        return expert_number(self.base)
 
 
 def parse_fsdp_key(stored: str) -> FsdpKey:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from unittest import mock
 
+from harness.formats import megatron_keys as keys
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -172,11 +174,8 @@ def _renamed_globally(rewrite):
 @fault("expert-offset-local", "under EP > 1, local expert numbers are used as global ones (no EP-rank offset)")
 def _expert_offset():
     def keep_local_expert_number(param_name, out):
-        for pattern in (r"\.local_experts\.(\d+)\.", r"\.experts\.linear_fc\d\.(?:weight|bias)(\d+)$"):
-            local, glob = re.search(pattern, param_name), re.search(pattern, out)
-            if local and glob:
-                out = out[: glob.start(1)] + local.group(1) + out[glob.end(1):]
-        return out
+        local = keys.expert_number(param_name)
+        return out if local is None else keys.renumber_expert(out, local)
 
     with _renamed_globally(keep_local_expert_number):
         yield
@@ -281,8 +280,8 @@ def _layer_offset():
     from megatron.core import parallel_state
 
     def shift_later_stages(_param_name, out):
-        if parallel_state.get_pipeline_model_parallel_rank() > 0:
-            out = re.sub(r"(\.layers\.)(\d+)\.", lambda m: f"{m.group(1)}{int(m.group(2)) + 1}.", out, count=1)
+        if parallel_state.get_pipeline_model_parallel_rank() > 0 and (layer := keys.layer_number(out)) is not None:
+            out = keys.renumber_layer(out, layer + 1)
         return out
 
     with _renamed_globally(shift_later_stages):

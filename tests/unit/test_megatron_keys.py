@@ -1,0 +1,73 @@
+"""The Megatron key grammar (harness.formats.megatron_keys) on hand-written keys, right and wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.formats import megatron_keys as keys
+
+pytestmark = pytest.mark.cpu
+
+GROUPED = "module.decoder.layers.3.mlp.experts.linear_fc1.weight5"
+SEQUENTIAL = "module.module.decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.weight"
+
+
+# ------------------------------------------------------------------------------- layer and expert numbers
+
+
+@pytest.mark.parametrize("key, number", [
+    ("decoder.layers.3.self_attention.linear_qkv.weight", 3),
+    ("module.decoder.layers.12.mlp.linear_fc1.weight", 12),
+    ("mtp.layers.0.transformer_layer.mlp.linear_fc1.weight", 0),
+    # The first ``.layers.<i>.`` counts: 3, not the 7 further on.
+    ("decoder.layers.3.block.layers.7.weight", 3),
+    ("embedding.word_embeddings.weight", None),
+    ("decoder.final_layernorm.weight", None),
+    ("decoder.layers.mlp.linear_fc1.weight", None),  # a stacked torch_dist key has no layer number
+    ("layers.3.weight", None),  # no segment before ``layers``
+])
+def test_layer_number(key, number):
+    assert keys.layer_number(key) == number
+
+
+def test_renumber_layer_replaces_the_first_layer_number_only():
+    assert keys.renumber_layer("module.decoder.layers.3.mlp.experts.linear_fc1.weight3", 4) == \
+        "module.decoder.layers.4.mlp.experts.linear_fc1.weight3"
+    assert keys.renumber_layer("decoder.layers.9.block.layers.9.weight", 10) == "decoder.layers.10.block.layers.9.weight"
+    assert keys.renumber_layer("decoder.final_layernorm.weight", 4) == "decoder.final_layernorm.weight"
+    # A wrong layer number stays visible: renumbering is not a no-op on a numbered key.
+    assert keys.renumber_layer("decoder.layers.1.mlp.linear_fc1.weight", 2) != "decoder.layers.1.mlp.linear_fc1.weight"
+
+
+@pytest.mark.parametrize("key, number", [
+    (GROUPED, 5),
+    ("decoder.layers.0.mlp.experts.linear_fc2.bias13", 13),
+    (SEQUENTIAL, 5),
+    ("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight", 0),
+    ("decoder.layers.3.mlp.experts.5.linear_fc1.weight", None),  # canonical naming, not stored
+    ("decoder.layers.3.mlp.shared_experts.linear_fc1.weight", None),
+    ("decoder.layers.3.mlp.linear_fc1.weight", None),
+    ("decoder.layers.3.mlp.router.weight", None),
+    ("decoder.layers.3.mlp.experts.linear_fc1.weight", None),  # grouped, but no expert number
+])
+def test_expert_number(key, number):
+    assert keys.expert_number(key) == number
+
+
+def test_renumber_expert_touches_the_expert_number_and_nothing_else():
+    assert keys.renumber_expert(GROUPED, 1) == "module.decoder.layers.3.mlp.experts.linear_fc1.weight1"
+    assert keys.renumber_expert(SEQUENTIAL, 13) == \
+        "module.module.decoder.layers.3.mlp.experts.local_experts.13.linear_fc2.weight"
+    # The layer number (3, as is the expert's number in this seeded key) is left alone.
+    assert keys.renumber_expert("decoder.layers.3.mlp.experts.linear_fc1.weight3", 0) == \
+        "decoder.layers.3.mlp.experts.linear_fc1.weight0"
+    assert keys.renumber_expert("decoder.layers.3.mlp.experts.local_experts.3.linear_fc1.weight", 0) == \
+        "decoder.layers.3.mlp.experts.local_experts.0.linear_fc1.weight"
+    for other in ("decoder.layers.3.mlp.linear_fc1.weight", "decoder.layers.3.mlp.experts.3.linear_fc1.weight"):
+        assert keys.renumber_expert(other, 0) == other
+
+
+def test_expert_numbers_round_trip_through_the_fsdp_key_parse():
+    parsed = keys.parse_fsdp_key("model.module.decoder.layers.1.mlp.experts.linear_fc1.weight7_w")
+    assert parsed.expert == keys.expert_number(parsed.base) == 7
+    assert keys.canonical(keys.renumber_expert(parsed.base, 2)) == "decoder.layers.1.mlp.experts.2.linear_fc1.weight"
