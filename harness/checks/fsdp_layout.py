@@ -49,6 +49,7 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
     entries = [("", keys.parse_fsdp_key(stored), stored) for stored in ckpt.model_keys()]
     entries += [(moment, parsed, stored) for stored in ckpt.stored
                 if (found := keys.parse_fsdp_optimizer_key(stored)) for moment, parsed in [found]]
+    w, v = keys.SWIGLU_SUFFIXES
     for moment, key, stored in entries:
         spec = ckpt.stored[stored]
         projection = key.projection
@@ -58,9 +59,9 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
                 problems.append(f"{label}: split, but the MLP is not SwiGLU (its fc1 is saved whole)")
         elif projection == "fc1":
             if not key.part:
-                problems.append(f"unsplit SwiGLU fc1: {label} (expected {key.base}_w and {key.base}_v)")
+                problems.append(f"unsplit SwiGLU fc1: {label} (expected {key.base}{w} and {key.base}{v})")
             else:
-                halves[(moment, key.base)].add(f"_{key.part}")
+                halves[(moment, key.base)].add(keys.part_suffix(key.part))
                 size = sizes[key.fc1_kind]
                 want = (size, hidden) if ".weight" in key.base else (size,)
                 if size and tuple(spec.shape) != want:
@@ -74,8 +75,8 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
                 problems.append(f"unsplit GDN {projection}: {label}")
 
     for (moment, base), parts in sorted(halves.items()):
-        if parts != {"_w", "_v"}:
-            missing = sorted({"_w", "_v"} - parts)
+        if parts != {w, v}:
+            missing = sorted({w, v} - parts)
             problems.append(f"{base}{f' ({moment})' if moment else ''}: missing {', '.join(missing)}")
 
     total = config_num_experts(cfg)
@@ -94,7 +95,7 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
         in_proj, conv = keys.gdn_split_sizes(cfg)
         expect = {"in_proj": dict(zip(keys.GDN_IN_PROJ_PARTS, in_proj)), "conv1d": dict(zip(keys.GDN_CONV1D_PARTS, conv))}
         for (moment, base), parts in sorted(gdn_parts.items()):
-            want = expect["in_proj" if ".in_proj." in base else "conv1d"]
+            want = expect[keys.gdn_projection(base)]
             if parts != want:
                 problems.append(f"{base}{f' ({moment})' if moment else ''}: GDN split sizes {parts}, expected {want}")
 

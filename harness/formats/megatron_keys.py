@@ -198,6 +198,16 @@ def part_suffix(part: str) -> str:
     return f"_{part}" if part in SWIGLU_PARTS else f".{part}"
 
 
+SWIGLU_SUFFIXES = tuple(part_suffix(part) for part in SWIGLU_PARTS)  # ("_w", "_v"): the stored fc1 halves
+
+
+def gdn_projection(key: str) -> str:
+    """``in_proj`` or ``conv1d`` for the weight or bias of a GDN fused projection (with or without
+    a split part, in any naming), else ``''``."""
+    m = _GDN.match(key)
+    return m["proj"] if m else ""
+
+
 @dataclass(frozen=True)
 class FsdpKey:
     """One fsdp_dtensor model key (``model.…``), parsed."""
@@ -214,10 +224,7 @@ class FsdpKey:
     @property
     def projection(self) -> str:
         """``fc1`` (a SwiGLU fc1 weight or bias), ``in_proj`` / ``conv1d`` (GDN), or ``''``."""
-        if _FC1.match(self.base):
-            return "fc1"
-        m = _GDN.match(self.base)
-        return m["proj"] if m else ""
+        return "fc1" if _FC1.match(self.base) else gdn_projection(self.base)
 
     @property
     def fc1_kind(self) -> str:
@@ -246,11 +253,7 @@ def parse_fsdp_key(stored: str) -> FsdpKey:
 
 def join_order(canonical_key: str) -> tuple[str, ...]:
     """The order in which split parts are concatenated (dim 0) back into the canonical tensor."""
-    if ".in_proj." in canonical_key:
-        return GDN_IN_PROJ_PARTS
-    if ".conv1d." in canonical_key:
-        return GDN_CONV1D_PARTS
-    return SWIGLU_PARTS
+    return {"in_proj": GDN_IN_PROJ_PARTS, "conv1d": GDN_CONV1D_PARTS}.get(gdn_projection(canonical_key), SWIGLU_PARTS)
 
 
 def gdn_split_sizes(hf_config: Mapping[str, Any]) -> tuple[list[int], list[int]]:

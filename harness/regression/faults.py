@@ -361,8 +361,9 @@ for _handler, _stem in _WRAPPED_KEY_FAULTS:
 def _optimizer_wv_swapped():
     def swap_halves(state: dict) -> dict:
         out = dict(state)
+        w, v = keys.SWIGLU_SUFFIXES
         for key in state:
-            if key.endswith("_w") and (twin := key[:-2] + "_v") in state:
+            if key.endswith(w) and (twin := key.removesuffix(w) + v) in state:
                 out[key], out[twin] = state[twin], state[key]
         return out
 

@@ -71,3 +71,38 @@ def test_expert_numbers_round_trip_through_the_fsdp_key_parse():
     parsed = keys.parse_fsdp_key("model.module.decoder.layers.1.mlp.experts.linear_fc1.weight7_w")
     assert parsed.expert == keys.expert_number(parsed.base) == 7
     assert keys.canonical(keys.renumber_expert(parsed.base, 2)) == "decoder.layers.1.mlp.experts.2.linear_fc1.weight"
+
+
+# ------------------------------------------------------------------------------- split parts
+
+
+def test_swiglu_suffixes_are_how_the_halves_are_stored():
+    assert keys.SWIGLU_SUFFIXES == ("_w", "_v")
+    w, v = keys.SWIGLU_SUFFIXES
+    for half, part in ((w, "w"), (v, "v")):
+        parsed = keys.parse_fsdp_key(f"model.module.decoder.layers.0.mlp.linear_fc1.weight{half}")
+        assert parsed.part == part and parsed.base == "decoder.layers.0.mlp.linear_fc1.weight"
+    # A seeded wrong suffix is not a half: the key stays whole.
+    assert keys.parse_fsdp_key("model.module.decoder.layers.0.mlp.linear_fc1.weight_x").part == ""
+
+
+@pytest.mark.parametrize("key, projection", [
+    ("decoder.layers.0.self_attention.in_proj.weight", "in_proj"),
+    ("decoder.layers.0.self_attention.in_proj.weight.beta", "in_proj"),
+    ("optimizer.state.exp_avg.decoder.layers.0.self_attention.in_proj.weight", "in_proj"),
+    ("decoder.layers.0.self_attention.conv1d.weight", "conv1d"),
+    ("decoder.layers.0.self_attention.conv1d.bias.value", "conv1d"),
+    ("decoder.layers.0.self_attention.in_proj.layer_norm_weight", ""),  # a norm fused into in_proj: not split
+    ("decoder.layers.0.self_attention.in_proj.weight.gamma", ""),  # no such GDN part
+    ("decoder.layers.0.self_attention.linear_qkv.weight", ""),
+    ("decoder.layers.0.mlp.linear_fc1.weight_w", ""),
+])
+def test_gdn_projection(key, projection):
+    assert keys.gdn_projection(key) == projection
+
+
+def test_join_order_follows_the_projection():
+    assert keys.join_order("decoder.layers.0.self_attention.in_proj.weight") == keys.GDN_IN_PROJ_PARTS
+    assert keys.join_order("optimizer.state.exp_avg_sq.decoder.layers.0.self_attention.conv1d.bias") == \
+        keys.GDN_CONV1D_PARTS
+    assert keys.join_order("decoder.layers.0.mlp.experts.3.linear_fc1.weight") == keys.SWIGLU_PARTS
