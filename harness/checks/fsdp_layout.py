@@ -109,7 +109,7 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
     elif depths and optimizer_depth is not None and optimizer_depth not in depths:
         found = next(iter(depths))
         problems.append(
-            f"optimizer keys carry {found} wrapper prefix(es) (optimizer.state.{'module.' * found}...), expected {optimizer_depth}"
+            f"optimizer keys carry {found} wrapper prefix(es) (optimizer.state.{keys.wrapper_prefix(found)}...), expected {optimizer_depth}"
         )
 
     model = {"fc1_splits": sum(1 for m, _ in halves if not m), "moe_layers": sum(1 for m, _ in experts_by_layer if not m),

@@ -19,7 +19,7 @@ from harness.formats import megatron_keys as keys
 
 @dataclass(frozen=True)
 class Conventions:
-    model_prefix: str = "model.module."
+    model_wrappers: int = keys.FSDP_MODEL_DEPTH  # model.module.<param>
     optimizer_wrappers: int = keys.OPTIMIZER_DEPTH["bf16"]  # FSDP adapter -> MegatronFSDP -> Float16Module
     split_swiglu: bool = True
     local_experts: int = 0  # > 0: number experts e % local_experts, as one EP rank sees them (wrong)
@@ -46,7 +46,7 @@ def write_fsdp_dtensor(path: Path, state: Mapping[str, torch.Tensor], conv: Conv
     flat: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         for stored, t in fsdp_entries(key, tensor, conv, gdn).items():
-            flat[conv.model_prefix + stored] = t
+            flat[keys.fsdp_model_key(stored, conv.model_wrappers)] = t
             if conv.with_optimizer:
                 flat[keys.fsdp_optimizer_key(stored, conv.optimizer_wrappers, "exp_avg")] = torch.full_like(t, 0.01)
                 flat[keys.fsdp_optimizer_key(stored, conv.optimizer_wrappers, "exp_avg_sq")] = torch.full_like(t, 0.001)

@@ -47,6 +47,9 @@ NORM_ALIASES = {
 }
 
 FSDP_MODEL_PREFIX = "model."
+# Wrapper prefixes on model keys: the FSDP adapter's state dict (``model.module.<param>``, as real
+# Megatron-FSDP checkpoints store it; tests/integration/test_fsdp_checkpoints.py reads one).
+FSDP_MODEL_DEPTH = 1
 FSDP_OPTIMIZER_PREFIX = "optimizer."
 FSDP_OPTIMIZER_STATE = "optimizer.state."
 FSDP_GROUP_META = "optimizer.param_to_group_meta."  # + <wrappers><param>.<param-group field>
@@ -80,6 +83,11 @@ _STACKED_EXPERTS = "mlp.experts.experts."
 
 
 # ------------------------------------------------------------------------------- canonical
+
+
+def wrapper_prefix(depth: int) -> str:
+    """The ``module.`` prefixes ``depth`` wrappers put on a parameter name (``''`` for 0)."""
+    return "module." * depth
 
 
 def strip_wrappers(key: str) -> tuple[str, int]:
@@ -335,9 +343,14 @@ def split_torch_dist_optimizer_key(stored: str) -> tuple[str, str] | None:
     return None
 
 
+def fsdp_model_key(stored_param: str, depth: int = FSDP_MODEL_DEPTH) -> str:
+    """``model.<module. x depth><param>`` for a wrapper-free param name (split and numbered as stored)."""
+    return f"{FSDP_MODEL_PREFIX}{wrapper_prefix(depth)}{stored_param}"
+
+
 def fsdp_optimizer_key(stored_param: str, depth: int, moment: str) -> str:
     """``optimizer.state.<module. x depth><param>.<moment>`` for a wrapper-free param name."""
-    return f"{FSDP_OPTIMIZER_STATE}{'module.' * depth}{stored_param}.{moment}"
+    return f"{FSDP_OPTIMIZER_STATE}{wrapper_prefix(depth)}{stored_param}.{moment}"
 
 
 def optimizer_key_depth(key: str) -> int | None:

@@ -106,3 +106,24 @@ def test_join_order_follows_the_projection():
     assert keys.join_order("optimizer.state.exp_avg_sq.decoder.layers.0.self_attention.conv1d.bias") == \
         keys.GDN_CONV1D_PARTS
     assert keys.join_order("decoder.layers.0.mlp.experts.3.linear_fc1.weight") == keys.SWIGLU_PARTS
+
+
+# ------------------------------------------------------------------------------- wrapper prefixes
+
+
+def test_fsdp_model_key_is_what_the_parser_reads_back():
+    stored = keys.fsdp_model_key("decoder.layers.0.mlp.linear_fc1.weight_w")
+    assert stored == "model.module.decoder.layers.0.mlp.linear_fc1.weight_w"  # as real Megatron-FSDP saves
+    parsed = keys.parse_fsdp_key(stored)
+    assert parsed.depth == 1 + keys.FSDP_MODEL_DEPTH and parsed.part == "w"
+    assert keys.fsdp_model_key("decoder.final_layernorm.weight", 0) == "model.decoder.final_layernorm.weight"
+    # A seeded extra wrapper is seen as one: the depth is counted, not assumed.
+    assert keys.parse_fsdp_key(keys.fsdp_model_key("decoder.final_layernorm.weight", 2)).depth == 3
+
+
+def test_wrapper_prefix_matches_strip_wrappers_and_the_optimizer_depth():
+    assert keys.wrapper_prefix(0) == ""
+    for depth in (1, 2, 3):
+        assert keys.strip_wrappers(keys.wrapper_prefix(depth) + "decoder.final_layernorm.weight") == (
+            "decoder.final_layernorm.weight", depth)
+        assert keys.optimizer_key_depth(keys.fsdp_optimizer_key("decoder.final_layernorm.weight", depth, "exp_avg")) == depth
