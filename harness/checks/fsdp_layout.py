@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from harness.formats import megatron_keys as keys
 from harness.formats.megatron import FsdpDtensorCheckpoint
-from harness.matrix.zoo import config_num_experts
+from harness.matrix.zoo import config_has_gdn, config_num_experts
 from harness.results import CheckResult
 
 OPTIMIZER_DEPTH = keys.OPTIMIZER_DEPTH
@@ -39,7 +39,7 @@ def audit_fsdp_dtensor(ckpt: FsdpDtensorCheckpoint, cfg: Mapping[str, Any], *, o
         "shared": cfg.get("shared_expert_intermediate_size")
         or (cfg.get("moe_intermediate_size", 0) * cfg.get("n_shared_experts", 0)) or None,
     }
-    has_gdn = "linear_num_key_heads" in cfg
+    has_gdn = config_has_gdn(cfg)
     problems: list[str] = []
     halves: dict[tuple[str, str], set[str]] = defaultdict(set)
     experts_by_layer: dict[tuple[str, str], set[int]] = defaultdict(set)

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from harness.formats import megatron_keys as keys
+from harness.matrix.zoo import config_has_gdn
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def write_fsdp_dtensor(path: Path, state: Mapping[str, torch.Tensor], conv: Conv
     """``gdn_sizes`` overrides the in_proj / conv1d split (tests write wrong splits with it)."""
     import torch.distributed.checkpoint as dcp
 
-    gdn = gdn_sizes or (keys.gdn_split_sizes(hf_config) if hf_config and "linear_num_key_heads" in hf_config else None)
+    gdn = gdn_sizes or (keys.gdn_split_sizes(hf_config) if hf_config and config_has_gdn(hf_config) else None)
     flat: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         for stored, t in fsdp_entries(key, tensor, conv, gdn).items():

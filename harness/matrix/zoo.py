@@ -227,7 +227,7 @@ class ModelSpec:
     @property
     def has_gdn(self) -> bool:
         """Gated DeltaNet layers (Qwen3-Next): their fsdp_dtensor projections are split in parts."""
-        return "linear_num_key_heads" in self.hf_config
+        return config_has_gdn(self.hf_config)
 
     @property
     def gated_mlp(self) -> bool:
@@ -282,6 +282,12 @@ def config_num_experts(cfg: Mapping[str, Any]) -> int:
     """Routed experts of an HF config dict (0 for a dense model); each family names the field its own way."""
     return int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
                or cfg.get("moe_num_experts") or 0)
+
+
+def config_has_gdn(cfg: Mapping[str, Any]) -> bool:
+    """Gated DeltaNet (linear attention) layers in an HF config dict (Qwen3-Next, Qwen3.5): the one
+    place that decides it (the layout audit and the fsdp_dtensor writer ask here too)."""
+    return "linear_num_key_heads" in cfg
 
 
 def get_family(name: str) -> Family:

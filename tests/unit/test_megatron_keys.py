@@ -127,3 +127,4 @@ def test_wrapper_prefix_matches_strip_wrappers_and_the_optimizer_depth():
         assert keys.strip_wrappers(keys.wrapper_prefix(depth) + "decoder.final_layernorm.weight") == (
             "decoder.final_layernorm.weight", depth)
         assert keys.optimizer_key_depth(keys.fsdp_optimizer_key("decoder.final_layernorm.weight", depth, "exp_avg")) == depth
+

@@ -104,3 +104,14 @@ def test_a_value_the_config_class_rejects_names_the_model():
     spec = zoo.ModelSpec(family="llama", variant="bad", overrides=(("rope_parameters", "fast"),))
     with pytest.raises(ValueError, match="llama@bad: LlamaConfig rejects it"):
         zoo.hf_config_object(spec)
+
+
+def test_config_has_gdn_is_the_one_decision_the_spec_the_audit_and_the_writer_share():
+    gdn = {family for family in zoo.families() if zoo.config_has_gdn(zoo.ModelSpec(family).hf_config)}
+    assert "qwen3-next" in gdn and not {"llama", "qwen3-moe", "deepseek-v3"} & gdn
+    assert all(zoo.ModelSpec(family).has_gdn == (family in gdn) for family in zoo.families())
+    # Seeded wrong configs: the GDN fields decide, not the family.
+    llama = dict(zoo.ModelSpec("llama").hf_config)
+    assert not zoo.config_has_gdn(llama) and zoo.config_has_gdn({**llama, "linear_num_key_heads": 2})
+    nxt = {k: v for k, v in zoo.ModelSpec("qwen3-next").hf_config.items() if k != "linear_num_key_heads"}
+    assert not zoo.config_has_gdn(nxt)
