@@ -22,29 +22,26 @@ How the two DCP formats store a canonical tensor:
   the param split and numbered as its model key is.
 * torch_dist keeps a distributed optimizer's moments under ``optimizer.state.<moment>.<stacked key>``.
 
+Renamings other than wrappers, split parts and stacking (expert numbering, norm names) are rows of
+one table (``KeyRow``: a stored and a canonical template), each read and written both ways.
+
 Conventions follow ``megatron/core/transformer/fsdp_dtensor_checkpoint.py`` and
 ``megatron/core/dist_checkpointing`` (megatron-core 0.19.2). The readers
 (``harness.formats.megatron``), the writer (``harness.formats.fsdp_writer``), the layout audit
-(``harness.checks.fsdp_layout``) and the key contract (``harness.checks.key_contract``) all speak
-through this module. No torch import.
+(``harness.checks.fsdp_layout``), the key contract (``harness.checks.key_contract``) and the seeded
+faults (``harness.regression.faults``) all speak through this module. No torch import.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 WRAPPERS = ("model", "module")
 SWIGLU_PARTS = ("w", "v")  # fc1 = [W; V]: W the gate (activated) half, V the linear half
 GDN_IN_PROJ_PARTS = ("query", "key", "value", "z", "beta", "alpha")
 GDN_CONV1D_PARTS = ("query", "key", "value")
-
-# Local-spec norm names -> the fused (TE) names that torch_dist saves them under.
-NORM_ALIASES = {
-    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
-}
 
 FSDP_MODEL_PREFIX = "model."
 # Wrapper prefixes on model keys: the FSDP adapter's state dict (``model.module.<param>``, as real
@@ -57,10 +54,67 @@ OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Wrapper prefixes on optimizer keys (FSDP adapter -> MegatronFSDP [-> Float16Module]) -> param.
 OPTIMIZER_DEPTH = {"bf16": 3, "fp16": 3, "fp32": 2}
 
-# Stored expert naming (fsdp_dtensor) and canonical expert naming.
-_GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<e>\d+)$")
-_SEQUENTIAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$")
-_CANONICAL_EXPERT = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)$")
+
+# ------------------------------------------------------------------------------- renaming rows
+# Where one tensor has two names that differ by more than wrappers and split parts, the grammar is
+# a table of rows: a stored and a canonical template over named fields, each read and written
+# through the same row, in either direction. (The idea of Megatron-Bridge's MegatronMappingRegistry,
+# megatron/bridge/models/conversion/mapping_registry.py, whose HF <-> Megatron mappings are
+# wildcard patterns resolved both ways; no code of it here.)
+
+# The regex each ``{field}`` of a template stands for.
+_FIELDS = {"pre": r".*", "fc": r"linear_fc[12]", "kind": r"weight|bias", "e": r"\d+", "rest": r".+"}
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("^" + "".join(
+        f"(?P<{piece}>{_FIELDS[piece]})" if i % 2 else re.escape(piece) for i, piece in enumerate(pieces)) + "$")
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One tensor's stored and canonical names, as templates (``{e}`` an expert number, ...)."""
+
+    stored: str
+    canonical: str
+    stored_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    canonical_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stored_re", _template_regex(self.stored))
+        object.__setattr__(self, "canonical_re", _template_regex(self.canonical))
+
+    def to_canonical(self, key: str) -> str | None:
+        """The canonical name of a stored ``key`` this row reads; None if it does not read it."""
+        m = self.stored_re.match(key)
+        return self.canonical.format(**m.groupdict()) if m else None
+
+    def to_stored(self, key: str, **fields: Any) -> str | None:
+        """The stored name of a canonical ``key`` this row reads (``fields`` override what the key
+        says, e.g. another expert number); None if it does not read it."""
+        m = self.canonical_re.match(key)
+        return self.stored.format(**{**m.groupdict(), **fields}) if m else None
+
+
+# fsdp_dtensor experts (global numbers): GroupedMLP, then SequentialMLP.
+GROUPED_EXPERT = KeyRow("{pre}.mlp.experts.{fc}.{kind}{e}", "{pre}.mlp.experts.{e}.{fc}.{kind}")
+SEQUENTIAL_EXPERT = KeyRow("{pre}.mlp.experts.local_experts.{e}.{rest}", "{pre}.mlp.experts.{e}.{rest}")
+EXPERT_ROWS = (GROUPED_EXPERT, SEQUENTIAL_EXPERT)
+# Local-spec norm names -> the fused (TE) names that torch_dist saves them under.
+NORM_ROWS = (
+    KeyRow("{pre}.input_layernorm.weight", "{pre}.self_attention.linear_qkv.layer_norm_weight"),
+    KeyRow("{pre}.pre_mlp_layernorm.weight", "{pre}.mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+def _to_canonical(rows: tuple[KeyRow, ...], key: str) -> str:
+    """The first of ``rows`` that reads ``key`` renames it; a key none reads is already canonical."""
+    return next((found for row in rows if (found := row.to_canonical(key)) is not None), key)
+
+
+# ------------------------------------------------------------------------------- patterns
+# What is not a one-to-one renaming (layer numbers, split parts, torch_dist stacking) stays a regex.
 _LAYER = re.compile(r"^(?P<layer>.*decoder\.layers\.\d+)\.")
 _LAYER_NUMBER = re.compile(r"\.layers\.(?P<n>\d+)\.")
 
@@ -102,20 +156,11 @@ def strip_wrappers(key: str) -> tuple[str, int]:
 
 def canonical_expert(key: str) -> str:
     """GroupedMLP / SequentialMLP expert naming -> ``…mlp.experts.<e>.<module>.<param>``."""
-    m = _GROUPED_EXPERT.match(key)
-    if m:
-        return f"{m['pre']}.{m['e']}.{m['fc']}.{m['kind']}"
-    m = _SEQUENTIAL_EXPERT.match(key)
-    if m:
-        return f"{m['pre']}.{m['e']}.{m['rest']}"
-    return key
+    return _to_canonical(EXPERT_ROWS, key)
 
 
 def canonical_norm(key: str) -> str:
-    for local, fused in NORM_ALIASES.items():
-        if key.endswith(local):
-            return key[: -len(local)] + fused
-    return key
+    return _to_canonical(NORM_ROWS, key)
 
 
 def canonical(key: str) -> str:
@@ -147,7 +192,7 @@ def renumber_layer(key: str, number: int) -> str:
 
 
 def _stored_expert(key: str) -> re.Match[str] | None:
-    return _GROUPED_EXPERT.match(key) or _SEQUENTIAL_EXPERT.match(key)
+    return next((m for row in EXPERT_ROWS if (m := row.stored_re.match(key))), None)
 
 
 def expert_number(key: str) -> int | None:
@@ -290,9 +335,9 @@ def fsdp_stored_name(canonical_key: str, part: str = "", *, local_experts: int =
     expert naming. ``local_experts`` > 0 numbers experts ``e % local_experts``, as one EP rank
     sees them (the *wrong* naming; tests write it to show the audit catching it)."""
     base = canonical_key
-    if m := _CANONICAL_EXPERT.match(canonical_key):
+    if m := GROUPED_EXPERT.canonical_re.match(canonical_key):
         index = int(m["e"]) % local_experts if local_experts else int(m["e"])
-        base = f"{m['pre']}.{m['fc']}.{m['kind']}{index}"
+        base = GROUPED_EXPERT.to_stored(canonical_key, e=index)
     return base + (part_suffix(part) if part else "")
 
 

@@ -128,3 +128,34 @@ def test_wrapper_prefix_matches_strip_wrappers_and_the_optimizer_depth():
             "decoder.final_layernorm.weight", depth)
         assert keys.optimizer_key_depth(keys.fsdp_optimizer_key("decoder.final_layernorm.weight", depth, "exp_avg")) == depth
 
+
+# ------------------------------------------------------------------------------- renaming rows
+
+
+@pytest.mark.parametrize("row, stored, canonical", [
+    (keys.GROUPED_EXPERT, "decoder.layers.1.mlp.experts.linear_fc1.weight7",
+     "decoder.layers.1.mlp.experts.7.linear_fc1.weight"),
+    (keys.GROUPED_EXPERT, "decoder.layers.1.mlp.experts.linear_fc2.bias0", "decoder.layers.1.mlp.experts.0.linear_fc2.bias"),
+    (keys.SEQUENTIAL_EXPERT, "decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight",
+     "decoder.layers.1.mlp.experts.7.linear_fc1.weight"),
+    (keys.NORM_ROWS[0], "decoder.layers.2.input_layernorm.weight", "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"),
+    (keys.NORM_ROWS[1], "decoder.layers.2.pre_mlp_layernorm.weight", "decoder.layers.2.mlp.linear_fc1.layer_norm_weight"),
+])
+def test_a_row_reads_and_writes_both_ways(row, stored, canonical):
+    assert row.to_canonical(stored) == canonical
+    assert row.to_stored(canonical) == stored
+
+
+def test_rows_read_only_their_own_keys():
+    # Seeded wrong keys: canonical naming on the stored side, an fc3, a missing expert number.
+    for wrong in ("decoder.layers.1.mlp.experts.7.linear_fc1.weight", "decoder.layers.1.mlp.experts.linear_fc3.weight7",
+                  "decoder.layers.1.mlp.experts.linear_fc1.weight", "decoder.layers.1.mlp.shared_experts.linear_fc1.weight3"):
+        assert keys.GROUPED_EXPERT.to_canonical(wrong) is None, wrong
+        assert keys.canonical_expert(wrong) == wrong
+    assert keys.GROUPED_EXPERT.to_stored("decoder.layers.1.mlp.experts.linear_fc1.weight7") is None
+    assert keys.NORM_ROWS[0].to_canonical("decoder.layers.2.input_layernorm.bias") is None
+    # A field can be overridden on the way (the wrong, EP-local numbering the writer can produce).
+    assert keys.GROUPED_EXPERT.to_stored("decoder.layers.1.mlp.experts.7.linear_fc1.weight", e=1) == \
+        "decoder.layers.1.mlp.experts.linear_fc1.weight1"
+    assert keys.fsdp_stored_name("decoder.layers.1.mlp.experts.7.linear_fc1.weight", "v", local_experts=4) == \
+        "decoder.layers.1.mlp.experts.linear_fc1.weight3_v"
