@@ -217,7 +217,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.reporting import html_report
+    from harness.reporting.html import history_page, run_page
 
     if args.history is not None:
         root = Path(args.history)
@@ -225,10 +225,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise InputError(f"--history {root}: not a folder of runs")
         if args.last < 1:
             raise InputError(f"--last {args.last}: the history needs at least one run")
-        history = html_report.build_history(root, args.last)
+        history = history_page.build_history(root, args.last)
         if not history.runs:
             raise InputError(f"--history {root}: no run folder with a results.json")
-        path = html_report.write_history(root, history)
+        path = history_page.write_history(root, history)
         red = sum(r.red_since is not None for r in history.rows)
         print(f"{path}: {len(history.rows)} case(s) over {len(history.runs)} run(s), {red} red now"
               + (f"; {len(history.unreadable)} unreadable run folder(s)" if history.unreadable else ""))
@@ -238,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         doc, results = run_document.load_run(run.path)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(str(err)) from None
-    path = html_report.write_run_page(run, list(results.values()), doc.get("meta") or {})
+    path = run_page.write_run_page(run, list(results.values()), doc.get("meta") or {})
     print(path)
     return EXIT_OK
 
