@@ -244,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from harness.reporting import coverage
+    from harness.reporting import architecture_table
 
     results: list[CaseResult] = []
     if args.run:
@@ -252,17 +252,17 @@ def cmd_coverage(args: argparse.Namespace) -> int:
             results = list(run_document.load_run(args.run)[1].values())
         except (FileNotFoundError, ValueError) as err:
             raise InputError(str(err)) from None
-    rows = coverage.coverage(_load(args), coverage.outcomes_for(results))
+    rows = architecture_table.coverage(_load(args), architecture_table.outcomes_for(results))
     if args.markdown:
-        print(coverage.markdown(rows), end="")
+        print(architecture_table.markdown(rows), end="")
         return EXIT_OK
     from tabulate import tabulate
 
     table = [[r.architecture, r.family or "-", *(run_report.clip(s.text, args.width) for s in r.lanes)] for r in rows]
-    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in coverage.lanes.LANES)],
+    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in architecture_table.lanes.LANES)],
                    tablefmt="simple"))
     covered = sum(bool(r.family) for r in rows)
-    red = sum(s.status in coverage.RED for r in rows for s in r.lanes)
+    red = sum(s.status in architecture_table.RED for r in rows for s in r.lanes)
     print(f"\n{len(rows)} registered architectures, {covered} covered by a family; {red} lane(s) failing "
           f"in a way golden/ does not pin (source: golden/{f' + run {args.run}' if args.run else ''})")
     return EXIT_FAIL if red else EXIT_OK
