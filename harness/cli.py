@@ -217,7 +217,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.reporting import html_report
+    from harness.reporting.html import history_page, run_page
 
     if args.history is not None:
         root = Path(args.history)
@@ -225,10 +225,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise InputError(f"--history {root}: not a folder of runs")
         if args.last < 1:
             raise InputError(f"--last {args.last}: the history needs at least one run")
-        history = html_report.build_history(root, args.last)
+        history = history_page.build_history(root, args.last)
         if not history.runs:
             raise InputError(f"--history {root}: no run folder with a results.json")
-        path = html_report.write_history(root, history)
+        path = history_page.write_history(root, history)
         red = sum(r.red_since is not None for r in history.rows)
         print(f"{path}: {len(history.rows)} case(s) over {len(history.runs)} run(s), {red} red now"
               + (f"; {len(history.unreadable)} unreadable run folder(s)" if history.unreadable else ""))
@@ -238,13 +238,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         doc, results = run_document.load_run(run.path)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(str(err)) from None
-    path = html_report.write_run_page(run, list(results.values()), doc.get("meta") or {})
+    path = run_page.write_run_page(run, list(results.values()), doc.get("meta") or {})
     print(path)
     return EXIT_OK
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from harness.reporting import coverage
+    from harness.reporting import architecture_table
 
     results: list[CaseResult] = []
     if args.run:
@@ -252,17 +252,17 @@ def cmd_coverage(args: argparse.Namespace) -> int:
             results = list(run_document.load_run(args.run)[1].values())
         except (FileNotFoundError, ValueError) as err:
             raise InputError(str(err)) from None
-    rows = coverage.coverage(_load(args), coverage.outcomes_for(results))
+    rows = architecture_table.coverage(_load(args), architecture_table.outcomes_for(results))
     if args.markdown:
-        print(coverage.markdown(rows), end="")
+        print(architecture_table.markdown(rows), end="")
         return EXIT_OK
     from tabulate import tabulate
 
     table = [[r.architecture, r.family or "-", *(run_report.clip(s.text, args.width) for s in r.lanes)] for r in rows]
-    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in coverage.lanes.LANES)],
+    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in architecture_table.lanes.LANES)],
                    tablefmt="simple"))
     covered = sum(bool(r.family) for r in rows)
-    red = sum(s.status in coverage.RED for r in rows for s in r.lanes)
+    red = sum(s.status in architecture_table.RED for r in rows for s in r.lanes)
     print(f"\n{len(rows)} registered architectures, {covered} covered by a family; {red} lane(s) failing "
           f"in a way golden/ does not pin (source: golden/{f' + run {args.run}' if args.run else ''})")
     return EXIT_FAIL if red else EXIT_OK

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from harness.checks.coverage import local_shard
+from harness.checks.load_coverage import local_shard
 from harness.formats import megatron_keys as keys
 from harness.results import CheckResult
 
@@ -79,7 +79,7 @@ def set_known_states(optimizer) -> int:
 
 def check_in_memory(optimizer, name_of: Callable[[torch.Tensor], str]) -> CheckResult:
     """This rank's optimizer after a reload: every moment is its parameter's known moment and the
-    step counts are back (merge the ranks with ``coverage.merge_over_ranks``)."""
+    step counts are back (merge the ranks with ``load_coverage.merge_over_ranks``)."""
     problems: list[str] = []
     checked = 0
     for group, param in optimizer_params(optimizer):

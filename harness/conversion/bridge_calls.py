@@ -3,7 +3,7 @@
 The harness never re-implements a mapping: HF -> Megatron is ``AutoBridge.load_hf_weights`` and
 Megatron -> HF is ``AutoBridge.export_hf_weights``, exactly what users call. What the harness adds
 is a *sentinel* fill before loading: every Megatron parameter starts as NaN, so a parameter the
-loader silently skipped cannot masquerade as loaded (``harness.checks.coverage`` looks for it).
+loader silently skipped cannot masquerade as loaded (``harness.checks.load_coverage`` looks for it).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from harness.checks import coverage, generation, logits, provider_parity, tensors
+from harness.checks import generation, load_coverage, logits, provider_parity, tensors
 from harness.conversion import bridge_calls, forward
 from harness.formats import hf as hf_format
 from harness.matrix import zoo
@@ -104,7 +104,7 @@ def import_hf(case: Case, ctx: Context, layout: Layout) -> tuple[Path, bridge_ca
     bridge = bridge_calls.open_bridge(hf_dir)
     model = bridge_calls.build_model(bridge, case.model, layout, ctx.runtime)
     bridge_calls.load_hf(model)
-    results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    results = [load_coverage.merge_over_ranks(load_coverage.check_fully_loaded(model.named_parameters()))]
     return hf_dir, model, results + provider_vs_tp1(case, model, ctx)
 
 
@@ -258,7 +258,7 @@ def _through_fsdp_dtensor(case: Case, ctx: Context, hf_dir: Path, bridge, *, tra
     model = megatron_fsdp.build_fsdp_model(bridge, case.model, case.layout, ctx.runtime)
     bridge_calls.fill_sentinel(model)
     bridge_calls.load_hf(model, hf_dir)
-    results = [coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters()))]
+    results = [load_coverage.merge_over_ranks(load_coverage.check_fully_loaded(model.named_parameters()))]
     results += provider_vs_tp1(case, model, ctx)
     saved = shared_dir(ctx, "fsdp_dtensor")
     if training:
@@ -274,9 +274,9 @@ def _through_fsdp_dtensor(case: Case, ctx: Context, hf_dir: Path, bridge, *, tra
     del model
     loaded, optimizer = megatron_fsdp.reload_fresh(bridge, case.model, case.load_layout or case.layout, ctx.runtime,
                                                    saved, with_optimizer=training)
-    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
+    results.append(load_coverage.merge_over_ranks(load_coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
     if optimizer is not None:
-        results.append(coverage.merge_over_ranks(optimizer_state.check_in_memory(optimizer, optimizer._param_name)))
+        results.append(load_coverage.merge_over_ranks(optimizer_state.check_in_memory(optimizer, optimizer._param_name)))
     return results, loaded
 
 
@@ -333,7 +333,7 @@ def fsdp_dtensor_to_torch_dist(case: Case, ctx: Context) -> list[CheckResult]:
     del loaded
     model = bridge_calls.build_model(bridge, case.model, case.layout, ctx.runtime)
     bridge_calls.load_hf(model, via)
-    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(model.named_parameters(),
+    results.append(load_coverage.merge_over_ranks(load_coverage.check_fully_loaded(model.named_parameters(),
                                                                          name="torch_dist-load-coverage")))
     torch_dist = through_torch_dist(model, case.layout, ctx)
     del model
@@ -376,7 +376,7 @@ def fsdp_dtensor_checkpoint_inspector(case: Case, ctx: Context) -> list[CheckRes
         results.append(checkpoint_diff.diff(TorchDistCheckpoint(dcp.newest_complete_iter(source)),
                                             FsdpDtensorCheckpoint(converted / "iter_0000000"), name="converted-vs-source")[0])
     loaded, _ = megatron_fsdp.reload_fresh(bridge, case.model, case.layout, ctx.runtime, converted, with_optimizer=False)
-    results.append(coverage.merge_over_ranks(coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
+    results.append(load_coverage.merge_over_ranks(load_coverage.check_fully_loaded(loaded.named_parameters(), name="reload-coverage")))
     results += export_and_compare(case, loaded, hf_dir, ctx)
     results += logits_vs_hf(case, loaded, hf_dir, ctx)
     return results

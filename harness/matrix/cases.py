@@ -4,7 +4,7 @@ A case ID is ``<model>/<layout>/<format>/<kind>``, e.g. ``qwen3-moe/tp2-ep2/torc
 or ``llama/tp2-to-tp1/torch_dist/reshard``. Every part comes from the YAML and canonical
 formatting (``Layout.id``), never from list positions, so IDs are stable when files are edited.
 
-Schema of one file (unknown keys are errors that name the file and the field)::
+Schema of one file (``CaseFile``, ``CaseEntry``; unknown keys are errors that name the file and the field)::
 
     description: free text
     matrix:
@@ -29,13 +29,15 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Callable, Iterable
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from harness import workspace
 from harness.errors import InputError, load_yaml
 from harness.matrix import zoo
 from harness.matrix.coincidences import SWEEPS
-from harness.matrix.layouts import Layout, LayoutError
+from harness.matrix.layouts import Layout
 from harness.matrix import lanes as lane_rules
 
 # format/kind -> description. The format is what sits on disk between the conversions.
@@ -56,7 +58,7 @@ LANES = lane_rules.LANES
 DEFAULT_TIMEOUT_S = 300.0
 
 _VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_ENTRY_FIELDS = {"families", "where", "variants", "sweep", "layouts", "paths", "sets", "timeout_s", "expect"}
+_VARIANT_SHAPE = "expected a name [a-z0-9_-]+ mapping to {field: value}"
 # `families: ['*']`: every family of the zoo, i.e. every text LM the Bridge in use registers
 # (harness.matrix.bridge_registry), so a new upstream bridge brings its cases with it. `where`
 # narrows it; layouts an architecture does not allow (EP without experts) are left out.
@@ -65,7 +67,6 @@ FAMILY_FILTERS = {
     "moe": lambda m: m.is_moe,
     "dense": lambda m: not m.is_moe,
 }
-_FILE_FIELDS = {"description", "matrix"}
 
 
 class CaseFileError(InputError, ValueError):
@@ -213,87 +214,180 @@ def matches(case_id: str, expr: str) -> bool:
     return expr in case_id
 
 
+# ------------------------------------------------------------------------ the case-file schema
+# Shape and vocabulary are declared here (pydantic) and checked before anything is expanded; what
+# needs the zoo (family names, a variant's overrides, whether a model can be split as a layout) is
+# checked while expanding. Either way the error is one line that names the file and the field.
+
+
+def _listed(value: Any) -> list[Any]:
+    """One value stands for a list of it; otherwise a non-empty list."""
+    if isinstance(value, (str, int)):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list, got {value!r}")
+    return value
+
+
+def _texts(value: Any) -> list[str]:
+    return [str(item) for item in _listed(value)]
+
+
+def _known(names: Iterable[str], noun: str, value: Any) -> Any:
+    names = list(names)
+    if value not in names:
+        raise ValueError(f"unknown {noun} {value!r} (known: {', '.join(names)})")
+    return value
+
+
+def _one_of(names: Iterable[str], noun: str) -> BeforeValidator:
+    return BeforeValidator(lambda value: _known(names, noun, value))
+
+
+def _list_of(names: Iterable[str], noun: str) -> BeforeValidator:
+    return BeforeValidator(lambda value: [_known(names, noun, item) for item in _listed(value)])
+
+
+def _must(ok: Callable[[Any], Any], message: str | Callable[[Any], str]) -> BeforeValidator:
+    """A value ``ok`` accepts, else ``message`` (or ``message(value)``) as the field's error."""
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(message(value) if callable(message) else message)
+        return value
+    return BeforeValidator(check)
+
+
+def _variant_name(name: Any) -> str:
+    if not _VARIANT_NAME.match(str(name)):
+        raise ValueError(_VARIANT_SHAPE)
+    return str(name)
+
+
+def _split_layout(text: str) -> tuple[Layout, Layout | None]:
+    """``A`` -> (A, None); ``A-to-B`` (reshard: save at A, load at B) -> (A, B). LayoutError if malformed."""
+    if "-to-" in text:
+        save, load = text.split("-to-", 1)
+        return Layout.parse(save), Layout.parse(load)
+    return Layout.parse(text), None
+
+
+class CaseEntry(BaseModel):
+    """One entry of ``matrix`` (the module docstring shows each field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    families: Annotated[list[str], BeforeValidator(_texts)]
+    where: str | None = None
+    variants: Annotated[dict[Annotated[str, BeforeValidator(_variant_name)],
+                             Annotated[dict[Any, Any], _must(lambda o: isinstance(o, dict), _VARIANT_SHAPE)]] | None,
+                        _must(lambda v: isinstance(v, dict) and v,
+                              "expected a mapping of variant name -> {field: value}")] = None
+    sweep: Annotated[str | None, _one_of(SWEEPS, "sweep")] = None
+    paths: Annotated[list[str], _list_of(PATHS, "path")]
+    layouts: list[str]
+    sets: Annotated[list[str], _list_of(SETS, "set")] = ["default"]
+    expect: Annotated[str | None, _must(lambda e: e in (None, "invalid"),
+                                        lambda e: f"unknown value {e!r} (the only one is 'invalid')")] = None
+    timeout_s: Annotated[float, _must(lambda t: isinstance(t, (int, float)) and t > 0,
+                                      lambda t: f"expected a positive number, got {t!r}")] = DEFAULT_TIMEOUT_S
+
+    @property
+    def every_family(self) -> bool:
+        return _every_family(self.families)
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _where(cls, value: Any, info: ValidationInfo) -> Any:
+        if "families" in info.data and not _every_family(info.data["families"]):
+            raise ValueError(f"only for families: ['{ALL_FAMILIES}']")
+        return _known(FAMILY_FILTERS, "value", value)
+
+    @field_validator("layouts", mode="before")
+    @classmethod
+    def _layouts(cls, value: Any, info: ValidationInfo) -> list[str]:
+        """Each parses; "A-to-B" goes with */reshard paths only, and they need it."""
+        texts = _texts(value)
+        for text in texts:
+            for path in info.data.get("paths", ()):
+                if "-to-" in text and not path.endswith("/reshard"):
+                    raise ValueError(f"{text!r}: 'A-to-B' layouts are only for */reshard paths")
+                if "-to-" not in text and path.endswith("/reshard"):
+                    raise ValueError(f"{text!r}: reshard paths need an 'A-to-B' layout")
+            _split_layout(text)  # a LayoutError is a ValueError: reported as this field's error
+        return texts
+
+
+class CaseFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: Any = None
+    matrix: Annotated[list[CaseEntry],
+                      _must(lambda m: isinstance(m, list) and m, "expected a non-empty list of entries")]
+
+
+def _every_family(families: list[str]) -> bool:
+    return len(families) == 1 and families[0].partition("@")[0] == ALL_FAMILIES
+
+
+def _schema_error(source: str, err: ValidationError) -> CaseFileError:
+    """The first problem, as one line (in an entry, unknown and missing fields come first)."""
+    def rank(e: Any) -> tuple[int, int]:
+        entry = e["loc"][1] if len(e["loc"]) > 1 and e["loc"][0] == "matrix" else -1
+        return entry, {"extra_forbidden": 0, "missing": 1}.get(e["type"], 2)
+
+    first = min(err.errors(), key=rank)
+    loc = [part for part in first["loc"] if part != "[key]"]  # a variant name's own error
+    if first["type"] == "invalid_key":  # a key that is not text: an unknown field all the same
+        loc[-1], first["type"] = str(loc[-1]), "extra_forbidden"
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if first["type"] == "value_error":
+        message = str(first["ctx"]["error"])
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"] == "extra_forbidden":
+        known = CaseFile.model_fields if len(loc) == 1 else CaseEntry.model_fields
+        message = f"unknown field (known: {', '.join(sorted(known))})"
+    elif first["type"] == "model_type":
+        message = (f"expected a mapping, got {type(first['input']).__name__}" if loc
+                   else "expected a mapping with a 'matrix' list at the top level")
+    else:
+        message = first["msg"]
+    line = f"{source}: {where}: {message}" if where else f"{source}: {message}"
+    return CaseFileError(" ".join(line.splitlines()))
+
+
 def _field_error(source: str, where: str, message: str) -> CaseFileError:
     return CaseFileError(f"{source}: {where}: {message}")
 
 
-def _as_list(value: Any, source: str, where: str) -> list[Any]:
-    if isinstance(value, (str, int)):
-        return [value]
-    if not isinstance(value, list) or not value:
-        raise _field_error(source, where, f"expected a non-empty list, got {value!r}")
-    return value
-
-
-def _parse_layouts(text: str, path: str, source: str, where: str) -> tuple[Layout, Layout | None]:
-    try:
-        if "-to-" in text:
-            if not path.endswith("/reshard"):
-                raise _field_error(source, where, f"{text!r}: 'A-to-B' layouts are only for */reshard paths")
-            save, load = text.split("-to-", 1)
-            return Layout.parse(save), Layout.parse(load)
-        if path.endswith("/reshard"):
-            raise _field_error(source, where, f"{text!r}: reshard paths need an 'A-to-B' layout")
-        return Layout.parse(text), None
-    except LayoutError as err:
-        raise _field_error(source, where, str(err)) from None
-
-
-def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
+def expand_entry(entry: CaseEntry, source: str, index: int) -> list[Case]:
+    """A validated entry -> its cases; a family, variant or layout the zoo refuses names its field."""
     where = f"matrix[{index}]"
-    if not isinstance(entry, dict):
-        raise _field_error(source, where, f"expected a mapping, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - _ENTRY_FIELDS)
-    if unknown:
-        raise _field_error(source, f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(_ENTRY_FIELDS))})")
-    for required in ("families", "layouts", "paths"):
-        if required not in entry:
-            raise _field_error(source, f"{where}.{required}", "required field is missing")
-
-    families = _as_list(entry["families"], source, f"{where}.families")
-    every_family = len(families) == 1 and str(families[0]).partition("@")[0] == ALL_FAMILIES
+    families = entry.families
+    every_family = entry.every_family
     if every_family:
-        variant = str(families[0]).partition("@")[2]  # '*@bf16': every family at its bf16 variant
+        variant = families[0].partition("@")[2]  # '*@bf16': every family at its bf16 variant
         families = [f"{name}@{variant}" if variant else name for name in zoo.families()]
-    elif "where" in entry:
-        raise _field_error(source, f"{where}.where", f"only for families: ['{ALL_FAMILIES}']")
     models = []
     for name in families:
         try:
-            models.append(zoo.ModelSpec.parse(str(name)))
+            models.append(zoo.ModelSpec.parse(name))
         except KeyError as err:
             raise _field_error(source, f"{where}.families", str(err).strip('"')) from None
-    if "where" in entry:
-        kind = entry["where"]
-        if kind not in FAMILY_FILTERS:
-            raise _field_error(source, f"{where}.where", f"unknown value {kind!r} (known: {', '.join(FAMILY_FILTERS)})")
-        models = [m for m in models if FAMILY_FILTERS[kind](m)]
-    if "variants" in entry:
-        models = _with_variants(models, entry["variants"], source, f"{where}.variants")
-    if "sweep" in entry:
-        models = _with_sweep(models, entry["sweep"], source, f"{where}.sweep")
-    expect = entry.get("expect")
-    if expect not in (None, "invalid"):
-        raise _field_error(source, f"{where}.expect", f"unknown value {expect!r} (the only one is 'invalid')")
-    path_names = _as_list(entry["paths"], source, f"{where}.paths")
-    for p in path_names:
-        if p not in PATHS:
-            raise _field_error(source, f"{where}.paths", f"unknown path {p!r} (known: {', '.join(PATHS)})")
-    sets = _as_list(entry.get("sets", ["default"]), source, f"{where}.sets")
-    for s in sets:
-        if s not in SETS:
-            raise _field_error(source, f"{where}.sets", f"unknown set {s!r} (known: {', '.join(SETS)})")
-    set_names = frozenset(sets) | {"full"}  # the full (nightly) set contains the default set
-    timeout = entry.get("timeout_s", DEFAULT_TIMEOUT_S)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise _field_error(source, f"{where}.timeout_s", f"expected a positive number, got {timeout!r}")
-    layouts = _as_list(entry["layouts"], source, f"{where}.layouts")
+    if entry.where is not None:
+        models = [m for m in models if FAMILY_FILTERS[entry.where](m)]
+    if entry.variants is not None:
+        models = _with_variants(models, entry.variants, source, f"{where}.variants")
+    if entry.sweep is not None:
+        models = _with_sweep(models, entry.sweep, source, f"{where}.sweep")
+    expect = entry.expect
+    set_names = frozenset(entry.sets) | {"full"}  # the full (nightly) set contains the default set
 
     cases = []
     for model in models:
-        for layout_text in layouts:
-            for path in path_names:
-                layout, load_layout = _parse_layouts(str(layout_text), path, source, f"{where}.layouts")
+        for layout_text in entry.layouts:
+            for path in entry.paths:
+                layout, load_layout = _split_layout(layout_text)
                 problems = [
                     f"{model.id} cannot be split as {each.id}: {'; '.join(p)}"
                     for each in filter(None, (layout, load_layout))
@@ -314,7 +408,7 @@ def expand_entry(entry: Any, source: str, index: int) -> list[Case]:
                         load_layout=load_layout,
                         path=path,
                         sets=set_names,
-                        timeout_s=float(timeout),
+                        timeout_s=float(entry.timeout_s),
                         source=source,
                         invalid_reason="; ".join(problems),
                         from_every_family=every_family,
@@ -333,21 +427,18 @@ def _refused_by_the_bridge(model: zoo.ModelSpec, layout: Layout) -> list[str]:
     return [f"{dim}{size(dim)}: {why}" for dim, why in model.family_def.unsupported_parallelism.items() if size(dim) > 1]
 
 
-def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, where: str) -> list[zoo.ModelSpec]:
+def _with_variants(models: list[zoo.ModelSpec], variants: dict[str, dict[Any, Any]], source: str,
+                   where: str) -> list[zoo.ModelSpec]:
     """family x named override sets -> ModelSpecs ``family@name``, each validated against the
     family's HF config class (an unknown field or a rejected value names file and field)."""
-    if not isinstance(variants, dict) or not variants:
-        raise _field_error(source, where, "expected a mapping of variant name -> {field: value}")
     out = []
     for model in models:
         if model.variant:
             raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
         for name, overrides in variants.items():
-            if not isinstance(overrides, dict) or not _VARIANT_NAME.match(str(name)):
-                raise _field_error(source, f"{where}.{name}", "expected a name [a-z0-9_-]+ mapping to {field: value}")
-            if str(name) in zoo.get_family(model.family).variants:
+            if name in zoo.get_family(model.family).variants:
                 raise _field_error(source, f"{where}.{name}", f"clashes with the zoo variant {model.family}@{name}")
-            spec = zoo.ModelSpec(family=model.family, variant=str(name), overrides=tuple(sorted(overrides.items())))
+            spec = zoo.ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
             try:
                 zoo.validate_overrides(spec)
             except ValueError as err:
@@ -356,10 +447,8 @@ def _with_variants(models: list[zoo.ModelSpec], variants: Any, source: str, wher
     return out
 
 
-def _with_sweep(models: list[zoo.ModelSpec], sweep: Any, source: str, where: str) -> list[zoo.ModelSpec]:
+def _with_sweep(models: list[zoo.ModelSpec], sweep: str, source: str, where: str) -> list[zoo.ModelSpec]:
     """family x generated variants (``harness.matrix.coincidences``): ``family@<coincidence>``."""
-    if sweep not in SWEEPS:
-        raise _field_error(source, where, f"unknown sweep {sweep!r} (known: {', '.join(SWEEPS)})")
     out = []
     for model in models:
         if model.variant:
@@ -373,17 +462,12 @@ def _with_sweep(models: list[zoo.ModelSpec], sweep: Any, source: str, where: str
 
 def load_file(path: Path) -> list[Case]:
     source = str(path.relative_to(workspace.REPO_ROOT)) if path.is_relative_to(workspace.REPO_ROOT) else str(path)
-    doc = load_yaml(path, source, CaseFileError)
-    if not isinstance(doc, dict):
-        raise CaseFileError(f"{source}: expected a mapping with a 'matrix' list at the top level")
-    unknown = sorted(set(doc) - _FILE_FIELDS)
-    if unknown:
-        raise _field_error(source, unknown[0], f"unknown field (known: {', '.join(sorted(_FILE_FIELDS))})")
-    matrix = doc.get("matrix")
-    if not isinstance(matrix, list) or not matrix:
-        raise _field_error(source, "matrix", "expected a non-empty list of entries")
+    try:
+        doc = CaseFile.model_validate(load_yaml(path, source, CaseFileError))
+    except ValidationError as err:
+        raise _schema_error(source, err) from None
     cases: list[Case] = []
-    for i, entry in enumerate(matrix):
+    for i, entry in enumerate(doc.matrix):
         cases.extend(expand_entry(entry, source, i))
     return cases
 

@@ -431,10 +431,8 @@ def document(outcome: MutantsOutcome) -> dict:
 
 def html(outcome: MutantsOutcome, run_name: str) -> str:
     """``mutants.html``: the same numbers as ``markdown``, every mutant with its diff, survivors first."""
-    import jinja2
+    from harness.reporting.html.rendering import templates
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(workspace.REPO_ROOT / "harness" / "reporting" / "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     order = {SURVIVED: 0, KILLED: 1, EQUIVALENT: 2, NOT_RUN: 3}
     results = sorted(outcome.results, key=lambda r: (order[r.status], r.mutant.file, r.mutant.span))
-    return env.get_template("mutants.html.j2").render(run_name=run_name, scores=scores(outcome.results), results=results)
+    return templates().get_template("mutants.html.j2").render(run_name=run_name, scores=scores(outcome.results), results=results)

@@ -1,5 +1,5 @@
 """What a finished run says, for machines and people: ``results.json`` (``run_document``),
-``junit.xml``, ``summary.md``, ``index.html`` (``html_report``) and the terminal tables.
+``junit.xml``, ``summary.md``, ``index.html`` (``reporting.html.run_page``) and the terminal tables.
 
 Every file is written atomically; ``reports/latest`` is moved last.
 """
@@ -13,7 +13,8 @@ from harness import workspace
 from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
 from harness.regression.root_causes import RootCause
-from harness.reporting import coverage, html_report, run_document
+from harness.reporting import architecture_table, run_document
+from harness.reporting.html import rendering, run_page
 from harness.results import CRASHED, FAIL, FIXED, INCOMPATIBLE, PASS, REGRESSED, SKIP, CaseResult, status_counts
 
 # summary.md is posted as a PR comment; GitHub refuses a body over 65536 characters. The reserve
@@ -44,7 +45,7 @@ def write_run(run: RunDir, results: Iterable[CaseResult], meta: dict[str, Any],
     workspace.atomic_write_text(run.junit_file, junit_xml(results, run.name))
     workspace.atomic_write_text(run.summary_file, summary_markdown(results, meta, run.name, verdicts, verdict_order,
                                                                    root_causes))
-    html_report.write_run_page(run, results, meta, verdicts, root_causes)
+    run_page.write_run_page(run, results, meta, verdicts, root_causes)
     run.point_latest()
     return run.results_file
 
@@ -213,7 +214,7 @@ def gate_head(results: list[CaseResult], meta: dict[str, Any], run_name: str, ve
         lines.append("None: nothing regressed.")
     n_fixed = sum(v == FIXED for v in verdicts.values())
     lines += ["", f"#### {FIXED} ({n_fixed})", ""] + fixed_lines(results, verdicts, root_causes)
-    lines += ["", f"Full report: [{html_report.INDEX_NAME}]({html_report.INDEX_NAME}) in the run folder `{run_name}` "
+    lines += ["", f"Full report: [{rendering.INDEX_NAME}]({rendering.INDEX_NAME}) in the run folder `{run_name}` "
                   "(every case's checks, numbers, failing tensors and log tails)."]
     return lines
 
@@ -239,7 +240,7 @@ def fit(head: list[str], rows: list[str], tail: list[str], limit: int) -> str:
     if len(text(head + rows + tail)) <= limit:
         return text(head + rows + tail)
     note = (f"*{{}} of {len(rows)} per-case rows left out to stay within GitHub's {COMMENT_LIMIT}-character "
-            f"comment limit: every case is in [{html_report.INDEX_NAME}]({html_report.INDEX_NAME}).*")
+            f"comment limit: every case is in [{rendering.INDEX_NAME}]({rendering.INDEX_NAME}).*")
     room = limit - len(text(head + ["", note.format(len(rows))] + tail))
     kept = 0
     while kept < len(rows) and room >= len(rows[kept]) + 1:
@@ -251,11 +252,11 @@ def fit(head: list[str], rows: list[str], tail: list[str], limit: int) -> str:
 def coverage_section(results: list[CaseResult], meta: dict[str, Any]) -> str:
     """Every registered architecture's status per lane (this run's outcomes over golden/)."""
     cases_dir = Path(meta["cases_dir"]) if meta.get("cases_dir") else None
-    rows = coverage.coverage(load_cases(cases_dir), coverage.outcomes_for(results))
-    red = sum(s.status in coverage.RED for r in rows for s in r.lanes)
+    rows = architecture_table.coverage(load_cases(cases_dir), architecture_table.outcomes_for(results))
+    red = sum(s.status in architecture_table.RED for r in rows for s in r.lanes)
     return (f"<details><summary>Coverage: {sum(bool(r.family) for r in rows)} of {len(rows)} registered "
             f"architectures have a family; {red} lane(s) failing beyond golden/</summary>\n\n"
-            f"{coverage.markdown(rows)}\n</details>")
+            f"{architecture_table.markdown(rows)}\n</details>")
 
 
 # ----------------------------------------------------------------------------------- tables

@@ -23,7 +23,8 @@ import pytest
 
 from harness import workspace
 from harness.execution.run_dir import LATEST, RunDir
-from harness.reporting import html_report, run_document
+from harness.reporting import run_document
+from harness.reporting.html import rendering, run_page
 
 # One worker for the module under xdist: its tests share one harness run (~30 s).
 pytestmark = [pytest.mark.cpu, pytest.mark.xdist_group("html-browser")]
@@ -154,7 +155,7 @@ def report(browser, tmp_path_factory) -> Path:
     assert results[FAULTY].first_failing_check.name == "tensors"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARNESS_GOLDEN", str(tmp / "golden"))
-        return html_report.write_run_page(run, list(results.values()), doc["meta"])
+        return run_page.write_run_page(run, list(results.values()), doc["meta"])
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -174,7 +175,7 @@ def test_grid_shows_one_red_cell_and_the_drill_down_shows_the_failing_check(brow
     red = [td for td in cells if "attention" in td.classes]
     assert len(red) == 1 and red[0].text.strip() == "FAIL"
     anchor = red[0].find_all("a")[0].attrs["href"]
-    assert anchor == f"#{html_report.case_anchor(FAULTY)}"
+    assert anchor == f"#{rendering.case_anchor(FAULTY)}"
 
     case = dom.by_id(anchor[1:])
     assert case.tag == "details" and "open" in case.attrs  # shown without a click, without script
@@ -183,7 +184,7 @@ def test_grid_shows_one_red_cell_and_the_drill_down_shows_the_failing_check(brow
     assert "model.norm.weight" in case.text  # the tensor the fault dropped
     assert "==> rank0.log <==" in case.text  # the rank log tail
 
-    clean = dom.by_id(html_report.case_anchor(CLEAN))
+    clean = dom.by_id(rendering.case_anchor(CLEAN))
     assert "open" not in clean.attrs and not clean.find_all("tr", "check-fail")
 
 

@@ -14,8 +14,11 @@ import pytest
 
 from harness import workspace
 from harness.execution.run_dir import Plan, RunDir
+from harness.matrix.cases import parse_case_id
 from harness.regression import gate, golden
-from harness.reporting import html_report, run_document, run_report
+from harness.reporting import run_document, run_report
+from harness.reporting.html import case_grid, history_page, rendering, run_page
+from harness.reporting.html.looks import KNOWN_LOOK, STATUS_LOOKS, VERDICT_LOOKS, golden_view
 from harness.results import CaseResult, CheckResult
 
 pytestmark = pytest.mark.cpu
@@ -103,7 +106,7 @@ def make_run(root: Path, results: list[CaseResult], label="nightly", meta=META) 
 
 def drill_down(html: str, case_id: str) -> str:
     """The HTML of one case's drill-down (up to the next case)."""
-    start = html.index(f'id="{html_report.case_anchor(case_id)}"')
+    start = html.index(f'id="{rendering.case_anchor(case_id)}"')
     end = html.find('<details class="case"', start)
     return html[start:end if end != -1 else len(html)]
 
@@ -119,13 +122,13 @@ def drill_down(html: str, case_id: str) -> str:
     ("gpt-oss@yarn2/tp1/memory/roundtrip+x", ("gpt-oss", "yarn2", "tp1", "memory/roundtrip", "x")),
 ])
 def test_case_ids_split_into_family_variant_layout_path_and_fault(case_id, parts):
-    key = html_report.parse_case_id(case_id)
+    key = parse_case_id(case_id)
     assert (key.family, key.variant, key.layout, key.path, key.fault) == parts
     assert key.model == case_id.split("/")[0]
 
 
 def test_grid_has_a_panel_per_path_and_variants_under_their_family():
-    grid = html_report.build_grid(html_report.build_cells(nightly_results()))
+    grid = case_grid.build_grid(case_grid.build_cells(nightly_results()))
     assert [p.path for p in grid.panels] == ["memory/roundtrip", "torch_dist/roundtrip", "torch_dist/reshard"]
     memory = grid.panels[0]
     assert [(c.layout, c.fault) for c in memory.columns] == [("tp1", ""), ("tp2", ""), ("tp3", ""),
@@ -138,7 +141,7 @@ def test_grid_has_a_panel_per_path_and_variants_under_their_family():
 
 
 def test_each_status_has_its_own_look_and_only_failures_and_crashes_are_red():
-    cells = {c.key.case_id: c for c in html_report.build_cells(nightly_results())}
+    cells = {c.key.case_id: c for c in case_grid.build_cells(nightly_results())}
     looks = {case_id: (c.look.css, c.label) for case_id, c in cells.items()}
     assert looks == {
         "llama/tp1/memory/roundtrip": ("pass", "PASS"),
@@ -152,8 +155,8 @@ def test_each_status_has_its_own_look_and_only_failures_and_crashes_are_red():
         "llama/tp1/torch_dist/roundtrip": ("pass", "PASS*"),  # a check could not run
     }
     assert {case_id for case_id, c in cells.items() if c.needs_attention} == RED
-    assert html_report.build_grid(list(cells.values())).red_count == len(RED)
-    assert len({look.css for look in html_report.STATUS_LOOKS.values()} | {html_report.KNOWN_LOOK.css}) == 8
+    assert case_grid.build_grid(list(cells.values())).red_count == len(RED)
+    assert len({look.css for look in STATUS_LOOKS.values()} | {KNOWN_LOOK.css}) == 8
 
 
 def test_a_failure_pinned_in_golden_is_known_and_not_red_but_a_new_way_to_fail_is(golden_root):
@@ -163,16 +166,16 @@ def test_a_failure_pinned_in_golden_is_known_and_not_red_but_a_new_way_to_fail_i
     doc["known_failure"] = {"upstream": "megatron-bridge 0.6.2", "diagnosis": "export keeps the vocab padding"}
     workspace.atomic_write_json(golden.golden_path("cpu", pinned.case_id, golden_root), doc)
 
-    same = html_report.build_cells([result(pinned.case_id, "fail")])[0]
-    assert (same.look, same.needs_attention) == (html_report.KNOWN_LOOK, False)
+    same = case_grid.build_cells([result(pinned.case_id, "fail")])[0]
+    assert (same.look, same.needs_attention) == (KNOWN_LOOK, False)
 
     worse = result(pinned.case_id, "fail", checks=[tensors_check(False, bad_key="lm_head.weight"),
                                                    logits_check(max_abs=0.5)])
-    view = html_report.golden_view(worse)
+    view = golden_view(worse)
     assert view.differences and "failing checks" in view.differences[0]
-    assert html_report.build_cells([worse])[0].needs_attention
+    assert case_grid.build_cells([worse])[0].needs_attention
 
-    now_passing = html_report.build_cells([result(pinned.case_id, "pass")])[0]
+    now_passing = case_grid.build_cells([result(pinned.case_id, "pass")])[0]
     assert now_passing.look.css == "pass"  # a fixed case is green; golden says it changed
 
 
@@ -184,7 +187,7 @@ def test_known_failure_shows_its_diagnosis_on_the_page(tmp_path, golden_root):
     doc["known_failure"] = {"upstream": "megatron-bridge 0.6.2", "diagnosis": "export keeps the vocab padding"}
     workspace.atomic_write_json(path, doc)
     run = make_run(tmp_path / "reports", [pinned])
-    html = html_report.write_run_page(run, [pinned], META).read_text()
+    html = run_page.write_run_page(run, [pinned], META).read_text()
     case = drill_down(html, pinned.case_id)
     assert "KNOWN" in case and "megatron-bridge 0.6.2" in case and "export keeps the vocab padding" in case
     assert "this run matches it" in case
@@ -192,16 +195,16 @@ def test_known_failure_shows_its_diagnosis_on_the_page(tmp_path, golden_root):
 
 
 def test_gate_verdicts_replace_statuses_and_only_regressed_is_red(tmp_path):
-    assert set(html_report.VERDICT_LOOKS) == set(gate.ORDER)  # every verdict the gate gives has a look
+    assert set(VERDICT_LOOKS) == set(gate.ORDER)  # every verdict the gate gives has a look
     results = nightly_results()[:3]
     verdicts = {results[0].case_id: gate.PASS, results[1].case_id: gate.STILL_FAILING,
                 results[2].case_id: gate.REGRESSED}
-    cells = html_report.build_cells(results, verdicts)
+    cells = case_grid.build_cells(results, verdicts)
     assert [(c.label, c.needs_attention) for c in cells] == [
         ("PASS", False), ("STILL-FAILING", False), ("REGRESSED", True)]
 
     run = make_run(tmp_path / "reports", results, label="gate")
-    html = html_report.write_run_page(run, results, META, verdicts).read_text()
+    html = run_page.write_run_page(run, results, META, verdicts).read_text()
     assert html.count("attention\"><a href=") == 1
     assert ">REGRESSED</a>" in html and ">STILL-FAILING</a>" in html and "Gate run" in html
 
@@ -213,17 +216,17 @@ def test_gate_verdicts_replace_statuses_and_only_regressed_is_red(tmp_path):
 def nightly_page(tmp_path):
     results = nightly_results()
     run = make_run(tmp_path / "reports", results)
-    path = html_report.write_run_page(run, results, META)
+    path = run_page.write_run_page(run, results, META)
     assert path == run.path / "index.html"
     return path.read_text()
 
 
 def test_grid_cells_link_to_their_drill_down(nightly_page):
     red_cells = re.findall(r'<td class="cell (\w+) attention"><a href="#([^"]+)"', nightly_page)
-    assert sorted(anchor for _, anchor in red_cells) == sorted(html_report.case_anchor(c) for c in RED)
+    assert sorted(anchor for _, anchor in red_cells) == sorted(rendering.case_anchor(c) for c in RED)
     for _, anchor in red_cells:
         assert f'<details class="case" id="{anchor}" open>' in nightly_page
-    assert f'<details class="case" id="{html_report.case_anchor("llama/tp1/memory/roundtrip")}">' in nightly_page
+    assert f'<details class="case" id="{rendering.case_anchor("llama/tp1/memory/roundtrip")}">' in nightly_page
 
 
 def test_drill_down_shows_the_failing_check_its_numbers_tensors_logs_and_provenance(nightly_page):
@@ -242,7 +245,7 @@ def test_drill_down_shows_the_failing_check_its_numbers_tensors_logs_and_provena
 def test_run_page_puts_red_cases_first_and_counts_them(nightly_page):
     assert "Needs attention (4)" in nightly_page
     anchors = re.findall(r'<details class="case" id="([^"]+)"', nightly_page)
-    assert {a for a in anchors[:4]} == {html_report.case_anchor(c) for c in RED}
+    assert {a for a in anchors[:4]} == {rendering.case_anchor(c) for c in RED}
 
 
 def test_page_is_self_contained_without_script(nightly_page):
@@ -259,15 +262,15 @@ def test_error_text_is_escaped(nightly_page):
 
 
 def test_numbers_are_shown_whole():
-    assert html_report.format_value(ODD_DIFF) == repr(ODD_DIFF)
-    assert html_report.format_value(float("nan")) == "nan"
-    assert html_report.format_value({"max_abs": 1e-05, "kl": 1e-11}) == "max_abs=1e-05, kl=1e-11"
-    assert html_report.format_value([[1, 2], [3]]) == "[1, 2], [3]"
-    assert html_report.format_value([]) == "none"
+    assert rendering.format_value(ODD_DIFF) == repr(ODD_DIFF)
+    assert rendering.format_value(float("nan")) == "nan"
+    assert rendering.format_value({"max_abs": 1e-05, "kl": 1e-11}) == "max_abs=1e-05, kl=1e-11"
+    assert rendering.format_value([[1, 2], [3]]) == "[1, 2], [3]"
+    assert rendering.format_value([]) == "none"
 
 
 def test_html_report_imports_without_torch():
-    code = ("import sys, harness.reporting.html_report; "
+    code = ("import sys, harness.reporting.html.run_page, harness.reporting.html.history_page; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'transformers')]; "
             "sys.exit(f'imported {heavy}' if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workspace.REPO_ROOT)
@@ -301,7 +304,7 @@ def three_nightlies(tmp_path):
 
 
 def test_history_marks_the_run_where_a_case_went_red(three_nightlies):
-    history = html_report.build_history(three_nightlies)
+    history = history_page.build_history(three_nightlies)
     assert [r.name for r in history.runs] == ["20260101T020000Z-nightly", "20260102T020000Z-nightly",
                                              "20260103T020000Z-nightly"]  # `latest` is not a run
     rows = {r.case_id: r for r in history.rows}
@@ -311,12 +314,12 @@ def test_history_marks_the_run_where_a_case_went_red(three_nightlies):
     assert rows["qwen2/tp1/memory/roundtrip"].red_since is None
     assert history.rows[0] is llama  # red now: first
 
-    last_two = html_report.build_history(three_nightlies, last=2)
+    last_two = history_page.build_history(three_nightlies, last=2)
     assert len(last_two.runs) == 2 and last_two.rows[0].red_before_window  # red in every run shown
 
 
 def test_history_plots_one_logit_series_per_case_with_logit_numbers(three_nightlies):
-    plot = html_report.build_history(three_nightlies).plot
+    plot = history_page.build_history(three_nightlies).plot
     assert [s.case_id for s in plot.series] == ["llama/tp1/memory/roundtrip", "qwen2/tp1/memory/roundtrip"]
     llama = plot.series[0]
     assert [p.value for p in llama.points] == ["1e-07", "2e-07", "4e-06"]
@@ -328,7 +331,7 @@ def test_history_plots_one_logit_series_per_case_with_logit_numbers(three_nightl
 
 
 def test_history_page_is_written_self_contained_with_an_inline_svg(three_nightlies):
-    path = html_report.write_history_page(three_nightlies)
+    path = history_page.write_history_page(three_nightlies)
     assert path == three_nightlies / "history.html"
     html = path.read_text()
     svg = html[html.index("<svg"):html.index("</svg>")]
@@ -342,25 +345,25 @@ def test_history_page_is_written_self_contained_with_an_inline_svg(three_nightli
 def test_history_links_into_run_pages_and_lists_unreadable_runs(three_nightlies):
     first = RunDir(three_nightlies / "20260101T020000Z-nightly")
     doc, results = run_document.load_run(first.path)
-    html_report.write_run_page(first, list(results.values()), doc["meta"])
+    run_page.write_run_page(first, list(results.values()), doc["meta"])
     broken = three_nightlies / "20260104T020000Z-nightly"
     broken.mkdir()
     (broken / "results.json").write_text(json.dumps({"schema_version": 99}))
 
-    html = html_report.write_history_page(three_nightlies).read_text()
+    html = history_page.write_history_page(three_nightlies).read_text()
     assert 'href="20260101T020000Z-nightly/index.html#case-llama__tp1__memory__roundtrip"' in html
     assert "20260104T020000Z-nightly" in html and "schema 99" in html
-    rerendered = html_report.write_run_page(first, list(results.values()), doc["meta"]).read_text()
+    rerendered = run_page.write_run_page(first, list(results.values()), doc["meta"]).read_text()
     assert 'href="../history.html"' in rerendered
 
 
 def test_every_run_folder_gets_its_page_and_a_gate_run_shows_verdicts(tmp_path):
     run = make_run(tmp_path, nightly_results())
-    page = (run / html_report.INDEX_NAME).read_text()
+    page = (run / rendering.INDEX_NAME).read_text()
     assert page.count('class="cell') >= len(nightly_results()) and "REGRESSED" not in page
     verdicts = {r.case_id: "REGRESSED" if r.case_id in RED else "PASS" for r in nightly_results()}
     run_report.write_run(run, nightly_results(), META, verdicts=verdicts, verdict_order=gate.ORDER)
-    assert "REGRESSED" in (run / html_report.INDEX_NAME).read_text()
+    assert "REGRESSED" in (run / rendering.INDEX_NAME).read_text()
 
 
 def test_report_cli_writes_history_and_refuses_a_folder_without_runs(three_nightlies, tmp_path, capsys):
@@ -376,4 +379,4 @@ def test_report_cli_writes_history_and_refuses_a_folder_without_runs(three_night
     assert err.count("\n") == 1 and "no run folder with a results.json" in err
     assert not (empty / "history.html").exists()
     first = three_nightlies / "20260101T020000Z-nightly"
-    assert main(["report", str(first)]) == 0 and (first / html_report.INDEX_NAME).is_file()
+    assert main(["report", str(first)]) == 0 and (first / rendering.INDEX_NAME).is_file()

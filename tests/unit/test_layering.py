@@ -2,7 +2,7 @@
 
     floor 3  entry points         harness.cli, harness.__main__, harness.pytest_plugin, harness.pytest_matrix
     floor 2  judging, reporting   harness.regression (golden, gate, root_causes, bisect, selftest, faults),
-                                  harness.reporting (run_document, run_report, html_report, coverage)
+                                  harness.reporting (run_document, run_report, html/, architecture_table)
     floor 1  execution            harness.execution (service, launch, worker, run_dir, ...), harness.conversion,
                                   harness.runtimes, harness.checks, harness.formats
     floor 0  shared vocabulary    harness.results, harness.errors, harness.workspace, the harness package itself,

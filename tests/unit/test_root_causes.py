@@ -14,7 +14,8 @@ import pytest
 from harness.execution.run_dir import RunDir
 from harness.execution.source_trees import SourceTree
 from harness.regression import gate, root_causes
-from harness.reporting import html_report, run_report
+from harness.reporting import run_report
+from harness.reporting.html import rendering, run_page
 from harness.results import CaseResult, CheckResult, TensorSetComparison
 
 pytestmark = pytest.mark.cpu
@@ -223,11 +224,11 @@ def test_a_passing_gate_says_so_first(tmp_path):
 
 
 def test_index_html_leads_with_the_root_causes(gate_run):
-    html = (gate_run / html_report.INDEX_NAME).read_text()
+    html = (gate_run / rendering.INDEX_NAME).read_text()
     assert html.index("Root causes (2)") < html.index("<h2>Grid</h2>") < html.index("<h2>Cases</h2>")
     rows = re.findall(r'<tr class="root-cause">(.*?)</tr>', html, re.S)
     assert len(rows) == 2
-    anchor = html_report.case_anchor(REPRESENTATIVE)
+    anchor = rendering.case_anchor(REPRESENTATIVE)
     assert "<b>22</b>" in rows[0] and f'href="#{anchor}"' in rows[0] and "not bisected" in rows[0]
     assert rows[0].count('href="#case-') == 23  # the 22 cases, and the representative again
     assert f"harness run {REPRESENTATIVE} --lane cpu" in rows[0]
@@ -281,7 +282,7 @@ def test_a_bisected_cause_names_its_first_bad_commit_and_a_fix_its_first_good_on
     assert ("- cause 3: **1** case(s) that failed `tensors` on `decoder.layers.#.mlp.linear_fc1.weight` now pass "
             "(e.g. `qwen3-moe/tp1/memory/roundtrip`); first good commit: bbbbbbbbbbbb refactor") in fixed
     assert "passes now, failed in every reference" not in fixed  # grouped, not listed twice
-    html = html_report.render_run_page(html_report.build_run_page(
+    html = run_page.render_run_page(run_page.build_run_page(
         RunDir("/nonexistent-run"), results, {}, {v.case_id: v.verdict for v in verdicts}, causes))
     assert "bbbbbbbbbbbb refactor: tidy swiglu" in html and "skipped (does not import):" in html
 
@@ -359,9 +360,9 @@ def test_index_html_of_a_gate_without_regressions_says_so(tmp_path, monkeypatch)
     monkeypatch.setenv("HARNESS_GOLDEN", str(tmp_path / "golden"))
     results = [passing("llama/tp1/memory/roundtrip")]
     run = RunDir.create("gate", root=tmp_path / "reports")
-    clean = html_report.write_run_page(run, results, {}, {results[0].case_id: gate.PASS}, ()).read_text()
+    clean = run_page.write_run_page(run, results, {}, {results[0].case_id: gate.PASS}, ()).read_text()
     assert "Root causes (0)" in clean and "None: nothing regressed." in clean
-    ungrouped = html_report.write_run_page(run, results, {}, {results[0].case_id: gate.REGRESSED}, ()).read_text()
+    ungrouped = run_page.write_run_page(run, results, {}, {results[0].case_id: gate.REGRESSED}, ()).read_text()
     assert "nothing regressed" not in ungrouped and "Not grouped" in ungrouped
-    plain = html_report.write_run_page(run, results, {}).read_text()
+    plain = run_page.write_run_page(run, results, {}).read_text()
     assert "Root causes" not in plain  # not a gate run

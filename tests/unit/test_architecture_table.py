@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.matrix import bridge_registry, cases, zoo
-from harness.reporting import coverage
+from harness.reporting import architecture_table
 from harness.results import CaseResult
 from harness.matrix import lanes
 
@@ -27,42 +27,42 @@ def lane(r, name):
 
 
 def test_every_registered_architecture_has_a_row(case_set):
-    rows = coverage.coverage(case_set, {})
+    rows = architecture_table.coverage(case_set, {})
     assert [r.architecture for r in rows] == [a.architecture for a in bridge_registry.registered_architectures()]
     covered = {r.family for r in rows if r.family}
     assert covered == set(zoo.families())
     for r in rows:
         if not r.family:
-            assert all(s.status == coverage.NOT_COVERED and s.detail for s in r.lanes), r
-    md = coverage.markdown(rows)
+            assert all(s.status == architecture_table.NOT_COVERED and s.detail for s in r.lanes), r
+    md = architecture_table.markdown(rows)
     assert all(f"`{a.architecture}`" in md for a in bridge_registry.registered_architectures())
 
 
 def test_lane_status_follows_the_outcomes(case_set):
     llama = [c.id for c in case_set.cases if c.model.family == "llama" and "cpu" in c.lanes and not c.invalid_reason]
-    passing = {cid: coverage.Outcome("pass") for cid in llama}
-    rows = coverage.coverage(case_set, {"cpu": passing})
+    passing = {cid: architecture_table.Outcome("pass") for cid in llama}
+    rows = architecture_table.coverage(case_set, {"cpu": passing})
     s = lane(row(rows, "LlamaForCausalLM"), "cpu")
-    assert (s.status, s.passed, s.cases) == (coverage.COVERED_PASS, len(llama), len(llama))
+    assert (s.status, s.passed, s.cases) == (architecture_table.COVERED_PASS, len(llama), len(llama))
 
-    pinned = dict(passing, **{llama[0]: coverage.Outcome("fail", "megatron-bridge 0.6.2")})
-    s = lane(row(coverage.coverage(case_set, {"cpu": pinned}), "LlamaForCausalLM"), "cpu")
-    assert s.status == coverage.KNOWN and s.known == 1 and "megatron-bridge 0.6.2" in s.text
+    pinned = dict(passing, **{llama[0]: architecture_table.Outcome("fail", "megatron-bridge 0.6.2")})
+    s = lane(row(architecture_table.coverage(case_set, {"cpu": pinned}), "LlamaForCausalLM"), "cpu")
+    assert s.status == architecture_table.KNOWN and s.known == 1 and "megatron-bridge 0.6.2" in s.text
 
-    broken = dict(pinned, **{llama[1]: coverage.Outcome("error")})
-    s = lane(row(coverage.coverage(case_set, {"cpu": broken}), "LlamaForCausalLM"), "cpu")
-    assert s.status == coverage.FAILING and s.failing == 1 and s.status in coverage.RED
+    broken = dict(pinned, **{llama[1]: architecture_table.Outcome("error")})
+    s = lane(row(architecture_table.coverage(case_set, {"cpu": broken}), "LlamaForCausalLM"), "cpu")
+    assert s.status == architecture_table.FAILING and s.failing == 1 and s.status in architecture_table.RED
 
     gpu = lane(row(rows, "LlamaForCausalLM"), "gpu")
-    assert gpu.status == coverage.NOT_RUN and gpu.cases > 0  # no GPU golden yet: not a pass
+    assert gpu.status == architecture_table.NOT_RUN and gpu.cases > 0  # no GPU golden yet: not a pass
 
 
 def test_a_family_no_lane_can_build_says_why(case_set):
-    rows = coverage.coverage(case_set, {})
+    rows = architecture_table.coverage(case_set, {})
     nemotron_h = row(rows, "NemotronHForCausalLM")
-    assert all(s.status == coverage.CANNOT_RUN and "mamba-ssm" in s.detail for s in nemotron_h.lanes)
+    assert all(s.status == architecture_table.CANNOT_RUN and "mamba-ssm" in s.detail for s in nemotron_h.lanes)
     dsv4 = row(rows, "DeepseekV4ForCausalLM")
-    assert all(s.status == coverage.CANNOT_RUN and "dsv4_hybrid" in s.detail for s in dsv4.lanes)
+    assert all(s.status == architecture_table.CANNOT_RUN and "dsv4_hybrid" in s.detail for s in dsv4.lanes)
 
 
 def test_a_run_failure_counts_as_known_only_when_it_is_exactly_what_golden_pins(tmp_path, monkeypatch, case_set):
@@ -73,14 +73,14 @@ def test_a_run_failure_counts_as_known_only_when_it_is_exactly_what_golden_pins(
     failed = CaseResult("llama/tp1/memory/roundtrip", "fail", lane="cpu",
                         checks=[CheckResult("tensors", False, "1/21 differ")])
     golden.write(failed, {}, root=tmp_path)
-    assert coverage.run_outcomes([failed])[failed.case_id].known_upstream == ""  # no known_failures.yaml here
+    assert architecture_table.run_outcomes([failed])[failed.case_id].known_upstream == ""  # no known_failures.yaml here
     (tmp_path / golden.KNOWN_FAILURES).write_text(
         "failures:\n  - cases: ['llama/tp1/*']\n    lanes: [cpu]\n    checks: [tensors]\n    upstream: bridge 9\n"
         "    diagnosis: >-\n      seeded\n")
     golden.write(failed, {}, root=tmp_path)
-    assert coverage.run_outcomes([failed])[failed.case_id].known_upstream == "bridge 9"
+    assert architecture_table.run_outcomes([failed])[failed.case_id].known_upstream == "bridge 9"
     crashed = CaseResult("llama/tp1/memory/roundtrip", "error", lane="cpu", error="RuntimeError: new")
-    assert coverage.run_outcomes([crashed])[crashed.case_id].known_upstream == ""  # fails another way: red
+    assert architecture_table.run_outcomes([crashed])[crashed.case_id].known_upstream == ""  # fails another way: red
 
 
 def test_the_summary_of_every_run_has_the_coverage_section(tmp_path):
