@@ -118,11 +118,17 @@ def provider_vs_tp1(case: Case, model: bridge_calls.MegatronModel, ctx: Context)
                                     layout=model.layout.id)]
 
 
+REPEATED_EXPORT = "export-repeatable"
+
+
 def export_and_compare(case: Case, model: bridge_calls.MegatronModel, hf_dir: Path, ctx: Context) -> list[CheckResult]:
-    """Megatron -> HF, then bitwise against the source safetensors (streamed), plus the tie."""
+    """Megatron -> HF, then bitwise against the source safetensors (streamed), plus the tie; then
+    a second export, which must be bitwise the first: a mapping that changes a live weight in place
+    while exporting passes one export (issue 21: repeated export)."""
     exported = bridge_calls.export_hf(model, keep=rank() == 0)
     if ctx.hooks.after_export:
         ctx.hooks.after_export(exported)
+    again = bridge_calls.export_hf(model, keep=rank() == 0)
     if rank() != 0:
         return []
     ctx.fingerprint["hf-export"] = tensors.fingerprint(exported.tensors.items())
@@ -130,6 +136,7 @@ def export_and_compare(case: Case, model: bridge_calls.MegatronModel, hf_dir: Pa
         tensors.compare_tensors(hf_format.iter_tensors(hf_dir), exported.tensors, duplicates=exported.duplicates,
                                 widening_ok=case.model.bf16),
         tensors.tied_embeddings(case.model.tied_embeddings, model.shares_embeddings, exported.tensors),
+        tensors.compare_tensors(exported.tensors, again.tensors, name=REPEATED_EXPORT, duplicates=again.duplicates),
     ]
 
 

@@ -187,6 +187,26 @@ def _drop_lm_head():
         yield
 
 
+@fault("export-mutates-live-weight", "exporting the final norm scales the live Megatron weight in place (after "
+       "handing out a correct copy): the first export is right, the model and any later export are not")
+def _export_mutates_live_weight():
+    import torch
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+
+    original = AutoMapping.megatron_to_hf
+
+    def megatron_to_hf(self, megatron_weights, megatron_module):
+        out = original(self, megatron_weights, megatron_module)
+        if megatron_weights is not None and self.megatron_param.endswith("final_layernorm.weight"):
+            out = {k: v.clone() for k, v in out.items()}
+            with torch.no_grad():
+                megatron_weights.mul_(1.5)
+        return out
+
+    with patched("megatron.bridge.models.conversion.param_mapping:AutoMapping", "megatron_to_hf", megatron_to_hf):
+        yield
+
+
 @contextlib.contextmanager
 def _provider_falls_back(field: str, megatron_default):
     """The bridge's provider loses one mapped HF config value: Megatron's default takes its place."""

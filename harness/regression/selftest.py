@@ -48,6 +48,7 @@ REGRESSIONS: tuple[Regression, ...] = (
     R("qkv-naive-concat", ("llama/tp1/memory/roundtrip", "qwen2/tp1/memory/roundtrip"), ("logits-hf-vs-megatron",)),
     R("expert-offset-local", ("qwen3-moe/tp1-ep2/memory/roundtrip",), ("load-coverage", "tensors")),
     R("export-drops-lm-head", ("llama/tp1/memory/roundtrip",), ("tensors", "tied-embeddings")),
+    R("export-mutates-live-weight", ("llama/tp1/memory/roundtrip",), ("export-repeatable",)),
     R("rope-theta-dropped", ("llama/tp1/memory/roundtrip", "qwen3/tp1/memory/roundtrip"), ("logits-hf-vs-megatron",)),
     R("rms-eps-dropped", ("llama/tp1/memory/roundtrip", "qwen3-moe/tp1/memory/roundtrip"), ("logits-hf-vs-megatron",)),
     R("provider-drift-at-tp", ("qwen3-moe/tp2-ep2-etp1/memory/roundtrip", "llama/tp2/memory/roundtrip"),
