@@ -29,11 +29,12 @@ from typing import Callable, TextIO
 
 from harness.errors import InputError
 from harness.execution import service
-from harness.execution.source_trees import History, SourceTree, worktree
+from harness.execution.source_trees import History, worktree
 from harness.matrix.cases import Case
 from harness.regression.root_causes import Bisection, Commit, normalise
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
+from harness.run_spec import RunSpec, SourceTree
 
 EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128
 IMPORT_FAILURE = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError",
@@ -88,9 +89,9 @@ def case_step(case: Case, lane: str, cases_dir: Path, tracked: str = "") -> Call
     the headline of the failure being bisected (``step_exit_code``)."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        request = service.RunRequest(cases=[case], lane=lane, label=f"bisect-step-{_shas(trees)}",
-                                     source_trees=trees, cases_dir=cases_dir)
-        outcome = service.run_selection(request, stream=None)
+        spec = RunSpec(cases=[case], lane=lane, label=f"bisect-step-{_shas(trees)}", source_trees=trees,
+                       cases_dir=cases_dir)
+        outcome = service.run_selection(spec, stream=None)
         run_report.write_outcome(outcome)  # each step's run folder, as any run's
         result = outcome.results[0]
         code = step_exit_code(result.status, result.error, result.headline, normalise(tracked) if tracked else "")
@@ -104,7 +105,7 @@ def import_step(lane: str) -> Callable[[list[SourceTree]], Step]:
     good if it can, bad if not. It finds the commit that made a tree incompatible."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        problem = service.import_problem(service.RunRequest(cases=[], lane=lane, source_trees=trees))
+        problem = service.import_problem(RunSpec(lane=lane, source_trees=trees))
         return Step(sha="", status="pass" if not problem else "error",
                     exit=EXIT_BAD if problem else EXIT_GOOD, failing=problem,
                     seconds=round(time.monotonic() - started, 1))

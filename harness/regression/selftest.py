@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.execution import service
-from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import faults
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
+from harness.run_spec import RunSpec, SourceTree
 from harness.matrix import lanes
 from harness.workspace import atomic_write_json, atomic_write_text
 
@@ -209,11 +209,11 @@ def run_selftest(case_set: CaseSet, lane: str, only: list[str] | None = None,
                  cases_dir=None, stream=None, placement: lanes.Placement | None = None, jobs: int = 1) -> SelftestOutcome:
     """Run every (regression, case) pair and the clean cases in one run; write selftest.json/.md."""
     selected, specs = plan(case_set, lane, only)
-    request = service.RunRequest(cases=selected, lane=lane, label=label or f"selftest-{lane}", faults=specs,
+    spec = RunSpec(cases=selected, lane=lane, label=label or f"selftest-{lane}", faults=specs,
                                  fault_provider=faults.PROVIDER,
                                  source_trees=list(source_trees or []), placement=placement or lanes.Placement(), jobs=jobs,
                                  **({"cases_dir": cases_dir} if cases_dir else {}))
-    outcome = service.run_selection(request, stream=stream)
+    outcome = service.run_selection(spec, stream=stream)
     run_report.write_outcome(outcome)
     rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, lane, only)
     atomic_write_json(outcome.run / "selftest.json", document(rows, clean_bad, lane))

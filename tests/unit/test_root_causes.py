@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 
 from harness.execution.run_dir import RunDir
-from harness.execution.source_trees import SourceTree
+from harness.run_spec import SourceTree
 from harness.regression import gate, root_causes
 from harness.reporting import run_report
 from harness.reporting.html import rendering, run_page
