@@ -308,7 +308,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     log = RunDir.create(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
     print(f"harness: bisecting {args.case} in a worktree of {history.repo} ({args.good[:12]}..{args.bad[:12]})",
           file=sys.stderr)
-    outcome, failing = bisect.run_bisect(history, args.good, args.bad, case, args.lane, log, _cases_dir(args),
+    outcome, failing = bisect.run_bisect(history, args.good, args.bad, _spec(args, [case], "bisect", trees=[]), log,
                                          stream=sys.stderr)
     if outcome.commit is None:
         print(f"harness: bisect did not name a first bad commit: {outcome.reason}", file=sys.stderr)
@@ -329,7 +329,7 @@ def cmd_bisect_step(args: argparse.Namespace) -> int:
     from harness.regression import bisect
 
     trees = _source_trees(args)
-    step = bisect.case_step(_load(args).get(args.case), args.lane, _cases_dir(args))(trees)
+    step = bisect.case_step(_spec(args, [_load(args).get(args.case)], "bisect-step", trees=[]))(trees)
     step = replace(step, sha="-".join(t.sha for t in trees))
     step.append_to(args.log)
     print(f"bisect-step {step.sha[:12]}: {step.status} -> exit {step.exit} {step.failing}")
@@ -379,9 +379,8 @@ def cmd_mutants(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from harness.regression import selftest
 
-    outcome = selftest.run_selftest(_load(args), args.lane, args.only or None, _source_trees(args), args.label,
-                                    cases_dir=_cases_dir(args), stream=sys.stderr, placement=_placement(args),
-                                    jobs=_jobs(args))
+    outcome = selftest.run_selftest(_load(args), _spec(args, [], args.label or f"selftest-{args.lane}"),
+                                    args.only or None, stream=sys.stderr)
     print(selftest.table(outcome.rows))
     fps = outcome.false_positives
     detected = sum(r.detected == selftest.YES for r in outcome.rows)

@@ -186,7 +186,7 @@ def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: 
             # The failure being tracked: the candidate's (a regression) or the baseline's (a fix). An
             # import failure that is this one is "bad", not a commit to skip.
             tracked = (failing.get(flipped[0]) if regression else baseline[flipped[0]].headline) or ""
-            step = bisect.case_step(by_id[flipped[0]], request.lane, request.cases_dir, tracked=tracked)
+            step = bisect.case_step(request.with_cases([by_id[flipped[0]]]), tracked=tracked)
             found = bisect.bisect(walked, baseline_ref, candidate, step, terms=terms, deadline=deadline, say=say)
         out.append(replace(cause, bisection=found))
     return tuple(out)
