@@ -25,6 +25,7 @@ from harness import workspace
 from harness.execution import launch
 from harness.execution.run_dir import Plan, RunDir
 from harness.matrix.cases import load_cases
+from harness.run_spec import RunSpec
 
 
 def timed(fn):
@@ -36,8 +37,8 @@ def timed(fn):
 def naive_one(case, run: RunDir) -> tuple[str, float]:
     """One torchrun per case, exactly one case in its plan."""
     group = f"naive-{workspace.slug(case.id)}"
-    plan = run.write_plan(Plan(run_dir=str(run.path), group=group, lane="cpu", cases=[case.id],
-                               cases_dir=str(workspace.CASES_DIR), collective_timeout_s=case.timeout_s + 60))
+    plan = run.write_plan(Plan(spec=RunSpec(cases=[case], lane="cpu"), run_dir=str(run.path), group=group,
+                               collective_timeout_s=case.timeout_s + 60))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "harness.execution.worker", "--plan", str(plan)]
     start = time.monotonic()
@@ -56,10 +57,11 @@ def main() -> int:
     cases = load_cases().select(set_name="default", lane="cpu")
     ws1 = [c for c in cases if c.world_size == 1]
     run = RunDir.create("bench-launch")
-    opts = launch.LaunchOptions(lane="cpu")
+    spec = RunSpec(lane="cpu")
 
-    matrix, matrix_s = ([], 0.0) if args.skip_matrix else timed(lambda: launch.run_cases(cases, RunDir(run / "matrix"), opts))
-    grouped, grouped_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-grouped"), opts))
+    matrix, matrix_s = ([], 0.0) if args.skip_matrix else timed(
+        lambda: launch.run_cases(spec.with_cases(cases), RunDir(run / "matrix")))
+    grouped, grouped_s = timed(lambda: launch.run_cases(spec.with_cases(ws1), RunDir(run / "ws1-grouped")))
     naive_cases = ws1[: args.naive_limit] if args.naive_limit else ws1
     naive = [naive_one(c, RunDir(run / "ws1-naive")) for c in naive_cases]
     naive_s = sum(t for _, t in naive)
@@ -67,8 +69,8 @@ def main() -> int:
     per_grouped = grouped_s / len(ws1)
     per_naive = naive_s / len(naive)
     if args.jobs:
-        concurrent_opts = launch.LaunchOptions(lane="cpu", jobs=args.jobs)
-        concurrent, concurrent_s = timed(lambda: launch.run_cases(ws1, RunDir(run / "ws1-jobs"), concurrent_opts))
+        concurrent_spec = RunSpec(cases=ws1, lane="cpu", jobs=args.jobs)
+        concurrent, concurrent_s = timed(lambda: launch.run_cases(concurrent_spec, RunDir(run / "ws1-jobs")))
     doc = {
         **({} if args.skip_matrix else {"default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
                                                                "passed": sum(r.status == "pass" for r in matrix)}}),

@@ -19,10 +19,10 @@ from typing import Sequence
 from harness import workspace
 from harness.errors import InputError
 from harness.execution import service
-from harness.execution.source_trees import SourceTree
 from harness.matrix import cases as cases_mod
 from harness.reporting import run_document, run_report
 from harness.results import INFRA_ERROR, OK_STATUSES, SKIP, CaseResult
+from harness.run_spec import RunSpec, SourceTree
 
 # 0 every case passed (or was skipped / declared invalid); 1 a case failed, crashed or timed out;
 # 2 bad input; 3 no case failed, but the machine kept some from running (infrastructure errors).
@@ -47,7 +47,7 @@ def _cases_dir(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace) -> cases_mod.CaseSet:
-    return cases_mod.load_cases(_cases_dir(args))
+    return cases_mod.load_cases_once(_cases_dir(args))
 
 
 def _select(args: argparse.Namespace) -> list[cases_mod.Case]:
@@ -81,11 +81,11 @@ def _jobs(args: argparse.Namespace) -> int:
     return jobs
 
 
-def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
-             trees: list[SourceTree] | None = None) -> service.RunRequest:
+def _spec(args: argparse.Namespace, selected: list[cases_mod.Case], label: str,
+          trees: list[SourceTree] | None = None) -> RunSpec:
     from harness.regression import faults
 
-    return service.RunRequest(
+    return RunSpec(
         cases=selected, lane=args.lane, label=label, faults=_check_faults(getattr(args, "inject", None)),
         fault_provider=faults.PROVIDER,
         source_trees=_source_trees(args) if trees is None else trees, cases_dir=_cases_dir(args),
@@ -93,13 +93,13 @@ def _request(args: argparse.Namespace, selected: list[cases_mod.Case], label: st
     )
 
 
-def _execute(request: service.RunRequest, raw_exit: bool = False) -> int:
-    """Run a request, print the table, return the exit code: judged against golden/ as pytest
+def _execute(spec: RunSpec, raw_exit: bool = False) -> int:
+    """Run a spec, print the table, return the exit code: judged against golden/ as pytest
     judges the matrix (a failure pinned there is expected, anything new is not), or with
     ``raw_exit`` from the statuses alone."""
     from harness.regression import golden
 
-    outcome = service.run_selection(request)
+    outcome = service.run_selection(spec)
     run_report.write_outcome(outcome)
     results = outcome.results
     print(run_report.table(results))
@@ -130,11 +130,11 @@ def _execute(request: service.RunRequest, raw_exit: bool = False) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     case_set = _load(args)
     selected = [case_set.get(case_id) for case_id in args.case_ids]
-    return _execute(_request(args, selected, args.label or selected[0].id.replace("/", "_")), args.raw_exit)
+    return _execute(_spec(args, selected, args.label or selected[0].id.replace("/", "_")), args.raw_exit)
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    return _execute(_request(args, _select(args), args.label or f"matrix-{args.set}-{args.lane}"), args.raw_exit)
+    return _execute(_spec(args, _select(args), args.label or f"matrix-{args.set}-{args.lane}"), args.raw_exit)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -275,7 +275,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     trees = _source_trees(args)
     label = args.label or (f"gate-{trees[0].sha[:12]}" if trees else "gate")
-    outcome = gate.run_gate(_request(args, _select(args), label, trees), args.baseline, stream=sys.stderr,
+    outcome = gate.run_gate(_spec(args, _select(args), label, trees), args.baseline, stream=sys.stderr,
                             bisect_budget_s=args.bisect_budget)
     summary = outcome.run.run.summary_file
     if outcome.incompatible is not None:
@@ -308,7 +308,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     log = RunDir.create(f"bisect-{args.case.replace('/', '_')}") / "steps.jsonl"
     print(f"harness: bisecting {args.case} in a worktree of {history.repo} ({args.good[:12]}..{args.bad[:12]})",
           file=sys.stderr)
-    outcome, failing = bisect.run_bisect(history, args.good, args.bad, case, args.lane, log, _cases_dir(args),
+    outcome, failing = bisect.run_bisect(history, args.good, args.bad, _spec(args, [case], "bisect", trees=[]), log,
                                          stream=sys.stderr)
     if outcome.commit is None:
         print(f"harness: bisect did not name a first bad commit: {outcome.reason}", file=sys.stderr)
@@ -329,7 +329,7 @@ def cmd_bisect_step(args: argparse.Namespace) -> int:
     from harness.regression import bisect
 
     trees = _source_trees(args)
-    step = bisect.case_step(_load(args).get(args.case), args.lane, _cases_dir(args))(trees)
+    step = bisect.case_step(_spec(args, [_load(args).get(args.case)], "bisect-step", trees=[]))(trees)
     step = replace(step, sha="-".join(t.sha for t in trees))
     step.append_to(args.log)
     print(f"bisect-step {step.sha[:12]}: {step.status} -> exit {step.exit} {step.failing}")
@@ -379,9 +379,8 @@ def cmd_mutants(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from harness.regression import selftest
 
-    outcome = selftest.run_selftest(_load(args), args.lane, args.only or None, _source_trees(args), args.label,
-                                    cases_dir=_cases_dir(args), stream=sys.stderr, placement=_placement(args),
-                                    jobs=_jobs(args))
+    outcome = selftest.run_selftest(_load(args), _spec(args, [], args.label or f"selftest-{args.lane}"),
+                                    args.only or None, stream=sys.stderr)
     print(selftest.table(outcome.rows))
     fps = outcome.false_positives
     detected = sum(r.detected == selftest.YES for r in outcome.rows)

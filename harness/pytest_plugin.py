@@ -22,9 +22,10 @@ import pytest
 
 from harness.errors import InputError
 from harness.execution import service
-from harness.matrix.cases import Case, CaseSet, load_cases
+from harness.matrix.cases import Case, CaseSet, load_cases_once
 from harness.reporting import run_report
 from harness.results import CaseResult
+from harness.run_spec import RunSpec
 from harness.matrix import lanes
 
 PARAM = "matrix_case"
@@ -55,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if PARAM in metafunc.fixturenames:
-        metafunc.parametrize(PARAM, params(load_cases()))
+        metafunc.parametrize(PARAM, params(load_cases_once()))
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,7 @@ class MatrixRunner:
     """Runs selected matrix cases group by group and remembers the results."""
 
     session: pytest.Session
-    case_set: CaseSet = field(default_factory=load_cases)
+    case_set: CaseSet = field(default_factory=load_cases_once)
     results: dict[tuple[str, str], CaseResult] = field(default_factory=dict)
     runs: dict[tuple[str, int], service.RunOutcome] = field(default_factory=dict)
 
@@ -116,10 +117,10 @@ class MatrixRunner:
                     and (lane, case_id) not in self.results):
                 group.append(case)
         config = self.session.config
-        request = service.RunRequest(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}",
-                                     placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
-                                     jobs=config.getoption("--harness-jobs", 1))
-        outcome = service.run_selection(request, stream=None)
+        spec = RunSpec(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}",
+                       placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
+                       jobs=config.getoption("--harness-jobs", 1))
+        outcome = service.run_selection(spec, stream=None)
         run_report.write_outcome(outcome)
         self.runs[(lane, world_size)] = outcome
         for result in outcome.results:

@@ -48,6 +48,6 @@ def cpu_runtime(gloo_world):
 
 @pytest.fixture(scope="session")
 def case_set():
-    from harness.matrix.cases import load_cases
+    from harness.matrix.cases import load_cases_once
 
-    return load_cases()
+    return load_cases_once()

@@ -29,17 +29,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from harness import workspace
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
-from harness.execution.source_trees import SourceTree, pythonpath
+from harness.execution.source_trees import pythonpath
 from harness.matrix.cases import Case
+from harness.matrix.lanes import rank_environment
 from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
                              error_section)
-from harness.matrix.lanes import Placement, rank_environment
+from harness.run_spec import RunSpec
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
 POLL_S = 0.5
@@ -50,19 +50,6 @@ INFRA_SIGNATURES = re.compile(
     r"DistNetworkError|RendezvousError|RendezvousConnectionError|RendezvousTimeoutError|EADDRINUSE|"
     r"Address already in use|failed to listen|Connection refused|No space left on device"
 )
-
-
-@dataclass
-class LaunchOptions:
-    lane: str = "cpu"
-    python: str = sys.executable
-    env: dict[str, str] = field(default_factory=dict)  # extra environment for every rank
-    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
-    fault_provider: str = ""  # the module applying them in the ranks (run_dir.Plan.fault_provider)
-    source_trees: list[SourceTree] = field(default_factory=list)  # ahead of the installed wheels
-    cases_dir: Path = workspace.CASES_DIR
-    placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
-    jobs: int = 1  # concurrent launches per world size
 
 
 class Progress:
@@ -109,14 +96,15 @@ def split_round_robin(cases: list[Case], jobs: int) -> list[list[Case]]:
 
 
 def run_cases(
-    cases: list[Case],
+    spec: RunSpec,
     run: RunDir,
-    options: LaunchOptions,
     on_result: Callable[[CaseResult], None] | None = None,
+    *,
+    python: str = sys.executable,
 ) -> list[CaseResult]:
-    """Run every case; returns results in the order given. Declared-invalid cases are not run:
-    their result says which layout rule they break. ``on_result`` is never called from two
-    threads at once."""
+    """Run every case of ``spec``; returns results in its order. Declared-invalid cases are not
+    run: their result says which layout rule they break. ``on_result`` is never called from two
+    threads at once. ``python``: the ranks' interpreter."""
     if on_result is not None:
         lock, report = threading.Lock(), on_result
 
@@ -125,23 +113,23 @@ def run_cases(
                 report(result)
 
     by_id: dict[str, CaseResult] = {}
-    for case in cases:
+    for case in spec.cases:
         if case.invalid_reason:
-            by_id[case.id] = CaseResult(case_id=case.id, status=INVALID, error=case.invalid_reason, lane=options.lane)
+            by_id[case.id] = CaseResult(case_id=case.id, status=INVALID, error=case.invalid_reason, lane=spec.lane)
             if on_result:
                 on_result(by_id[case.id])
-    runnable = [c for c in cases if not c.invalid_reason]
+    runnable = [c for c in spec.cases if not c.invalid_reason]
     for ws, group in group_by_world_size(runnable).items():
-        chunks = split_round_robin(group, options.jobs)
+        chunks = split_round_robin(group, spec.jobs)
         if len(chunks) == 1:
-            outcomes = [_run_group(group, ws, f"ws{ws}", run, options, on_result)]
+            outcomes = [_run_group(spec.with_cases(group), ws, f"ws{ws}", run, python, on_result)]
         else:
             with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-                outcomes = list(pool.map(lambda job: _run_group(chunks[job], ws, f"ws{ws}j{job}", run, options,
-                                                                on_result), range(len(chunks))))
+                outcomes = list(pool.map(lambda job: _run_group(spec.with_cases(chunks[job]), ws, f"ws{ws}j{job}",
+                                                                run, python, on_result), range(len(chunks))))
         for result in (r for outcome in outcomes for r in outcome):
             by_id[result.case_id] = result
-    return [by_id[c.id] for c in cases]
+    return [by_id[c.id] for c in spec.cases]
 
 
 class _InfraFailure(Exception):
@@ -152,17 +140,17 @@ class _InfraFailure(Exception):
         self.reason, self.tail = reason, tail
 
 
-def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[CaseResult]:
-    """Launch ``cases`` (one rank group of ``ws``), relaunching for the rest after a crash; the
-    launches are ``<name>-<attempt>``."""
-    pending = list(cases)
+def _run_group(spec: RunSpec, ws: int, name: str, run: RunDir, python: str, on_result) -> list[CaseResult]:
+    """Launch ``spec``'s cases (one rank group of ``ws``), relaunching for the rest after a crash;
+    the launches are ``<name>-<attempt>``."""
+    pending = list(spec.cases)
     results: list[CaseResult] = []
     attempt, infra_failures = 0, 0
     while pending:
         attempt += 1
         group = f"{name}-{attempt}"
         try:
-            finished = _launch_once(pending, ws, group, run, options, on_result)
+            finished = _launch_once(spec.with_cases(pending), ws, group, run, python, on_result)
         except _InfraFailure as failure:
             infra_failures += 1
             if infra_failures <= INFRA_RETRIES:
@@ -170,7 +158,7 @@ def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[Ca
             for case in pending:
                 result = _failure(case, INFRA_ERROR, f"infrastructure error, not a verdict on the case "
                                   f"({infra_failures} launches failed before any case started): {failure.reason}",
-                                  failure.tail, ws, options.lane)
+                                  failure.tail, ws, spec.lane)
                 results.append(result)
                 if on_result:
                     on_result(result)
@@ -181,16 +169,16 @@ def _run_group(cases, ws, name: str, run: RunDir, options, on_result) -> list[Ca
     return results
 
 
-def import_probe(options: LaunchOptions, timeout_s: float = 600) -> str:
-    """Import the stack as a rank would with ``options.source_trees`` (``worker.import_stack``), in a
+def import_probe(spec: RunSpec, timeout_s: float = 600, python: str = sys.executable) -> str:
+    """Import the stack as a rank would with ``spec.source_trees`` (``worker.import_stack``), in a
     fresh process: '' if it imports, else the exception's one line (``ImportError: cannot import
     name 'X' from 'megatron.core.Y'``). The gate asks this before it runs any case."""
     import json
 
-    trees = json.dumps([t.to_dict() for t in options.source_trees])
-    cmd = [options.python, "-m", "harness.execution.worker", "--probe", trees, "--lane", options.lane]
+    trees = json.dumps([t.to_dict() for t in spec.source_trees])
+    cmd = [python, "-m", "harness.execution.worker", "--probe", trees, "--lane", spec.lane]
     try:
-        proc = subprocess.run(cmd, env=launch_environment(options, 1), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, env=launch_environment(spec, 1), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"importing the stack took over {timeout_s:.0f} s"
     if proc.returncode == 0:
@@ -198,49 +186,43 @@ def import_probe(options: LaunchOptions, timeout_s: float = 600) -> str:
     return error_headline(proc.stderr) or f"the import probe exited with code {proc.returncode}"
 
 
-def launch_environment(options: LaunchOptions, ws: int) -> dict[str, str]:
+def launch_environment(spec: RunSpec, ws: int) -> dict[str, str]:
     """The environment a launch starts with: lane variables that must precede CUDA (TF32 off),
     the harness on ``PYTHONPATH`` behind any source trees, and a thread budget per launch when
     several run at once (torchrun already gives each of its ranks one thread; a world of one
     would otherwise take every core, ``jobs`` times over)."""
     env = dict(os.environ)
-    env.update(rank_environment(options.lane))  # before CUDA starts in the rank (e.g. TF32 off)
-    env.update(options.env)
+    env.update(rank_environment(spec.lane))  # before CUDA starts in the rank (e.g. TF32 off)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["PYTHONPATH"] = pythonpath(options.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))
+    env["PYTHONPATH"] = pythonpath(spec.source_trees, os.pathsep.join(filter(None, [str(workspace.REPO_ROOT), env.get("PYTHONPATH", "")])))
     if ws == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        if options.jobs > 1:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.jobs)))
+        if spec.jobs > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.jobs)))
     return env
 
 
-def _launch_once(cases: list[Case], ws: int, group: str, run: RunDir, options: LaunchOptions,
+def _launch_once(spec: RunSpec, ws: int, group: str, run: RunDir, python: str,
                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """One launch of ``spec``'s cases: its plan (the spec, whole cases included), then the ranks."""
     plan_file = run.write_plan(Plan(
+        spec=spec,
         run_dir=str(run.path),
         group=group,
-        lane=options.lane,
-        cases=[c.id for c in cases],
-        cases_dir=str(options.cases_dir),
-        faults=list(options.faults),
-        fault_provider=options.fault_provider,
-        source_trees=list(options.source_trees),
         # Gloo/NCCL collectives give up a little after the longest case would be killed.
-        collective_timeout_s=max(c.timeout_s for c in cases) + 60,
-        placement=options.placement,
+        collective_timeout_s=max(c.timeout_s for c in spec.cases) + 60,
     ))
     worker = ["-m", "harness.execution.worker", "--plan", str(plan_file)]
     if ws == 1:
-        cmd = [options.python, *worker]
+        cmd = [python, *worker]
     else:
-        cmd = [options.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ws}",
+        cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ws}",
                "--max_restarts=0", *worker]
-    env = launch_environment(options, ws)
+    env = launch_environment(spec, ws)
     run.log_dir(group).mkdir(parents=True, exist_ok=True)
     with open(run.launcher_log(group), "ab") as launcher_log:
         proc = subprocess.Popen(cmd, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
-        return _watch(proc, cases, ws, group, run, options.lane, on_result)
+        return _watch(proc, spec.cases, ws, group, run, spec.lane, on_result)
 
 
 def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: RunDir, lane: str,

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from harness import workspace
-from harness.execution.source_trees import SourceTree
+from harness.matrix.cases import Case
 from harness.results import CaseResult
-from harness.matrix.lanes import Placement
+from harness.run_spec import RunSpec
 
 RESULTS_NAME = "results.json"
 # A rank that recorded its case error exits with this code (it may leave peers blocked in a
@@ -42,35 +42,27 @@ LATEST = "latest"
 
 @dataclass(frozen=True)
 class Plan:
-    """What one launch of a rank group runs: written by the launcher, read by every rank."""
+    """What one launch of a rank group runs: written by the launcher, read by every rank. The
+    run's ``RunSpec`` with this launch's cases (whole ``Case`` objects: a rank never reads
+    ``cases/``), and what only this launch has."""
 
+    spec: RunSpec
     run_dir: str
     group: str  # "ws<world size>-<attempt>", or "ws<world size>j<job>-<attempt>" with concurrent launches
-    lane: str
-    cases: list[str]
-    cases_dir: str
-    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
-    source_trees: list[SourceTree] = field(default_factory=list)
     collective_timeout_s: float = 360.0
-    placement: Placement = field(default_factory=Placement)  # GPU lane: ranks per GPU
-    # The module that applies ``faults`` in the ranks, by name (e.g. "harness.regression.faults"):
-    # its ``active(specs, case_id)`` is a context manager around each case. The worker imports it
-    # only when there are faults, so execution never imports the floor that owns them.
-    fault_provider: str = ""
 
-    def __post_init__(self) -> None:
-        if self.faults and not self.fault_provider:
-            raise ValueError(f"faults {self.faults} without a fault_provider module to apply them")
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.id for c in self.spec.cases]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"run_dir": self.run_dir, "group": self.group, "collective_timeout_s": self.collective_timeout_s,
+                "spec": self.spec.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        data = dict(data)
-        data["source_trees"] = [SourceTree(**t) for t in data.get("source_trees", [])]
-        data["placement"] = Placement(**data.get("placement", {}))
-        return cls(**data)
+        return cls(spec=RunSpec.from_dict(data["spec"]), run_dir=data["run_dir"], group=data["group"],
+                   collective_timeout_s=data.get("collective_timeout_s", 360.0))
 
 
 @dataclass(frozen=True)
@@ -155,6 +147,16 @@ class RunDir:
     @staticmethod
     def read_plan(path: Path) -> Plan:
         return Plan.from_dict(json.loads(Path(path).read_text()))
+
+    def launches(self) -> dict[str, list[str]]:
+        """group -> the IDs of the cases its plan gave it, for every launch of this run (the plans
+        of runs from before ``RunSpec`` listed the IDs themselves)."""
+        out = {}
+        for file in sorted(self.plan_file("*").parent.glob("*.json")):
+            data = json.loads(file.read_text())
+            cases = data["spec"]["cases"] if "spec" in data else data.get("cases", [])
+            out[data["group"]] = [c if isinstance(c, str) else Case.from_dict(c).id for c in cases]
+        return out
 
     # -- progress ---------------------------------------------------------------------------
 

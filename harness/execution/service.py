@@ -17,21 +17,21 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from harness import workspace
 from harness.execution import launch, provenance
 from harness.execution.run_dir import RunDir
-from harness.execution.source_trees import SourceTree
+from harness.matrix import lanes
 from harness.matrix.cases import Case
 from harness.results import SKIP, CaseResult
-from harness.matrix import lanes
+from harness.run_spec import RunSpec, SourceTree
 
 
 @dataclass
 class RunMeta:
-    """What a run was asked to do and on what; ``results.json`` carries it as ``meta``."""
+    """What ``results.json`` carries as ``meta``: the document's view of a ``RunSpec`` (``of``, the
+    one place it is built), with what this process saw (command, host, versions, wall time). Its
+    keys and their order are the document's: golden/ and every run document read them."""
 
     label: str
     lane: str
@@ -48,21 +48,27 @@ class RunMeta:
     wall_s: float = 0.0
     not_tested: list[str] = field(default_factory=list)  # what a pass on this lane does not vouch for
 
+    @classmethod
+    def of(cls, spec: RunSpec) -> "RunMeta":
+        """``spec`` as the run document records it, started now, here."""
+        return cls(
+            label=spec.label,
+            lane=spec.lane,
+            command=" ".join(sys.argv),
+            started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            host=platform.node(),
+            python=platform.python_version(),
+            injected_faults=list(spec.faults),
+            source_trees=list(spec.source_trees),
+            versions=provenance.package_versions(),
+            cases_dir=str(spec.cases_dir),
+            ranks_per_gpu=spec.placement.ranks_per_gpu,
+            jobs=spec.jobs,
+            not_tested=list(lanes.NOT_TESTED.get(spec.lane, ())),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class RunRequest:
-    cases: list[Case]
-    lane: str = lanes.CPU
-    label: str = "run"
-    faults: list[str] = field(default_factory=list)  # seeded regressions, applied by fault_provider
-    fault_provider: str = ""  # the module that applies them in the ranks, by name (run_dir.Plan.fault_provider)
-    source_trees: list[SourceTree] = field(default_factory=list)
-    cases_dir: Path = workspace.CASES_DIR
-    placement: lanes.Placement = field(default_factory=lanes.Placement)
-    jobs: int = 1  # concurrent launches per world size (harness.execution.launch)
 
 
 @dataclass
@@ -81,50 +87,30 @@ def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
             or lanes.capacity_blocker(case.world_size, lane, gpus, placement.ranks_per_gpu))
 
 
-def _launch_options(request: RunRequest) -> launch.LaunchOptions:
-    return launch.LaunchOptions(lane=request.lane, cases_dir=request.cases_dir, faults=list(request.faults),
-                                fault_provider=request.fault_provider, source_trees=list(request.source_trees), placement=request.placement,
-                                jobs=request.jobs)
-
-
-def import_problem(request: RunRequest) -> str:
-    """Why a rank could not even start with ``request``'s trees ('' if it can): the failing import
+def import_problem(spec: RunSpec) -> str:
+    """Why a rank could not even start with ``spec``'s trees ('' if it can): the failing import
     or attribute, one line (``launch.import_probe``)."""
-    return launch.import_probe(_launch_options(request))
+    return launch.import_probe(spec)
 
 
-def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
+def run_selection(spec: RunSpec, *, stream: TextIO | None = sys.stderr,
                   on_result: Callable[[CaseResult], None] | None = None) -> RunOutcome:
-    """Run ``request.cases`` into a new run folder; progress (``[done/total] ... ETA``) goes to
-    ``stream`` (None: silent). Returns the results in the order of the request; the caller writes
+    """Run ``spec.cases`` into a new run folder; progress (``[done/total] ... ETA``) goes to
+    ``stream`` (None: silent). Returns the results in the order of the spec; the caller writes
     the run's reports (``run_report.write_outcome``)."""
-    run = RunDir.create(request.label)
-    meta = RunMeta(
-        label=request.label,
-        lane=request.lane,
-        command=" ".join(sys.argv),
-        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        host=platform.node(),
-        python=platform.python_version(),
-        injected_faults=list(request.faults),
-        source_trees=list(request.source_trees),
-        versions=provenance.package_versions(),
-        cases_dir=str(request.cases_dir),
-        ranks_per_gpu=request.placement.ranks_per_gpu,
-        jobs=request.jobs,
-        not_tested=list(lanes.NOT_TESTED.get(request.lane, ())),
-    )
+    run = RunDir.create(spec.label)
+    meta = RunMeta.of(spec)
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
-    say(f"harness: {len(request.cases)} case(s) -> {run.path}")
-    for tree in request.source_trees:
+    say(f"harness: {len(spec.cases)} case(s) -> {run.path}")
+    for tree in spec.source_trees:
         say(f"harness: using {tree.kind} {tree.path} @ {tree.sha[:12]}{' (dirty)' if tree.dirty else ''}")
-    if request.placement.ranks_per_gpu > 1:
-        say(f"harness: {request.placement.ranks_per_gpu} ranks per GPU: multi-rank cases use gloo with CUDA tensors "
+    if spec.placement.ranks_per_gpu > 1:
+        say(f"harness: {spec.placement.ranks_per_gpu} ranks per GPU: multi-rank cases use gloo with CUDA tensors "
             f"({lanes.NCCL_ONE_RANK_PER_GPU})")
-    if request.faults:
-        say(f"harness: INJECTING seeded faults {request.faults}: results do not describe the real stack")
+    if spec.faults:
+        say(f"harness: INJECTING seeded faults {spec.faults}: results do not describe the real stack")
 
-    progress = launch.Progress(len(request.cases), stream) if stream else None
+    progress = launch.Progress(len(spec.cases), stream) if stream else None
 
     def record(result: CaseResult) -> None:
         if progress:
@@ -133,19 +119,19 @@ def run_selection(request: RunRequest, *, stream: TextIO | None = sys.stderr,
             on_result(result)
 
     started = time.monotonic()
-    gpus = lanes.gpu_count() if request.lane == lanes.GPU else None
+    gpus = lanes.gpu_count() if spec.lane == lanes.GPU else None
     by_id: dict[str, CaseResult] = {}
     to_launch = []
-    for case in request.cases:
-        reason = not_runnable_here(case, request.lane, gpus, request.placement)
+    for case in spec.cases:
+        reason = not_runnable_here(case, spec.lane, gpus, spec.placement)
         if reason:
-            by_id[case.id] = CaseResult(case_id=case.id, status=SKIP, error=reason, lane=request.lane,
+            by_id[case.id] = CaseResult(case_id=case.id, status=SKIP, error=reason, lane=spec.lane,
                                         world_size=case.world_size)
             record(by_id[case.id])
         else:
             to_launch.append(case)
-    for result in launch.run_cases(to_launch, run, _launch_options(request), on_result=record):
+    for result in launch.run_cases(spec.with_cases(to_launch), run, on_result=record):
         by_id[result.case_id] = result
     meta.wall_s = round(time.monotonic() - started, 2)
-    results = [by_id[c.id] for c in request.cases]
+    results = [by_id[c.id] for c in spec.cases]
     return RunOutcome(run=run, results=results, meta=meta)

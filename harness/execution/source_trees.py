@@ -16,36 +16,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from harness.errors import InputError
+from harness.run_spec import SourceTree
 
 ENV = {"megatron-lm": "HARNESS_MEGATRON_LM", "megatron-bridge": "HARNESS_MEGATRON_BRIDGE"}
 MODULE = {"megatron-lm": "megatron.core", "megatron-bridge": "megatron.bridge"}
-
-
-@dataclass(frozen=True)
-class SourceTree:
-    kind: str  # "megatron-lm" | "megatron-bridge"
-    path: str
-    import_root: str  # the entry to put on PYTHONPATH
-    sha: str
-    dirty: bool
-    # For the 3rdparty/Megatron-LM of a Bridge checkout: the commit the Bridge's HEAD pins there
-    # (its gitlink), which a user may have moved the submodule away from. "" otherwise.
-    pinned_by_bridge: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def description(self) -> str:
-        """One line for logs and reports: kind, SHA, dirty, and a submodule moved off its pin."""
-        moved = (f", Bridge pins {self.pinned_by_bridge[:12]}"
-                 if self.pinned_by_bridge and self.pinned_by_bridge != self.sha else "")
-        return f"{self.kind} {self.sha[:12]}{' (dirty)' if self.dirty else ''}{moved}"
 
 
 def _git(path: Path, *args: str) -> str | None:

@@ -1,7 +1,8 @@
 """Rank entry point: run many cases in one process group so the ~12 s import is paid once.
 
 Launched by ``harness.execution.launch`` (under ``torch.distributed.run`` for world size > 1) with
-a ``Plan``. Everything it tells the launcher goes through the run folder (``RunDir``), so a
+a ``Plan``: the run's ``RunSpec`` with this launch's cases, whole, so a rank never reads or expands
+``cases/`` (the entry point did, once). Everything it tells the launcher goes through the run folder (``RunDir``), so a
 crashed rank cannot corrupt it: progress events, case results (rank 0), a non-zero rank's own
 error, its log.
 
@@ -20,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
+from harness.run_spec import RunSpec
 
 
 def _kill_children() -> None:
@@ -71,16 +73,16 @@ BRIDGE_API = ("megatron.bridge", "megatron.bridge.models", "megatron.bridge.trai
               "megatron.bridge.training.state")
 
 
-def faults_for(plan: Plan, case_id: str):
-    """The plan's seeded faults around one case: the ``active(specs, case_id)`` context manager of
-    the module the plan names (``Plan.fault_provider``), imported by name only when there are
+def faults_for(spec: RunSpec, case_id: str):
+    """The run's seeded faults around one case: the ``active(specs, case_id)`` context manager of
+    the module the spec names (``RunSpec.fault_provider``), imported by name only when there are
     faults; a no-op context otherwise."""
     import contextlib
     import importlib
 
-    if not plan.faults:
+    if not spec.faults:
         return contextlib.nullcontext()
-    return importlib.import_module(plan.fault_provider).active(plan.faults, case_id)
+    return importlib.import_module(spec.fault_provider).active(spec.faults, case_id)
 
 
 def probe(trees_json: str, lane: str) -> int:
@@ -88,13 +90,46 @@ def probe(trees_json: str, lane: str) -> int:
     import json
     import traceback
 
-    from harness.execution.source_trees import SourceTree
+    from harness.run_spec import SourceTree
 
     try:
         import_stack([SourceTree(**t) for t in json.loads(trees_json)], lane)
     except BaseException:  # noqa: BLE001 - whatever the tree breaks is the answer
         traceback.print_exc()
         return 1
+    return 0
+
+
+def run_plan(plan: Plan, run: RunDir, runner, runtime, rank: int = 0, world: int = 1) -> int:
+    """Run the plan's cases in order inside ``runtime`` (the process group is up): progress events,
+    results (rank 0), a non-zero rank's own error. Returns 0, or ``EXIT_CASE_ERROR`` when a case
+    failed in a world of several (the peers may be stuck in a collective: stop here)."""
+    spec = plan.spec
+    with runtime:
+        for case in spec.cases:
+            run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.START, time.time(), rank))
+            started = time.monotonic()
+            try:
+                with faults_for(spec, case.id):
+                    result = runner.run_case(case, runtime, workdir=run.scratch(case.id))
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
+                # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives
+                # from it, not from Exception (torch/distributed/checkpoint/api.py).
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                result = runner.error_result(case, exc, started, lane=spec.lane)
+                print(result.error, file=sys.stderr, flush=True)
+                if rank == 0 or world == 1:
+                    run.write_case_result(result)
+                else:
+                    run.write_rank_error(case.id, rank, result.error)
+                run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.END, time.time(), rank))
+                if world > 1:
+                    return EXIT_CASE_ERROR
+                continue
+            if rank == 0:
+                run.write_case_result(result)
+            run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.END, time.time(), rank))
     return 0
 
 
@@ -108,22 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe is not None:
         return probe(args.probe, args.lane)
     plan: Plan = RunDir.read_plan(args.plan)
+    spec = plan.spec
     run = RunDir(plan.run_dir)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _redirect_output(run.rank_log(plan.group, rank))
     run.write_rank_process_group(plan.group, rank, os.getpgrp())
-    print(f"[worker] rank {rank}/{world} lane={plan.lane} cases={len(plan.cases)}", flush=True)
+    print(f"[worker] rank {rank}/{world} lane={spec.lane} cases={len(spec.cases)}", flush=True)
 
     # Heavy imports only here, after the log redirect, so their warnings land in the rank log.
     import torch.distributed as dist
 
     from harness.execution import provenance
-    from harness.matrix.cases import load_cases
     from harness.runtimes import make_runtime
 
-    runner, _, imported = import_stack(plan.source_trees, plan.lane)
-    runtime = make_runtime(plan.lane, plan.placement)
+    runner, _, imported = import_stack(spec.source_trees, spec.lane)
+    runtime = make_runtime(spec.lane, spec.placement)
     if rank == 0:
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
 
@@ -132,35 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=runtime.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:  # torchrun --standalone: the agent's store, on a port its own process bound
         dist.init_process_group(backend=runtime.backend, timeout=timeout)
-    case_set = load_cases(Path(plan.cases_dir))
-    exit_code = 0
-    with runtime:
-        for case_id in plan.cases:
-            case = case_set.get(case_id)
-            run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.START, time.time(), rank))
-            started = time.monotonic()
-            try:
-                with faults_for(plan, case_id):
-                    result = runner.run_case(case, runtime, workdir=run.scratch(case_id))
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
-                # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives
-                # from it, not from Exception (torch/distributed/checkpoint/api.py).
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                result = runner.error_result(case, exc, started, lane=plan.lane)
-                print(result.error, file=sys.stderr, flush=True)
-                if rank == 0 or world == 1:
-                    run.write_case_result(result)
-                else:
-                    run.write_rank_error(case_id, rank, result.error)
-                run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
-                if world > 1:
-                    exit_code = EXIT_CASE_ERROR
-                    break
-                continue
-            if rank == 0:
-                run.write_case_result(result)
-            run.append_progress(plan.group, ProgressEvent(case_id, ProgressEvent.END, time.time(), rank))
+    exit_code = run_plan(plan, run, runner, runtime, rank, world)
     if rank == 0:  # again, now with what the runtime decided while building the models
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
     if exit_code:

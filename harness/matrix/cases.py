@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, Va
 
 from harness import workspace
 from harness.errors import InputError, load_yaml
-from harness.matrix import zoo
+from harness.matrix import bridge_registry, zoo
 from harness.matrix.coincidences import SWEEPS
 from harness.matrix.layouts import Layout
 from harness.matrix import lanes as lane_rules
@@ -124,6 +125,23 @@ class Case:
 
     def tagged(self, tag: str) -> "Case":
         return replace(self, tag=tag)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole case as JSON data: it crosses the process boundary in the run plan, so a rank
+        never expands ``cases/`` again (``from_dict`` is its inverse)."""
+        return {"model": self.model.to_dict(), "layout": self.layout.to_dict(), "path": self.path,
+                "sets": sorted(self.sets), "timeout_s": self.timeout_s, "source": self.source,
+                "load_layout": self.load_layout.to_dict() if self.load_layout is not None else None,
+                "tag": self.tag, "invalid_reason": self.invalid_reason, "from_every_family": self.from_every_family}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Case":
+        load = data.get("load_layout")
+        return cls(model=zoo.ModelSpec.from_dict(data["model"]), layout=Layout.from_dict(data["layout"]),
+                   path=data["path"], sets=frozenset(data["sets"]), timeout_s=float(data["timeout_s"]),
+                   source=data.get("source", ""), load_layout=Layout.from_dict(load) if load is not None else None,
+                   tag=data.get("tag", ""), invalid_reason=data.get("invalid_reason", ""),
+                   from_every_family=data.get("from_every_family", False))
 
     @property
     def world_size(self) -> int:
@@ -484,3 +502,25 @@ def load_cases(directory: Path | None = None) -> CaseSet:
             if other is None or other.from_every_family:
                 merged[case.id] = case
     return CaseSet(cases=list(merged.values()))
+
+
+# (folder, its case files' contents, the Bridge in use) -> the cases: one expansion per process.
+_EXPANDED: dict[tuple[str, tuple[tuple[str, str], ...], str], list[Case]] = {}
+
+
+def load_cases_once(directory: Path | None = None) -> CaseSet:
+    """``load_cases``, expanded once per process: the CLI's selection and its run's summary
+    (the coverage section), the pytest plugin and every gate report share one expansion. Keyed on
+    the folder, the text of its files and the Bridge in use (``zoo.families``), so an edited file
+    or another Bridge expands again; an error is never kept. Each call gets its own ``CaseSet``
+    (the ``Case`` objects, frozen, are shared)."""
+    directory = directory or workspace.CASES_DIR
+    files = tuple((f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in sorted(directory.glob("*.yaml")))
+    try:
+        bridge = str(bridge_registry.bridge_models_root())
+    except (ImportError, FileNotFoundError):  # no Bridge: load_cases says so, if it needs one
+        bridge = ""
+    key = (str(directory.resolve()), files, bridge)
+    if key not in _EXPANDED:
+        _EXPANDED[key] = load_cases(directory).cases
+    return CaseSet(cases=list(_EXPANDED[key]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from harness.matrix.zoo import config_num_experts
@@ -64,6 +64,13 @@ class Layout:
                 raise LayoutError(f"bad layout {text!r}: {name} given twice")
             sizes[name] = value
         return cls(**sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Layout":
+        return cls(**data)
 
     @property
     def id(self) -> str:

@@ -167,6 +167,17 @@ class ModelSpec:
     def id(self) -> str:
         return f"{self.family}@{self.variant}" if self.variant else self.family
 
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON data (override values are YAML scalars, lists and mappings)."""
+        return {"family": self.family, "variant": self.variant, "overrides": [[k, v] for k, v in self.overrides],
+                "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        """The inverse of ``to_dict``; looks nothing up (no family is loaded)."""
+        return cls(family=data["family"], variant=data.get("variant", ""),
+                   overrides=tuple((k, v) for k, v in data.get("overrides", ())), seed=data.get("seed", DEFAULT_SEED))
+
     def _variant(self) -> Variant:
         family = get_family(self.family)
         if not self.variant or (self.overrides and self.variant not in family.variants):

@@ -29,11 +29,11 @@ from typing import Callable, TextIO
 
 from harness.errors import InputError
 from harness.execution import service
-from harness.execution.source_trees import History, SourceTree, worktree
-from harness.matrix.cases import Case
+from harness.execution.source_trees import History, worktree
 from harness.regression.root_causes import Bisection, Commit, normalise
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
+from harness.run_spec import RunSpec, SourceTree
 
 EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128
 IMPORT_FAILURE = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError",
@@ -83,14 +83,14 @@ def step_exit_code(status: str, error: str, headline: str = "", tracked: str = "
     return EXIT_BAD
 
 
-def case_step(case: Case, lane: str, cases_dir: Path, tracked: str = "") -> Callable[[list[SourceTree]], Step]:
-    """A step that runs ``case`` against the trees (one run folder per step, quietly); ``tracked``:
-    the headline of the failure being bisected (``step_exit_code``)."""
+def case_step(spec: RunSpec, tracked: str = "") -> Callable[[list[SourceTree]], Step]:
+    """A step that runs ``spec`` (its one case, on its lane and placement) against the trees (one
+    run folder per step, quietly); ``tracked``: the headline of the failure being bisected
+    (``step_exit_code``)."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        request = service.RunRequest(cases=[case], lane=lane, label=f"bisect-step-{_shas(trees)}",
-                                     source_trees=trees, cases_dir=cases_dir)
-        outcome = service.run_selection(request, stream=None)
+        step = replace(spec, label=f"bisect-step-{_shas(trees)}", source_trees=list(trees))
+        outcome = service.run_selection(step, stream=None)
         run_report.write_outcome(outcome)  # each step's run folder, as any run's
         result = outcome.results[0]
         code = step_exit_code(result.status, result.error, result.headline, normalise(tracked) if tracked else "")
@@ -104,7 +104,7 @@ def import_step(lane: str) -> Callable[[list[SourceTree]], Step]:
     good if it can, bad if not. It finds the commit that made a tree incompatible."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        problem = service.import_problem(service.RunRequest(cases=[], lane=lane, source_trees=trees))
+        problem = service.import_problem(RunSpec(lane=lane, source_trees=trees))
         return Step(sha="", status="pass" if not problem else "error",
                     exit=EXIT_BAD if problem else EXIT_GOOD, failing=problem,
                     seconds=round(time.monotonic() - started, 1))
@@ -200,11 +200,11 @@ def bisect(history: History, old: str, new: str, step: Callable[[list[SourceTree
             subprocess.run([*git, "bisect", "reset"], capture_output=True)
 
 
-def run_bisect(history: History, good: str, bad: str, case: Case, lane: str, log: Path, cases_dir: Path,
+def run_bisect(history: History, good: str, bad: str, spec: RunSpec, log: Path,
                stream: TextIO | None = None) -> tuple[Bisection, str]:
-    """``harness bisect``: the first bad commit for one case, and the failing headline there."""
+    """``harness bisect``: the first bad commit for ``spec``'s one case, and the failing headline there."""
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
-    outcome = bisect(history, good, bad, case_step(case, lane, cases_dir), log=log, say=say)
+    outcome = bisect(history, good, bad, case_step(spec), log=log, say=say)
     failing = ""
     if outcome.commit is not None:
         failing = next((s.failing for s in Step.read_all(log) if s.sha == outcome.commit.sha), "")

@@ -32,8 +32,8 @@ class Fault:
 
 
 FAULTS: dict[str, Fault] = {}
-# What a RunRequest names as its fault_provider: the worker imports this module by name and enters
-# ``active(specs, case_id)`` around each case (harness.execution.run_dir.Plan.fault_provider).
+# What a RunSpec names as its fault_provider: the worker imports this module by name and enters
+# ``active(specs, case_id)`` around each case (harness.run_spec.RunSpec.fault_provider).
 PROVIDER = __name__
 
 

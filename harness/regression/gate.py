@@ -34,12 +34,13 @@ from typing import Callable, Iterable, TextIO
 
 from harness.errors import InputError
 from harness.execution import service, source_trees
-from harness.execution.source_trees import History, SourceTree
+from harness.execution.source_trees import History
 from harness.regression import bisect, golden
 from harness.regression.root_causes import Bisection, RootCause, exception_type, group, normalise
 from harness.reporting import run_document, run_report
 from harness.results import (FIXED, INCOMPATIBLE, INFRA_ERROR, INVALID, NOT_RUN, NOT_RUN_HERE, REGRESSED,
                              STILL_FAILING, V_PASS as PASS, VERDICT_ORDER as ORDER, PASS as PASSED, CaseResult)
+from harness.run_spec import RunSpec, SourceTree
 DEFAULT_BISECT_BUDGET_S = 3600.0
 
 
@@ -130,7 +131,7 @@ class GateOutcome:
         return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER if k != INCOMPATIBLE}
 
 
-def baseline_results(ref: str, request: service.RunRequest, stream=None) -> tuple[dict[str, CaseResult], bool]:
+def baseline_results(ref: str, request: RunSpec, stream=None) -> tuple[dict[str, CaseResult], bool]:
     """The baseline: a finished run (path, name or 'latest'), or a git ref of the repository under
     test (``History``), whose cases are then run in a throw-away worktree. Also says which it was."""
     try:
@@ -148,7 +149,7 @@ def baseline_results(ref: str, request: service.RunRequest, stream=None) -> tupl
         return {r.case_id: r for r in outcome.results}, True
 
 
-def incompatible_cause(problem: str, request: service.RunRequest) -> RootCause:
+def incompatible_cause(problem: str, request: RunSpec) -> RootCause:
     """The one root cause of a candidate that cannot start: every selected case, one line."""
     kind = exception_type(problem)
     return RootCause(verdict=INCOMPATIBLE, signature=normalise(problem), check=kind or "import", tensor="",
@@ -157,7 +158,7 @@ def incompatible_cause(problem: str, request: service.RunRequest) -> RootCause:
 
 
 def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: str, baseline: dict[str, CaseResult],
-                  request: service.RunRequest, budget_s: float, say: Callable[[str], None],
+                  request: RunSpec, budget_s: float, say: Callable[[str], None],
                   failing: dict[str, str] | None = None) -> tuple[RootCause, ...]:
     """Each cause with its bisection: the first bad commit of a REGRESSED cause, the first good one
     of a FIXED cause, on a representative case that behaved the other way at the baseline; causes
@@ -185,13 +186,13 @@ def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: 
             # The failure being tracked: the candidate's (a regression) or the baseline's (a fix). An
             # import failure that is this one is "bad", not a commit to skip.
             tracked = (failing.get(flipped[0]) if regression else baseline[flipped[0]].headline) or ""
-            step = bisect.case_step(by_id[flipped[0]], request.lane, request.cases_dir, tracked=tracked)
+            step = bisect.case_step(request.with_cases([by_id[flipped[0]]]), tracked=tracked)
             found = bisect.bisect(walked, baseline_ref, candidate, step, terms=terms, deadline=deadline, say=say)
         out.append(replace(cause, bisection=found))
     return tuple(out)
 
 
-def run_gate(request: service.RunRequest, baseline_ref: str | None = None, stream: TextIO | None = None,
+def run_gate(request: RunSpec, baseline_ref: str | None = None, stream: TextIO | None = None,
              bisect_budget_s: float = DEFAULT_BISECT_BUDGET_S) -> GateOutcome:
     """Try the candidate's imports; run the baseline (if it is a git ref) and the candidate; judge
     every case; group the regressions and the fixes into root causes; bisect each cause when the

@@ -42,10 +42,11 @@ import yaml
 
 from harness import workspace
 from harness.execution import service
-from harness.execution.source_trees import SourceTree, validate
+from harness.execution.source_trees import validate
 from harness.matrix.cases import Case
 from harness.reporting import run_report
 from harness.results import PASS, CaseResult
+from harness.run_spec import RunSpec, SourceTree
 
 EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
 CONVERSION_DIR = "models/conversion/"
@@ -367,7 +368,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
         tree = validate("megatron-bridge", tmp)
         trees = [t for t in other_trees if t.kind != "megatron-bridge"] + [tree]
         say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s)")
-        baseline = service.run_selection(service.RunRequest(cases=union, lane=lane, label="mutants", source_trees=trees))
+        baseline = service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees))
         run_report.write_outcome(baseline)
         passing = {r.case_id for r in baseline.results if r.status == PASS}
         outcome = MutantsOutcome(baseline=baseline)
@@ -393,8 +394,8 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
                 # One-rank cases first (one launch, and most mutants die there); the rest only if it survives.
                 for stage in ([c for c in on if c.world_size == 1], [c for c in on if c.world_size > 1]):
                     if stage and not killers:
-                        run = service.run_selection(service.RunRequest(cases=stage, lane=lane, label=f"mutant-{i}",
-                                                                       source_trees=trees), stream=None)
+                        run = service.run_selection(RunSpec(cases=stage, lane=lane, label=f"mutant-{i}",
+                                                            source_trees=trees), stream=None)
                         run_report.write_outcome(run)  # a killer's or a survivor's run, to read
                         killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)
             finally:

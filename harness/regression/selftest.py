@@ -11,15 +11,15 @@ exported weights) would have said about the same run.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from harness.execution import service
-from harness.execution.source_trees import SourceTree
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import faults
 from harness.reporting import run_report
 from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP, CaseResult
+from harness.run_spec import RunSpec
 from harness.matrix import lanes
 from harness.workspace import atomic_write_json, atomic_write_text
 
@@ -204,18 +204,14 @@ class SelftestOutcome:
         return not self.missed and not self.false_positives
 
 
-def run_selftest(case_set: CaseSet, lane: str, only: list[str] | None = None,
-                 source_trees: list[SourceTree] | None = None, label: str | None = None,
-                 cases_dir=None, stream=None, placement: lanes.Placement | None = None, jobs: int = 1) -> SelftestOutcome:
-    """Run every (regression, case) pair and the clean cases in one run; write selftest.json/.md."""
-    selected, specs = plan(case_set, lane, only)
-    request = service.RunRequest(cases=selected, lane=lane, label=label or f"selftest-{lane}", faults=specs,
-                                 fault_provider=faults.PROVIDER,
-                                 source_trees=list(source_trees or []), placement=placement or lanes.Placement(), jobs=jobs,
-                                 **({"cases_dir": cases_dir} if cases_dir else {}))
-    outcome = service.run_selection(request, stream=stream)
+def run_selftest(case_set: CaseSet, spec: RunSpec, only: list[str] | None = None, stream=None) -> SelftestOutcome:
+    """Run every (regression, case) pair and the clean cases in one run (``spec``'s lane, label,
+    trees, placement, jobs; this fills in the cases and the faults); write selftest.json/.md."""
+    selected, fault_specs = plan(case_set, spec.lane, only)
+    outcome = service.run_selection(replace(spec, cases=selected, faults=fault_specs, fault_provider=faults.PROVIDER),
+                                    stream=stream)
     run_report.write_outcome(outcome)
-    rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, lane, only)
-    atomic_write_json(outcome.run / "selftest.json", document(rows, clean_bad, lane))
-    atomic_write_text(outcome.run / "selftest.md", markdown(rows, clean_bad, lane))
+    rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, spec.lane, only)
+    atomic_write_json(outcome.run / "selftest.json", document(rows, clean_bad, spec.lane))
+    atomic_write_text(outcome.run / "selftest.md", markdown(rows, clean_bad, spec.lane))
     return SelftestOutcome(run=outcome, rows=rows, false_positives=clean_bad)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from harness import workspace
 from harness.execution.run_dir import RunDir
-from harness.matrix.cases import load_cases
+from harness.matrix.cases import load_cases_once
 from harness.regression.root_causes import RootCause
 from harness.reporting import architecture_table, run_document
 from harness.reporting.html import rendering, run_page
@@ -252,7 +252,7 @@ def fit(head: list[str], rows: list[str], tail: list[str], limit: int) -> str:
 def coverage_section(results: list[CaseResult], meta: dict[str, Any]) -> str:
     """Every registered architecture's status per lane (this run's outcomes over golden/)."""
     cases_dir = Path(meta["cases_dir"]) if meta.get("cases_dir") else None
-    rows = architecture_table.coverage(load_cases(cases_dir), architecture_table.outcomes_for(results))
+    rows = architecture_table.coverage(load_cases_once(cases_dir), architecture_table.outcomes_for(results))
     red = sum(s.status in architecture_table.RED for r in rows for s in r.lanes)
     return (f"<details><summary>Coverage: {sum(bool(r.family) for r in rows)} of {len(rows)} registered "
             f"architectures have a family; {red} lane(s) failing beyond golden/</summary>\n\n"

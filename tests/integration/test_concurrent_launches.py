@@ -9,6 +9,7 @@ from harness.execution import launch
 from harness.execution.run_dir import ProgressEvent, RunDir
 from harness.matrix.cases import load_cases
 from harness.results import PASS
+from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
 
@@ -29,7 +30,7 @@ def test_two_launches_run_at_once_and_each_case_passes_in_its_own_group(tmp_path
     assert len(selected) == 2 and all(c.world_size == 1 for c in selected)
     run = RunDir(tmp_path / "run")
     seen = []
-    results = launch.run_cases(selected, run, launch.LaunchOptions(cases_dir=folder, jobs=2), on_result=seen.append)
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder, jobs=2), run, on_result=seen.append)
     assert [r.status for r in results] == [PASS, PASS], [r.headline for r in results]
     assert sorted(r.case_id for r in seen) == sorted(c.id for c in selected), "each result reported once"
     spans = {}
@@ -51,7 +52,7 @@ def test_concurrent_launches_share_the_cores_and_a_thread_count_given_is_kept(mo
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert launch.launch_environment(launch.LaunchOptions(jobs=4), 1)["OMP_NUM_THREADS"] == "4"
-    assert "OMP_NUM_THREADS" not in launch.launch_environment(launch.LaunchOptions(jobs=1), 1)
+    assert launch.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in launch.launch_environment(RunSpec(jobs=1), 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert launch.launch_environment(launch.LaunchOptions(jobs=4), 1)["OMP_NUM_THREADS"] == "2"
+    assert launch.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "2"

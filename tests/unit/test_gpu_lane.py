@@ -70,6 +70,7 @@ def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
     from harness.execution import launch
     from harness.execution.run_dir import RunDir
     from harness.matrix.cases import load_cases
+    from harness.run_spec import RunSpec
 
     seen = {}
 
@@ -86,7 +87,7 @@ def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "c.yaml").write_text("matrix:\n  - families: [llama]\n    layouts: [tp2]\n    paths: [memory/roundtrip]\n")
     with pytest.raises(Captured):
-        launch.run_cases(load_cases(folder).cases, RunDir(tmp_path / "run"), launch.LaunchOptions(lane=GPU, cases_dir=folder))
+        launch.run_cases(RunSpec(cases=load_cases(folder).cases, lane=GPU, cases_dir=folder), RunDir(tmp_path / "run"))
     assert seen["env"]["NVIDIA_TF32_OVERRIDE"] == "0"
     assert rank_environment("cpu") == {}
 
@@ -244,11 +245,12 @@ def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_
     from harness.execution.run_dir import Plan, RunDir
     from harness.runtimes import make_runtime
     from harness.matrix.lanes import Placement
+    from harness.run_spec import RunSpec
 
     run = RunDir(tmp_path)
-    path = run.write_plan(Plan(run_dir=str(tmp_path), group="ws2-1", lane=GPU, cases=["x"], cases_dir=".",
-                               placement=Placement(2)))
-    plan = RunDir.read_plan(path)
+    path = run.write_plan(Plan(spec=RunSpec(lane=GPU, placement=Placement(2)),
+                               run_dir=str(tmp_path), group="ws2-1"))
+    plan = RunDir.read_plan(path).spec
     assert plan.placement == Placement(2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

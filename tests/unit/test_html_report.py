@@ -14,12 +14,15 @@ import pytest
 
 from harness import workspace
 from harness.execution.run_dir import Plan, RunDir
-from harness.matrix.cases import parse_case_id
+from harness.matrix.cases import Case, parse_case_id
+from harness.matrix.layouts import Layout
+from harness.matrix.zoo import ModelSpec
 from harness.regression import gate, golden
 from harness.reporting import run_document, run_report
 from harness.reporting.html import case_grid, history_page, rendering, run_page
 from harness.reporting.html.looks import KNOWN_LOOK, STATUS_LOOKS, VERDICT_LOOKS, golden_view
 from harness.results import CaseResult, CheckResult
+from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
 
@@ -90,12 +93,20 @@ def golden_root(tmp_path, monkeypatch):
     return root
 
 
+def case_of(case_id: str) -> Case:
+    """The case a synthetic result's ID names (built from the ID: no zoo family is loaded)."""
+    key = parse_case_id(case_id)
+    save, _, load = key.layout.partition("-to-")
+    return Case(model=ModelSpec(key.family, key.variant), layout=Layout.parse(save), path=key.path, sets=frozenset(),
+                load_layout=Layout.parse(load) if load else None, tag=key.fault)
+
+
 def make_run(root: Path, results: list[CaseResult], label="nightly", meta=META) -> RunDir:
     """A run folder as the launcher leaves it: results, one launch plan, its log and provenance."""
     run = RunDir.create(label, root=root)
     run_report.write_run(run, results, meta)
-    run.write_plan(Plan(run_dir=str(run.path), group=GROUP, lane="cpu", cases=[r.case_id for r in results],
-                        cases_dir="cases"))
+    run.write_plan(Plan(spec=RunSpec(cases=[case_of(r.case_id) for r in results], cases_dir=Path("cases")),
+                        run_dir=str(run.path), group=GROUP))
     run.rank_log(GROUP, 0).parent.mkdir(parents=True, exist_ok=True)
     run.rank_log(GROUP, 0).write_text(f"starting\n{LOG_LINE}\n")
     run.write_provenance(GROUP, {"megatron.core": "/src/Megatron-LM/megatron/core",

@@ -16,6 +16,7 @@ from harness.matrix.cases import load_cases
 from harness.regression.bisect import EXIT_ABORT, step_exit_code
 from harness.regression.gate import NOT_RUN, judge
 from harness.results import ERROR, FAIL, INFRA_ERROR, PASS, CaseResult
+from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
 
@@ -48,7 +49,7 @@ def cases(tmp_path):
 def test_a_launch_that_keeps_failing_on_the_machine_is_an_infra_error_for_every_case(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, PORT_TAKEN, failures=99)
-    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [INFRA_ERROR, INFRA_ERROR]
     assert int(counter.read_text()) == 1 + launch.INFRA_RETRIES, "retried, then given up"
     assert results[0].headline.startswith("infrastructure error, not a verdict on the case")
@@ -59,7 +60,7 @@ def test_a_launch_that_keeps_failing_on_the_machine_is_an_infra_error_for_every_
 def test_an_early_death_that_is_not_the_machine_is_not_retried(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
-    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [ERROR, ERROR] and int(counter.read_text()) == 1
     assert exit_code(results) == EXIT_FAIL
 
@@ -69,7 +70,7 @@ def test_each_case_is_reported_once_as_it_finishes(tmp_path):
     folder, selected = cases(tmp_path)
     python, _ = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
     reported = []
-    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder),
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python,
                                on_result=reported.append)
     assert [r.case_id for r in reported] == [c.id for c in selected] and reported == results
 
@@ -77,7 +78,7 @@ def test_each_case_is_reported_once_as_it_finishes(tmp_path):
 def test_a_launch_that_lost_a_port_race_once_is_retried_and_the_cases_run(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, PORT_TAKEN, failures=1)
-    results = launch.run_cases(selected[:1], RunDir(tmp_path / "run"), launch.LaunchOptions(python=python, cases_dir=folder))
+    results = launch.run_cases(RunSpec(cases=selected[:1], cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [PASS] and int(counter.read_text()) == 2
 
 
@@ -112,7 +113,7 @@ def test_no_port_is_chosen_before_the_process_that_listens_on_it(tmp_path, monke
     folder.mkdir()
     (folder / "c.yaml").write_text(f"matrix:\n  - families: [llama]\n    layouts: [{layout}]\n    paths: [memory/roundtrip]\n")
     with pytest.raises(Captured):
-        launch.run_cases(load_cases(folder).cases, RunDir(tmp_path / "run"), launch.LaunchOptions(cases_dir=folder))
+        launch.run_cases(RunSpec(cases=load_cases(folder).cases, cases_dir=folder), RunDir(tmp_path / "run"))
     assert not any("master_port" in arg for arg in seen["cmd"])
     assert ("--standalone" in seen["cmd"]) is torchrun
     if not torchrun:
@@ -142,7 +143,7 @@ def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
     script = tmp_path / "python"
     script.write_text(f"#!/bin/bash\nsleep 300 &\necho $! > {pid_file}\necho 'ModuleNotFoundError: x'\nexit 1\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    results = launch.run_cases(selected, RunDir(tmp_path / "run"), launch.LaunchOptions(python=str(script), cases_dir=folder))
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=str(script))
     assert [r.status for r in results] == [ERROR, ERROR]
     assert_gone(int(pid_file.read_text()), "of the launch's group")
 
@@ -158,7 +159,7 @@ def test_a_launch_reaps_what_a_rank_left_in_its_own_session(tmp_path):
                       f"echo $! > {pid_file}\nmkdir -p {run.log_dir('ws1-1')}\n"
                       f"echo $! > {run.log_dir('ws1-1')}/rank1.pgid\necho 'ModuleNotFoundError: x'\nexit 1\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    launch.run_cases(selected, run, launch.LaunchOptions(python=str(script), cases_dir=folder))
+    launch.run_cases(RunSpec(cases=selected, cases_dir=folder), run, python=str(script))
     assert_gone(int(pid_file.read_text()), "in a rank's own session")
 
 

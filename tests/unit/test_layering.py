@@ -6,15 +6,16 @@
     floor 1  execution            harness.execution (service, launch, worker, run_dir, ...), harness.conversion,
                                   harness.runtimes, harness.checks, harness.formats
     floor 0  shared vocabulary    harness.results, harness.errors, harness.workspace, the harness package itself,
-                                  harness.matrix (cases, layouts, lanes, zoo, hf_reference, ...)
+                                  harness.matrix (cases, layouts, lanes, zoo, hf_reference, ...),
+                                  harness.run_spec (RunSpec: what one run is, from the entry point to the ranks)
 
 A module may import from its own floor and any floor below. Execution selects, runs and returns
 results; whoever runs a selection writes its run folder (``run_report.write_outcome``), and seeded
-faults reach the ranks by module name in the run plan (``Plan.fault_provider``), never by import.
+faults reach the ranks by module name in the run plan (``RunSpec.fault_provider``), never by import.
 
 Every import counts: module-level, inside functions, and under ``TYPE_CHECKING`` (a type from a
 floor above is still a dependency on it). Imports are read with ``ast``; a module named only in a
-string (``importlib.import_module(plan.fault_provider)``) is the hook mechanism and is not an import.
+string (``importlib.import_module(spec.fault_provider)``) is the hook mechanism and is not an import.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ PACKAGE_DIR = workspace.REPO_ROOT / PACKAGE
 # A name covers the module and, if it is a package, every module under it; the root package
 # ``harness`` covers only its own __init__ (every other module must be placed explicitly).
 FLOORS: dict[int, tuple[str, ...]] = {
-    0: ("harness", "harness.results", "harness.errors", "harness.workspace", "harness.matrix"),
+    0: ("harness", "harness.results", "harness.errors", "harness.workspace", "harness.matrix", "harness.run_spec"),
     1: ("harness.formats", "harness.checks", "harness.runtimes", "harness.conversion", "harness.execution"),
     2: ("harness.regression", "harness.reporting"),
     3: ("harness.cli", "harness.__main__", "harness.pytest_plugin", "harness.pytest_matrix"),

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 
 from harness.execution.run_dir import RunDir
-from harness.execution.source_trees import SourceTree
+from harness.run_spec import SourceTree
 from harness.regression import gate, root_causes
 from harness.reporting import run_report
 from harness.reporting.html import rendering, run_page
@@ -244,7 +244,7 @@ def test_the_gate_table_prints_root_causes_before_the_cases(monkeypatch, capsys,
                                verdicts=verdicts, root_causes=causes)
     monkeypatch.setattr(cli, "_source_trees", lambda args: [])
     monkeypatch.setattr(cli, "_select", lambda args: [])
-    monkeypatch.setattr(cli, "_request", lambda *a: None)
+    monkeypatch.setattr(cli, "_spec", lambda *a: None)
     monkeypatch.setattr(gate, "run_gate", lambda *a, **k: outcome)
     assert cli.main(["gate"]) == cli.EXIT_FAIL
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from harness.execution.run_dir import Plan, RunDir
+from harness.execution.run_dir import RunDir
 from harness.reporting.html.case_grid import Cell
 from harness.reporting.html.looks import GoldenView
 from harness.reporting.html.rendering import format_value
@@ -127,23 +127,17 @@ def tensor_problems(result: CaseResult) -> list[TensorProblem]:
     return out
 
 
-def launch_plans(run: RunDir) -> list[Plan]:
-    """Every launch (rank group) of the run, from its plan file."""
-    pattern = run.plan_file("*")
-    return [RunDir.read_plan(p) for p in sorted(pattern.parent.glob(pattern.name))]
-
-
 def group_provenance(group: str, doc: dict[str, Any]) -> GroupProvenance:
     runtime = doc.get("runtime") or {}
     return GroupProvenance(group, str(doc.get("megatron.core", "")), dict(doc.get("imported_from_trees") or {}),
                            tuple(Number(k, format_value(v)) for k, v in runtime.items()))
 
 
-def build_case_view(run: RunDir, result: CaseResult, cell: Cell, view: GoldenView, plans: list[Plan],
+def build_case_view(run: RunDir, result: CaseResult, cell: Cell, view: GoldenView, launches: dict[str, list[str]],
                     provenance: dict[str, dict[str, Any]]) -> CaseView:
     """A case's drill-down. Log tails are inlined for a case that did not pass (a passing case
     links its log files: a matrix run would otherwise repeat one group's tail 100 times)."""
-    groups = [p.group for p in plans if result.case_id in p.cases]
+    groups = [group for group, case_ids in launches.items() if result.case_id in case_ids]
     log_files = tuple(str(log.relative_to(run.path)) for g in groups for log in sorted(run.log_dir(g).glob("*.log")))
     tails = () if result.status in OK_STATUSES else tuple(
         LogTail(g, text) for g in groups if (text := run.log_tail(g, LOG_TAIL_LINES)))

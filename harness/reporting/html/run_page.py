@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from harness import workspace
 from harness.execution.run_dir import RunDir
 from harness.regression.root_causes import RootCause
-from harness.reporting.html.case_detail import LOG_TAIL_LINES, CaseView, build_case_view, launch_plans
+from harness.reporting.html.case_detail import LOG_TAIL_LINES, CaseView, build_case_view
 from harness.reporting.html.case_grid import Grid, Tally, build_cell, build_grid, tally
 from harness.reporting.html.looks import KNOWN_LOOK, STATUS_LOOKS, VERDICT_LOOKS, Look, golden_view
 from harness.reporting.html.rendering import HISTORY_NAME, INDEX_NAME, templates
@@ -54,10 +54,10 @@ def source_tree_views(meta: dict[str, Any]) -> tuple[SourceTreeView, ...]:
 
 def build_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],
                    verdicts: dict[str, str] | None = None, root_causes: Sequence[RootCause] = ()) -> RunPage:
-    plans, provenance = launch_plans(run), run.provenance()
+    launches, provenance = run.launches(), run.provenance()
     views = [golden_view(r) for r in results]
     cells = [build_cell(r, v, (verdicts or {}).get(r.case_id, "")) for r, v in zip(results, views)]
-    cases = [build_case_view(run, r, c, v, plans, provenance) for r, c, v in zip(results, cells, views)]
+    cases = [build_case_view(run, r, c, v, launches, provenance) for r, c, v in zip(results, cells, views)]
     cases.sort(key=lambda c: (not c.cell.needs_attention, c.cell.status in OK_STATUSES))
     legend = tuple(VERDICT_LOOKS.values()) if verdicts else (*STATUS_LOOKS.values(), KNOWN_LOOK)
     history = run.path.parent / HISTORY_NAME
