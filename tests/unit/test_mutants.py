@@ -137,3 +137,14 @@ def test_the_html_page_shows_the_rate_and_survivors_first_with_their_diffs():
     page = mutants.html(outcome, "20261202T000000Z-mutants")
     assert "<td>50%</td>" in page and page.index(m[1].id) < page.index(m[0].id)  # the survivor leads
     assert "killed by: a/tp1/memory/roundtrip: tensors: 1/2 differ" in page
+
+
+def test_every_equivalent_mutant_listed_exists_and_says_why():
+    """A stale entry (the Bridge moved on) would silently excuse nothing; an entry without a
+    reason would excuse anything."""
+    listed = mutants.load_equivalent()
+    package = mutants.bridge_package(None)
+    files = {i.split(":", 1)[0] for i in listed}
+    generated = {m.id for f in files for m in mutants.generate((package / f).read_text(), f)}
+    assert set(listed) <= generated, sorted(set(listed) - generated)
+    assert all(len(why.split()) >= 8 for why in listed.values())
