@@ -1,6 +1,6 @@
 """The mutant generator (``harness.regression.mutants``): each operator makes the edit it names,
 every mutant of the real Bridge files still compiles, IDs survive unrelated edits, and nothing is
-mutated where no conversion could show it. The mutants' runs are tests/integration/test_mutants.py."""
+mutated where no conversion could show it. The mutants' runs are tests/integration/test_mutants_run.py."""
 
 from __future__ import annotations
 
