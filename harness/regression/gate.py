@@ -131,22 +131,41 @@ class GateOutcome:
         return {k: sum(v.verdict == k for v in self.verdicts) for k in ORDER if k != INCOMPATIBLE}
 
 
-def baseline_results(ref: str, request: RunSpec, stream=None) -> tuple[dict[str, CaseResult], bool]:
-    """The baseline: a finished run (path, name or 'latest'), or a git ref of the repository under
-    test (``History``), whose cases are then run in a throw-away worktree. Also says which it was."""
+@dataclass(frozen=True)
+class Baseline:
+    """What ``--baseline`` names, resolved once: a finished run's results, or a commit of the
+    repository under test (``History``), which is run, and which bisections start from."""
+
+    ref: str
+    run: dict[str, CaseResult] | None = None
+    commit: str = ""
+    history: History | None = None
+
+
+def resolve_baseline(ref: str, request: RunSpec) -> Baseline:
+    """A finished run (path, name or 'latest') if there is one by that name, else a commit of the
+    repository under test; a one-line InputError if neither."""
     try:
-        return run_document.load_run(ref)[1], False
+        return Baseline(ref, run=run_document.load_run(ref)[1])
     except FileNotFoundError:
         pass
     walked = source_trees.history(request.source_trees)
-    if walked is None or walked.commit(ref) is None:
+    sha = walked.commit(ref) if walked is not None else None
+    if sha is None:
         where = f"a commit of {walked.repo}" if walked else "a git ref (no --megatron-lm / --megatron-bridge repo given)"
         raise InputError(f"--baseline {ref}: neither a finished run nor {where}")
-    with walked.trees_at(ref) as trees:
-        base = replace(request, label=f"baseline-{ref}", source_trees=trees)
+    return Baseline(ref, commit=sha, history=walked)
+
+
+def baseline_results(baseline: Baseline, request: RunSpec, stream=None) -> dict[str, CaseResult]:
+    """The baseline's results: the finished run's, or the commit's cases run in a throw-away worktree."""
+    if baseline.run is not None:
+        return baseline.run
+    with baseline.history.trees_at(baseline.commit) as trees:
+        base = replace(request, label=f"baseline-{baseline.ref}", source_trees=trees)
         outcome = service.run_selection(base, stream=stream)
         run_report.write_outcome(outcome)
-        return {r.case_id: r for r in outcome.results}, True
+        return {r.case_id: r for r in outcome.results}
 
 
 def incompatible_cause(problem: str, request: RunSpec) -> RootCause:
@@ -201,21 +220,16 @@ def run_gate(request: RunSpec, baseline_ref: str | None = None, stream: TextIO |
     if not any(t.kind in ("megatron-lm", "megatron-bridge") for t in request.source_trees):
         raise InputError("gate needs a candidate: --megatron-lm PATH, --megatron-bridge PATH or --bridge-checkout PATH")
     say = (lambda text: print(text, file=stream, flush=True)) if stream else (lambda text: None)
-    walked = source_trees.history(request.source_trees)
-    if baseline_ref and walked is not None and walked.commit(baseline_ref) is None:
-        try:
-            run_document.load_run(baseline_ref)
-        except FileNotFoundError:
-            raise InputError(f"--baseline {baseline_ref}: neither a finished run nor a commit of {walked.repo}") from None
-    git_baseline = bool(baseline_ref and walked is not None and walked.commit(baseline_ref))
+    base = resolve_baseline(baseline_ref, request) if baseline_ref else None  # bad input fails before any work
+    walked = base.history if base is not None and base.commit else None  # set: bisect from base.commit
 
     say("harness: checking that the candidate imports (the stack as a rank imports it)")
     problem = service.import_problem(request)
     if problem:
         cause = incompatible_cause(problem, request)
-        if git_baseline:
+        if walked is not None:
             say(f"harness: the candidate does not import; bisecting the import between {baseline_ref} and {walked.walked.sha[:12]}")
-            found = bisect.bisect(walked, baseline_ref, walked.walked.sha, bisect.import_step(request.lane),
+            found = bisect.bisect(walked, base.commit, walked.walked.sha, bisect.import_step(request.lane),
                                   deadline=time.monotonic() + bisect_budget_s, say=say)
         else:
             found = Bisection.not_tried("first bad", "give --baseline GIT_REF to find the commit")
@@ -224,14 +238,14 @@ def run_gate(request: RunSpec, baseline_ref: str | None = None, stream: TextIO |
         run_report.write_outcome(empty, verdicts={}, verdict_order=ORDER, root_causes=(cause,))
         return GateOutcome(run=empty, verdicts=[], root_causes=(cause,))
 
-    baseline, _ = baseline_results(baseline_ref, request, stream) if baseline_ref else (None, False)
+    baseline = baseline_results(base, request, stream) if base is not None else None
     candidate = service.run_selection(request, stream=stream)
     run_report.write_outcome(candidate)  # a plain run folder now; the verdicts are added once judged and bisected
     verdicts = judge_all(candidate.results, baseline)
     causes = regressed_causes(candidate.results, verdicts, request.source_trees) + fixed_causes(
         verdicts, baseline, request.source_trees)
-    if git_baseline and causes:
-        causes = bisect_causes(causes, walked, baseline_ref, baseline or {}, request, bisect_budget_s, say,
+    if walked is not None and causes:
+        causes = bisect_causes(causes, walked, base.commit, baseline or {}, request, bisect_budget_s, say,
                                failing={r.case_id: r.headline for r in candidate.results})
     elif causes:
         why = "--baseline is a finished run, not a git ref" if baseline_ref else "no --baseline GIT_REF to bisect from"

@@ -139,3 +139,24 @@ def test_an_import_failure_is_a_skip_unless_it_is_the_failure_being_bisected():
     assert bisect.step_exit_code("error", f"Traceback ...\n{moved}", moved, normalise(api_break)) == EXIT_BAD
     assert bisect.step_exit_code("error", f"Traceback ...\n{other}", other, normalise(api_break)) == EXIT_SKIP
     assert bisect.step_exit_code("pass", "", "", normalise(api_break)) == EXIT_GOOD
+
+
+def test_the_baseline_is_resolved_once_a_finished_run_first(history, monkeypatch):
+    from harness.errors import InputError
+    from harness.regression import gate
+    from harness.run_spec import RunSpec
+
+    walked, shas = history
+    spec = RunSpec(source_trees=[walked.walked])
+    monkeypatch.setattr(gate.run_document, "load_run", mock_no_run)
+    base = gate.resolve_baseline(shas[2][:10], spec)
+    assert (base.commit, base.run, base.history.repo) == (shas[2], None, walked.repo)
+    with pytest.raises(InputError, match="--baseline no-such-ref: neither a finished run nor a commit of"):
+        gate.resolve_baseline("no-such-ref", spec)
+    monkeypatch.setattr(gate.run_document, "load_run", lambda ref: ({}, {"a/tp1/m/r": "its result"}))
+    found = gate.resolve_baseline(shas[2], spec)  # a finished run by that name wins, as before
+    assert found.run == {"a/tp1/m/r": "its result"} and not found.commit and found.history is None
+
+
+def mock_no_run(ref):
+    raise FileNotFoundError(ref)
