@@ -148,29 +148,30 @@ def bisect(history: History, old: str, new: str, step: Callable[[list[SourceTree
 
         out = tell("start", f"--term-old={term_old}", f"--term-new={term_new}", new_sha, old_sha)
         low, high = old_sha, new_sha
+
+        def ending(status: str, **found) -> Bisection:
+            """How this bisection ends, with how far it got (steps, the last known range, skips)."""
+            return Bisection(status=status, term=f"first {term_new}", steps=len(steps), range=(low, high),
+                             skipped=tuple(commit_info(history.repo, s) for s in skipped), **found)
+
         try:
             while True:
                 first = _FIRST.search(out)
                 if first:
-                    return Bisection(status=Bisection.FOUND, term=f"first {term_new}",
-                                     commit=commit_info(history.repo, first.group(1)), steps=len(steps),
-                                     skipped=tuple(commit_info(history.repo, s) for s in skipped), range=(low, high))
+                    return ending(Bisection.FOUND, commit=commit_info(history.repo, first.group(1)))
                 if "only 'skip'ped commits left" in out:
-                    return Bisection(status=Bisection.NOT_FOUND, term=f"first {term_new}", steps=len(steps),
-                                     range=(low, high), skipped=tuple(commit_info(history.repo, s) for s in skipped),
-                                     reason=f"every commit left between {low[:12]} and {high[:12]} was skipped "
-                                            "(it does not import): the change is one of them")
+                    return ending(Bisection.NOT_FOUND, reason=f"every commit left between {low[:12]} and {high[:12]} "
+                                                              "was skipped (it does not import): the change is one of them")
                 sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
                 if not _LEFT.search(out) and sha in (old_sha, new_sha):
-                    return Bisection(status=Bisection.NOT_FOUND, term=f"first {term_new}", steps=len(steps),
-                                     range=(low, high), reason=f"git bisect did not start: {out.strip().splitlines()[-1:] or ['?']}")
+                    return ending(Bisection.NOT_FOUND,
+                                  reason=f"git bisect did not start: {out.strip().splitlines()[-1:] or ['?']}")
                 last = steps[-1].seconds if steps else 0.0
                 if deadline is not None and time.monotonic() + last > deadline:
                     left = _LEFT.search(out)
-                    return Bisection(status=Bisection.BUDGET, term=f"first {term_new}", steps=len(steps),
-                                     range=(low, high), skipped=tuple(commit_info(history.repo, s) for s in skipped),
-                                     reason=f"budget spent after {len(steps)} step(s); narrowed to {low[:12]}..{high[:12]}"
-                                            + (f" ({left.group(1)} commit(s) left)" if left else ""))
+                    return ending(Bisection.BUDGET, reason=f"budget spent after {len(steps)} step(s); narrowed to "
+                                                           f"{low[:12]}..{high[:12]}"
+                                                           + (f" ({left.group(1)} commit(s) left)" if left else ""))
                 try:
                     with history.trees_in(path) as trees:
                         result = step(trees)
@@ -181,14 +182,14 @@ def bisect(history: History, old: str, new: str, step: Callable[[list[SourceTree
                 if log is not None:
                     result.append_to(log)
                 if result.exit == EXIT_ABORT:
-                    return Bisection(status=Bisection.ABORTED, term=f"first {term_new}", steps=len(steps),
-                                     range=(low, high), reason=f"infrastructure error at {sha[:12]}: {result.failing}")
+                    return ending(Bisection.ABORTED, reason=f"infrastructure error at {sha[:12]}: {result.failing}")
                 if result.exit == EXIT_SKIP:
                     skipped.append(sha)
                     verdict = "skip"
                 else:
                     passed = result.exit == EXIT_GOOD
-                    verdict = term_old if passed == (terms == REGRESSION) else term_new
+                    behaves_as_before = passed if terms == REGRESSION else not passed  # a fix: failing is "before"
+                    verdict = term_old if behaves_as_before else term_new
                     if verdict == term_old:
                         low = sha
                     else:
