@@ -24,7 +24,7 @@ def test_clean_stack_passes_every_check(case_set, cpu_runtime):
     result = run(case_set, cpu_runtime)
     assert result.status == runner.PASS, [c.summary for c in result.checks]
     assert [c.name for c in result.checks] == [
-        "load-coverage", "tensors", "tied-embeddings", "logits-hf-vs-megatron", "generation"]
+        "load-coverage", "tensors", "tied-embeddings", "export-repeatable", "logits-hf-vs-megatron", "generation"]
     assert result.check("tensors").metrics["compared"] == 21
 
 

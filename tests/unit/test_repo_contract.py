@@ -33,7 +33,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_pyproject_declares_package_script_and_strict_markers():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["harness"] == "harness.cli:main"
+    assert project["project"]["scripts"]["harness"] == "harness.cli:entry_point"
     ini = project["tool"]["pytest"]["ini_options"]
     assert "--strict-markers" in ini["addopts"]
     assert {m.split(":")[0] for m in ini["markers"]} == {"cpu", "gpu", "slow"}
