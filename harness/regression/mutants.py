@@ -34,7 +34,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -427,7 +427,7 @@ def markdown(outcome: MutantsOutcome) -> str:
 
 def document(outcome: MutantsOutcome) -> dict:
     return {"scores": [{**asdict(s), "kill_rate": s.kill_rate} for s in scores(outcome.results)],
-            "results": [{**asdict(replace(r, mutant=r.mutant)), "diff": r.mutant.diff} for r in outcome.results]}
+            "results": [{**asdict(r), "diff": r.mutant.diff} for r in outcome.results]}
 
 
 def html(outcome: MutantsOutcome, run_name: str) -> str:
