@@ -57,7 +57,7 @@ _CONCAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 _TRANSPOSE = {"t", "transpose", "permute"}
 _NO_SWAP = {"isinstance", "issubclass", "getattr", "setattr", "hasattr", "print", "format", "join", "get", "setdefault",
             "replace", "startswith", "endswith", "split", "rsplit", "warn", "warning", "info", "debug", "error",
-            "append", "extend", "update", "register_bridge", "re.sub", "sub", "match", "search", "fullmatch"}
+            "append", "extend", "update", "register_bridge", "sub", "match", "search", "fullmatch"}
 _FLIPPED_OPS = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot,
                 ast.IsNot: ast.Is}
 _QUIET_CALLS = {"warn", "warning", "info", "debug", "error", "exception", "print", "print_rank_0", "log"}
