@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.runtimes.base import release_process_groups
 from harness.matrix.lanes import GPU, Placement, rank_environment
 

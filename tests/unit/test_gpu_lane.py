@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from harness.matrix import zoo
+from harness.matrix import model_spec
 from harness.runtimes import gpu as gpu_runtime
 from harness.matrix.lanes import GPU, capacity_blocker, rank_environment
 from harness.results import CaseResult, error_headline
@@ -34,7 +34,7 @@ def configured(model: str, monkeypatch, apex: bool = False, flash_attn: bool = F
     monkeypatch.setattr(gpu_runtime, "apex_weight_grad_fusion_available", lambda: apex)
     monkeypatch.setattr(gpu_runtime, "flash_attn_installed", lambda: flash_attn)
     runtime, provider = gpu_runtime.GpuRuntime(), Provider(**fields)
-    runtime.configure_provider(provider, zoo.ModelSpec.parse(model))
+    runtime.configure_provider(provider, model_spec.ModelSpec.parse(model))
     return runtime, provider
 
 
@@ -206,7 +206,7 @@ def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_install
         raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
 
     monkeypatch.setattr(qwen3_next, "chunk_gated_delta_rule", triton_kernel)  # as if fla were installed
-    config = transformers.Qwen3NextConfig(**{k: v for k, v in zoo.ModelSpec("qwen3-next").hf_config.items()})
+    config = transformers.Qwen3NextConfig(**{k: v for k, v in model_spec.ModelSpec("qwen3-next").hf_config.items()})
     with pure_torch_reference():
         layer = qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0)
     assert layer.chunk_gated_delta_rule is qwen3_next.torch_chunk_gated_delta_rule

@@ -6,7 +6,7 @@
     floor 1  execution            harness.execution (service, launch, worker, run_dir, ...), harness.conversion,
                                   harness.runtimes, harness.checks, harness.formats
     floor 0  shared vocabulary    harness.results, harness.errors, harness.workspace, the harness package itself,
-                                  harness.matrix (cases, layouts, lanes, zoo, hf_reference, ...),
+                                  harness.matrix (cases, layouts, lanes, family_registry, model_spec, ...),
                                   harness.run_spec (RunSpec: what one run is, from the entry point to the ranks)
 
 A module may import from its own floor and any floor below. Execution selects, runs and returns
