@@ -37,8 +37,8 @@ from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunD
 from harness.execution.source_trees import pythonpath
 from harness.matrix.cases import Case
 from harness.matrix.lanes import rank_environment
-from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
-                             error_section)
+from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, NO_CASE_STARTED, TIMEOUT, CaseResult,
+                             error_headline, error_section)
 from harness.run_spec import RunSpec
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
@@ -273,7 +273,8 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                     # Died before starting anything (e.g. an import error): every remaining case gets the same error.
                     for case in cases:
                         record(case.id, _failure(
-                            case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
+                            case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane,
+                            cause=NO_CASE_STARTED,
                         ))
                 break  # otherwise: some cases finished, none in flight -> relaunch for the rest
             deadline_case = by_id.get(current) if current else None
@@ -413,8 +414,9 @@ def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
     return f"a rank exited with code {code} during the case"
 
 
-def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
-    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane)
+def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str, cause: str = "") -> CaseResult:
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane,
+                      cause=cause)
 
 
 def _reap_leftovers(proc: subprocess.Popen, run: RunDir, group: str) -> None:

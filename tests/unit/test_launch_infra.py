@@ -13,9 +13,9 @@ from harness.cli import EXIT_FAIL, EXIT_INFRA, EXIT_OK, exit_code
 from harness.execution import launch
 from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
-from harness.regression.bisect import EXIT_ABORT, step_exit_code
+from harness.regression.bisect import EXIT_ABORT, EXIT_SKIP, step_exit_code
 from harness.regression.gate import NOT_RUN, judge
-from harness.results import ERROR, FAIL, INFRA_ERROR, PASS, CaseResult
+from harness.results import ERROR, FAIL, INFRA_ERROR, NO_CASE_STARTED, PASS, CaseResult
 from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
@@ -65,6 +65,15 @@ def test_an_early_death_that_is_not_the_machine_is_not_retried(tmp_path):
     assert exit_code(results) == EXIT_FAIL
 
 
+def test_an_early_death_is_recorded_as_such_and_bisect_skips_the_commit(tmp_path):
+    """The launcher records why (``cause``); bisect reads that, not the error text."""
+    folder, selected = cases(tmp_path)
+    python, _ = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
+    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
+    assert [r.cause for r in results] == [NO_CASE_STARTED, NO_CASE_STARTED]
+    assert step_exit_code(results[0].status, results[0].cause) == EXIT_SKIP
+
+
 def test_each_case_is_reported_once_as_it_finishes(tmp_path):
     """on_result (the progress line) hears of every case exactly once, with its final result."""
     folder, selected = cases(tmp_path)
@@ -92,7 +101,7 @@ def test_exit_codes(statuses, code):
 def test_gate_and_bisect_never_judge_an_infra_error():
     result = CaseResult("llama/tp1/memory/roundtrip", INFRA_ERROR, error="infrastructure error, not a verdict: EADDRINUSE")
     assert judge(result, {"status": "pass"}, None).verdict == NOT_RUN
-    assert step_exit_code(INFRA_ERROR, result.error) == EXIT_ABORT
+    assert step_exit_code(INFRA_ERROR, result.cause) == EXIT_ABORT
 
 
 @pytest.mark.parametrize("layout,torchrun", [("tp1", False), ("tp2", True)])
