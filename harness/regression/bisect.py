@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from harness.errors import InputError
-from harness.execution import service
+from harness.execution import run_service
 from harness.execution.source_trees import History, worktree
 from harness.regression.root_causes import Bisection, Commit, normalise
 from harness.reporting import run_report
@@ -91,7 +91,7 @@ def case_step(spec: RunSpec, tracked: str = "") -> Callable[[list[SourceTree]], 
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
         step = replace(spec, label=f"bisect-step-{_shas(trees)}", source_trees=list(trees))
-        outcome = service.run_selection(step, stream=None)
+        outcome = run_service.run_selection(step, stream=None)
         run_report.write_outcome(outcome)  # each step's run folder, as any run's
         result = outcome.results[0]
         code = step_exit_code(result.status, result.cause, result.headline, normalise(tracked) if tracked else "")
@@ -101,11 +101,11 @@ def case_step(spec: RunSpec, tracked: str = "") -> Callable[[list[SourceTree]], 
 
 
 def import_step(lane: str) -> Callable[[list[SourceTree]], Step]:
-    """A step that only asks whether a rank can import the stack (``service.import_problem``):
+    """A step that only asks whether a rank can import the stack (``run_service.import_problem``):
     good if it can, bad if not. It finds the commit that made a tree incompatible."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        problem = service.import_problem(RunSpec(lane=lane, source_trees=trees))
+        problem = run_service.import_problem(RunSpec(lane=lane, source_trees=trees))
         return Step(sha="", status="pass" if not problem else "error",
                     exit=EXIT_BAD if problem else EXIT_GOOD, failing=problem,
                     seconds=round(time.monotonic() - started, 1))

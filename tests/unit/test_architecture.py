@@ -32,7 +32,7 @@ def run_torch_free(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module", [
-    "harness.cli", "harness.execution.service", "harness.execution.launch", "harness.regression.gate",
+    "harness.cli", "harness.execution.run_service", "harness.execution.rank_launcher", "harness.regression.gate",
     "harness.regression.bisect", "harness.regression.golden", "harness.regression.selftest",
     "harness.reporting.run_report", "harness.checks.checkpoint_diff", "harness.formats.detect",
     "harness.matrix.cases", "harness.matrix.lanes",

@@ -147,7 +147,7 @@ def test_a_case_that_raised_an_import_error_is_recorded_as_one():
     import time
     from types import SimpleNamespace
 
-    from harness.conversion import runner
+    from harness.conversion import case_executor
     from harness.results import IMPORT_ERROR
 
     def raised(exc):
@@ -170,7 +170,7 @@ def test_a_case_that_raised_an_import_error_is_recorded_as_one():
     for exc, cause in ((raised(ImportError("cannot import name 'x'")), IMPORT_ERROR),
                        (raised(SyntaxError("invalid syntax")), IMPORT_ERROR), (wrapped, IMPORT_ERROR),
                        (raised(RuntimeError("boom in the middle of a case")), "")):
-        assert runner.error_result(case, exc, time.monotonic(), lane="cpu").cause == cause, exc
+        assert case_executor.error_result(case, exc, time.monotonic(), lane="cpu").cause == cause, exc
 
 
 def test_the_baseline_is_resolved_once_a_finished_run_first(history, monkeypatch):

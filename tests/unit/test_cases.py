@@ -183,12 +183,12 @@ def test_a_layout_megatron_fsdp_refuses_is_invalid_only_for_fsdp_dtensor(tmp_pat
 
 
 def test_invalid_cases_are_reported_not_launched(tmp_path):
-    from harness.execution import launch
+    from harness.execution import rank_launcher
     from harness.matrix.cases import load_cases as load
     from harness.run_spec import RunSpec
 
     d = write(tmp_path, "matrix:\n  - families: [llama]\n    layouts: [tp1-pp4]\n    paths: [memory/roundtrip]\n    expect: invalid\n")
-    results = launch.run_cases(RunSpec(cases=load(d).cases, cases_dir=d), tmp_path / "run")
+    results = rank_launcher.run_cases(RunSpec(cases=load(d).cases, cases_dir=d), tmp_path / "run")
     assert [r.status for r in results] == ["invalid"] and "pp4" in results[0].error
     assert not (tmp_path / "run" / "logs").exists(), "nothing should have been launched"
 

@@ -67,7 +67,7 @@ def test_a_hard_coded_flash_backend_becomes_auto_where_flash_cannot_run(monkeypa
 
 def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
     """TE's GEMMs read NVIDIA_TF32_OVERRIDE when CUDA starts: it must be in the rank's environment."""
-    from harness.execution import launch
+    from harness.execution import rank_launcher
     from harness.execution.run_dir import RunDir
     from harness.matrix.cases import load_cases
     from harness.run_spec import RunSpec
@@ -81,13 +81,13 @@ def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
         seen["env"] = env
         raise Captured
 
-    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(rank_launcher.subprocess, "Popen", popen)
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     folder = tmp_path / "cases"
     folder.mkdir()
     (folder / "c.yaml").write_text("matrix:\n  - families: [llama]\n    layouts: [tp2]\n    paths: [memory/roundtrip]\n")
     with pytest.raises(Captured):
-        launch.run_cases(RunSpec(cases=load_cases(folder).cases, lane=GPU, cases_dir=folder), RunDir(tmp_path / "run"))
+        rank_launcher.run_cases(RunSpec(cases=load_cases(folder).cases, lane=GPU, cases_dir=folder), RunDir(tmp_path / "run"))
     assert seen["env"]["NVIDIA_TF32_OVERRIDE"] == "0"
     assert rank_environment("cpu") == {}
 
@@ -262,12 +262,12 @@ def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_
 
 
 def test_a_two_rank_case_on_a_one_gpu_machine_is_launched_only_with_two_ranks_per_gpu(case_set):
-    from harness.execution import service
+    from harness.execution import run_service
     from harness.matrix.lanes import Placement
 
     case = next(c for c in case_set.select(lane=GPU) if c.world_size == 2 and not c.invalid_reason)
-    assert service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
-    assert service.not_runnable_here(case, GPU, gpus=1, placement=Placement(2)) == ""
+    assert run_service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
+    assert run_service.not_runnable_here(case, GPU, gpus=1, placement=Placement(2)) == ""
 
 
 @pytest.mark.parametrize("argv,message", [

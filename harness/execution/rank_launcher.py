@@ -170,13 +170,13 @@ def _run_group(spec: RunSpec, ws: int, name: str, run: RunDir, python: str, on_r
 
 
 def import_probe(spec: RunSpec, timeout_s: float = 600, python: str = sys.executable) -> str:
-    """Import the stack as a rank would with ``spec.source_trees`` (``worker.import_stack``), in a
+    """Import the stack as a rank would with ``spec.source_trees`` (``rank_worker.import_stack``), in a
     fresh process: '' if it imports, else the exception's one line (``ImportError: cannot import
     name 'X' from 'megatron.core.Y'``). The gate asks this before it runs any case."""
     import json
 
     trees = json.dumps([t.to_dict() for t in spec.source_trees])
-    cmd = [python, "-m", "harness.execution.worker", "--probe", trees, "--lane", spec.lane]
+    cmd = [python, "-m", "harness.execution.rank_worker", "--probe", trees, "--lane", spec.lane]
     try:
         proc = subprocess.run(cmd, env=launch_environment(spec, 1), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -212,7 +212,7 @@ def _launch_once(spec: RunSpec, ws: int, group: str, run: RunDir, python: str,
         # Gloo/NCCL collectives give up a little after the longest case would be killed.
         collective_timeout_s=max(c.timeout_s for c in spec.cases) + 60,
     ))
-    worker = ["-m", "harness.execution.worker", "--plan", str(plan_file)]
+    worker = ["-m", "harness.execution.rank_worker", "--plan", str(plan_file)]
     if ws == 1:
         cmd = [python, *worker]
     else:
