@@ -258,8 +258,10 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         return EXIT_OK
     from tabulate import tabulate
 
-    table = [[r.architecture, r.family or "-", *(run_report.clip(s.text, args.width) for s in r.lanes)] for r in rows]
-    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in architecture_table.lanes.LANES)],
+    table = [[r.architecture, r.family or "-", *(run_report.clip(s.text, args.width) for s in r.lanes),
+              r.classes_text] for r in rows]
+    print(tabulate(table, headers=["architecture", "family", *(f"{lane} lane" for lane in architecture_table.lanes.LANES),
+                                   "case classes"],
                    tablefmt="simple"))
     covered = sum(bool(r.family) for r in rows)
     red = sum(s.status in architecture_table.RED for r in rows for s in r.lanes)

@@ -65,13 +65,43 @@ def make_provider(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime):
         setattr(provider, key, value)
     # Megatron refuses MoE + TP without sequence parallelism (moe_layer.py raises in forward).
     provider.sequence_parallel = layout.tp > 1 and spec.is_moe
+    _apply_variant(provider, spec)
+    runtime.configure_provider(provider, spec)
+    provider.finalize()
+    return provider
+
+
+def _apply_variant(provider, spec: ModelSpec) -> None:
     for key, value in spec.provider_overrides.items():
         if key.endswith("_dtype") and isinstance(value, str):
             value = getattr(torch, value)  # zoo variants name dtypes as strings
         setattr(provider, key, value)
-    runtime.configure_provider(provider, spec)
+
+
+def bridge_provider(bridge, spec: ModelSpec):
+    """The provider as the bridge makes it for ``spec`` (its variant applied), finalized, with no
+    lane setting: what a user's Megatron checkpoint records. The lane's dtype and kernel choices
+    (``Runtime.configure_provider``) are how the harness runs a model, not what is converted."""
+    provider = bridge.to_megatron_provider(load_weights=False)
+    _apply_variant(provider, spec)
     provider.finalize()
     return provider
+
+
+def export_config_only(bridge, provider) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The HF config the bridge writes from ``provider`` alone: (the dict ``megatron_to_hf_config``
+    returns, that dict built by the model's HF config class, as a dict).
+
+    Steps 2-3 of ``AutoBridge.from_auto_config`` (megatron/bridge/models/conversion/auto_bridge.py),
+    without its ``conform_config_to_reference``: that fills every field the bridge dropped from a
+    reference config, which a pruned or resized model does not have right.
+    """
+    from megatron.bridge.models.conversion.auto_bridge import _drop_readonly_config_properties
+
+    config_cls = type(bridge.hf_pretrained.config)
+    written = type(bridge._model_bridge).megatron_to_hf_config(provider)
+    built = config_cls(**_drop_readonly_config_properties(dict(written), config_cls))
+    return written, built.to_dict()
 
 
 def build_model(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime) -> MegatronModel:

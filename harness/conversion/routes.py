@@ -18,6 +18,8 @@ same steps); comparisons happen on rank 0 only. ``ROUTES`` maps each path of
                                   -> fsdp_dtensor -> fresh Megatron-FSDP(A) -> HF (needs a Megatron-LM tree)
     fsdp_dtensor/key-contract     the imported SwiGLU / GDN fsdp_dtensor handlers resolve every key to
                                   its own parameter (CPU too: harness.checks.key_contract)
+    hf/config-export              HF config -> provider -> HF config from the provider alone (no
+                                  model built: harness.checks.config_export)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from harness.checks import generation, load_coverage, logits, provider_parity, tensors
+from harness.checks import config_export, generation, load_coverage, logits, provider_parity, tensors
 from harness.conversion import bridge_calls, forward
 from harness.formats import hf as hf_format
 from harness.matrix import checkpoint_builder
@@ -411,6 +413,22 @@ def fsdp_key_contract(case: Case, ctx: Context) -> list[CheckResult]:
     return results if rank() == 0 else []
 
 
+def hf_config_export(case: Case, ctx: Context) -> list[CheckResult]:
+    """The config a bridge synthesises from the provider alone, field by field against the source
+    config (issue 21, class 6)."""
+    if rank() != 0:
+        return []
+    import transformers
+
+    hf_dir = materialize_model(case.model)
+    bridge = bridge_calls.open_bridge(hf_dir)
+    written, built = bridge_calls.export_config_only(bridge, bridge_calls.bridge_provider(bridge, case.model))
+    source = transformers.AutoConfig.from_pretrained(hf_dir).to_dict()
+    result = config_export.compare(source, built, written)
+    ctx.fingerprint[config_export.NAME] = config_export.fingerprint(result)
+    return [result]
+
+
 ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "memory/roundtrip": memory_roundtrip,
     "torch_dist/roundtrip": torch_dist_roundtrip,
@@ -421,4 +439,5 @@ ROUTES: dict[str, Callable[[Case, Context], list[CheckResult]]] = {
     "fsdp_dtensor/to-torch_dist": fsdp_dtensor_to_torch_dist,
     "fsdp_dtensor/checkpoint-inspector": fsdp_dtensor_checkpoint_inspector,
     "fsdp_dtensor/key-contract": fsdp_key_contract,
+    "hf/config-export": hf_config_export,
 }

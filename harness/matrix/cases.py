@@ -14,7 +14,8 @@ Schema of one file (``CaseFile``, ``CaseEntry``; unknown keys are errors that na
         where: moe                        # optional, with ['*'] only: moe | dense
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
-        sweep: square                     # optional: generated variants (harness.matrix.coincidences)
+        sweep: square                     # optional: generated variants (harness.matrix.case_classes.SWEEPS:
+                                          #   square, switches, window)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
         paths: [memory/roundtrip, torch_dist/roundtrip]
         sets: [default]                   # default (CI; implies full) or full (nightly only)
@@ -37,9 +38,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, Va
 from harness import workspace
 from harness.errors import InputError, load_yaml
 from harness.matrix import bridge_registry, family_registry
+from harness.matrix.case_classes import SWEEPS
 from harness.matrix.family_registry import Family, get_family
 from harness.matrix.model_spec import ModelSpec, validate_overrides
-from harness.matrix.coincidences import SWEEPS
 from harness.matrix.layouts import Layout
 from harness.matrix import lanes as lane_rules
 
@@ -55,6 +56,8 @@ PATHS: dict[str, str] = {
     "fsdp_dtensor/checkpoint-inspector": "HF -> Megatron -> torch_dist -> Megatron-LM's checkpoint_inspector.py "
                                          "-> fsdp_dtensor -> Megatron-FSDP (strict load) -> HF (needs a Megatron-LM tree)",
     "fsdp_dtensor/key-contract": "the imported SwiGLU/GDN fsdp_dtensor handlers resolve every key to its own parameter (CPU)",
+    "hf/config-export": "HF config -> Megatron provider -> HF config written from the provider alone "
+                        "(megatron_to_hf_config, no source config.json), every source field compared",
 }
 SETS = ("default", "full")
 LANES = lane_rules.LANES
@@ -101,6 +104,7 @@ class Case:
     tag: str = ""  # "+<tag>" suffix: a variant of the case, e.g. with a seeded fault (selftest)
     invalid_reason: str = ""  # declared `expect: invalid`: the rule the layout breaks; never run
     from_every_family: bool = False  # from a `families: ['*']` entry: a case declared by name wins over it
+    sweep: str = ""  # the generated-variant sweep the model came from (harness.matrix.case_classes)
 
     @property
     def model_id(self) -> str:
@@ -134,7 +138,8 @@ class Case:
         return {"model": self.model.to_dict(), "layout": self.layout.to_dict(), "path": self.path,
                 "sets": sorted(self.sets), "timeout_s": self.timeout_s, "source": self.source,
                 "load_layout": self.load_layout.to_dict() if self.load_layout is not None else None,
-                "tag": self.tag, "invalid_reason": self.invalid_reason, "from_every_family": self.from_every_family}
+                "tag": self.tag, "invalid_reason": self.invalid_reason, "from_every_family": self.from_every_family,
+                "sweep": self.sweep}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Case":
@@ -143,7 +148,17 @@ class Case:
                    path=data["path"], sets=frozenset(data["sets"]), timeout_s=float(data["timeout_s"]),
                    source=data.get("source", ""), load_layout=Layout.from_dict(load) if load is not None else None,
                    tag=data.get("tag", ""), invalid_reason=data.get("invalid_reason", ""),
-                   from_every_family=data.get("from_every_family", False))
+                   from_every_family=data.get("from_every_family", False), sweep=data.get("sweep", ""))
+
+    @property
+    def builds_model(self) -> bool:
+        """A config-export case builds no model: it says nothing of whether a lane can convert one."""
+        return self.kind != "config-export"
+
+    @property
+    def exports_weights(self) -> bool:
+        """The route exports HF weights (and so checks a repeated export)."""
+        return self.builds_model and self.kind != "key-contract"
 
     @property
     def world_size(self) -> int:
@@ -432,6 +447,7 @@ def expand_entry(entry: CaseEntry, source: str, index: int) -> list[Case]:
                         source=source,
                         invalid_reason="; ".join(problems),
                         from_every_family=every_family,
+                        sweep=entry.sweep or "",
                     )
                 )
     return cases
@@ -473,7 +489,7 @@ def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) ->
     for model in models:
         if model.variant:
             raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
-        for name, overrides in SWEEPS[sweep](model.hf_config).items():
+        for name, overrides in SWEEPS[sweep][1](model.hf_config, model.family_def.hf_config_class).items():
             spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
             validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
             out.append(spec)

@@ -19,7 +19,7 @@ _CLASS = re.compile(r"^class (\w+)\(", re.M)
 
 
 @functools.lru_cache(maxsize=1)
-def _transformers_root() -> Path:
+def transformers_root() -> Path:
     spec = importlib.util.find_spec("transformers")  # a top-level find_spec imports nothing
     if spec is None or spec.origin is None:
         raise ImportError("transformers is not installed")
@@ -29,7 +29,7 @@ def _transformers_root() -> Path:
 @functools.lru_cache(maxsize=1)
 def _class_files() -> dict[str, Path]:
     """Config class name -> the file that defines it."""
-    root = _transformers_root()
+    root = transformers_root()
     out = {"PreTrainedConfig": root / "configuration_utils.py"}
     for file in sorted(root.glob("models/*/configuration_*.py")):
         for name in _CLASS.findall(file.read_text(errors="replace")):
@@ -98,7 +98,7 @@ def _ordered_dict_literal(file: Path, name: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def causal_lm_model_types() -> dict[str, str]:
     """Causal-LM class name -> its model_type (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``)."""
-    mapping = _ordered_dict_literal(_transformers_root() / "models/auto/modeling_auto.py",
+    mapping = _ordered_dict_literal(transformers_root() / "models/auto/modeling_auto.py",
                                     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
     return {cls: model_type for model_type, cls in mapping.items()}
 
@@ -106,12 +106,12 @@ def causal_lm_model_types() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def config_class_names() -> dict[str, str]:
     """model_type -> config class name (``CONFIG_MAPPING_NAMES``)."""
-    return _ordered_dict_literal(_transformers_root() / "models/auto/auto_mappings.py", "CONFIG_MAPPING_NAMES")
+    return _ordered_dict_literal(transformers_root() / "models/auto/auto_mappings.py", "CONFIG_MAPPING_NAMES")
 
 
 @functools.lru_cache(maxsize=1)
 def _model_classes() -> frozenset[str]:
-    root = _transformers_root()
+    root = transformers_root()
     return frozenset(name for file in root.glob("models/*/modeling_*.py")
                      for name in _CLASS.findall(file.read_text(errors="replace")))
 

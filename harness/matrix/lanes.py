@@ -172,6 +172,8 @@ def case_blocker(case: "Case", lane: str) -> str:
     """Why ``case`` cannot run on ``lane`` at all ('' if it can)."""
     if lane == CPU and case.kind == "key-contract":
         return ""  # key resolution only; DTensor construction is stubbed (harness.checks.key_contract)
+    if case.kind == "config-export":
+        return ""  # a provider and a config: no model is built, nothing a lane lacks
     if lane == CPU and any(layout.cp > 1 for layout in filter(None, (case.layout, case.load_layout))):
         return CP_ON_CPU
     if case.kind == "checkpoint-inspector" and megatron_lm_tool(CHECKPOINT_INSPECTOR) is None:

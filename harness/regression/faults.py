@@ -226,6 +226,25 @@ def _rope_dropped():
         yield
 
 
+@fault("config-export-drops-eps", "the config-only export stops writing rms_norm_eps back (the import still "
+       "maps it): the HF config class default replaces it in a synthesised config")
+def _config_export_drops_eps():
+    from unittest import mock
+
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    original = MegatronModelBridge.__dict__["megatron_to_hf_config"].__func__
+
+    def megatron_to_hf_config(cls, provider):
+        out = original(cls, provider)
+        out.pop("rms_norm_eps", None)
+        return out
+
+    # mock.patch.object restores the classmethod descriptor itself (subclasses call super()).
+    with mock.patch.object(MegatronModelBridge, "megatron_to_hf_config", classmethod(megatron_to_hf_config)):
+        yield
+
+
 @fault("rms-eps-dropped", "the provider loses rms_norm_eps and falls back to Megatron's layernorm_epsilon 1e-5")
 def _eps_dropped():
     with _provider_falls_back("layernorm_epsilon", 1e-5):

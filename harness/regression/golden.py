@@ -39,6 +39,12 @@ class KnownFailure:
     def matches(self, case_id: str, lane: str) -> bool:
         return lane in self.lanes and any(fnmatch.fnmatchcase(case_id, pattern) for pattern in self.cases)
 
+    def specificity(self, case_id: str) -> int:
+        """How narrowly this entry names ``case_id``: the literal characters of its longest
+        matching glob (``deepseek-v2/*/hf/config-export`` beats ``deepseek-v2/*``)."""
+        return max((len(p) - sum(p.count(c) for c in "*?[]") for p in self.cases if fnmatch.fnmatchcase(case_id, p)),
+                   default=-1)
+
 
 def known_failures(root: Path | None = None) -> list[KnownFailure]:
     path = (root or workspace.golden_root()) / KNOWN_FAILURES
@@ -52,7 +58,10 @@ def known_failures(root: Path | None = None) -> list[KnownFailure]:
 
 
 def known_failure(case_id: str, lane: str, root: Path | None = None) -> KnownFailure | None:
-    return next((k for k in known_failures(root) if k.matches(case_id, lane)), None)
+    """The entry that says why ``case_id`` fails on ``lane``: the most specific one that matches,
+    so a narrow entry (one path of a family) may sit beside a broad one (the whole family)."""
+    matching = [k for k in known_failures(root) if k.matches(case_id, lane)]
+    return max(matching, key=lambda k: k.specificity(case_id), default=None)
 
 
 @dataclass(frozen=True)

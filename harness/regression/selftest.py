@@ -50,6 +50,7 @@ REGRESSIONS: tuple[Regression, ...] = (
     R("export-drops-lm-head", ("llama/tp1/memory/roundtrip",), ("tensors", "tied-embeddings")),
     R("export-mutates-live-weight", ("llama/tp1/memory/roundtrip",), ("export-repeatable",)),
     R("rope-theta-dropped", ("llama/tp1/memory/roundtrip", "qwen3/tp1/memory/roundtrip"), ("logits-hf-vs-megatron",)),
+    R("config-export-drops-eps", ("llama/tp1/hf/config-export", "qwen3-moe/tp1/hf/config-export"), ("config-export",)),
     R("rms-eps-dropped", ("llama/tp1/memory/roundtrip", "qwen3-moe/tp1/memory/roundtrip"), ("logits-hf-vs-megatron",)),
     R("provider-drift-at-tp", ("qwen3-moe/tp2-ep2-etp1/memory/roundtrip", "llama/tp2/memory/roundtrip"),
       ("provider-vs-tp1", "logits-hf-vs-megatron")),

@@ -13,6 +13,10 @@ run's results where given and otherwise from ``golden/<lane>/`` (the committed e
 - ``cannot run``: no case of the family can run on the lane (``harness.matrix.lanes`` says why);
 - ``not run``: runnable cases, but no outcome yet (e.g. the GPU lane before its first golden run).
 
+A lane's status counts the cases that build a model; config-only export cases (which build none)
+count in the case-class column, which lists the issue-21 classes the family's cases fill
+(``harness.matrix.case_classes``).
+
 Torch-free: ``harness coverage`` and every run's ``summary.md`` use it.
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from harness.matrix import bridge_registry, family_registry
+from harness.matrix import bridge_registry, case_classes, family_registry
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import golden
 from harness.results import FAILED, PASS, SKIP, CaseResult
@@ -72,6 +76,11 @@ class ArchitectureRow:
     family: str  # "" when not covered
     kind: str
     lanes: tuple[LaneStatus, ...]
+    classes: tuple[str, ...] = ()  # keys of the case classes the family's cases fill
+
+    @property
+    def classes_text(self) -> str:
+        return ", ".join(self.classes) or "—"
 
 
 def golden_outcomes(lane: str) -> dict[str, Outcome]:
@@ -95,9 +104,9 @@ def run_outcomes(results: Iterable[CaseResult]) -> dict[str, Outcome]:
 
 
 def _lane_status(lane: str, cases: list[Case], outcomes: Mapping[str, Outcome]) -> LaneStatus:
-    runnable = [c for c in cases if lane in c.lanes and not c.invalid_reason]
+    runnable = [c for c in cases if lane in c.lanes and not c.invalid_reason and c.builds_model]
     if not runnable:
-        blocked = next((c for c in cases if not c.invalid_reason), None)
+        blocked = next((c for c in cases if not c.invalid_reason and c.builds_model), None)
         return LaneStatus(lane, CANNOT_RUN, 0, detail=lanes.case_blocker(blocked, lane) if blocked else "no cases")
     seen = [outcomes[c.id] for c in runnable if c.id in outcomes and outcomes[c.id].status != SKIP]
     passed = sum(o.status == PASS for o in seen)
@@ -125,8 +134,10 @@ def coverage(case_set: CaseSet, outcomes: Mapping[str, Mapping[str, Outcome]]) -
                                         tuple(LaneStatus(lane, NOT_COVERED, 0, detail=why) for lane in lanes.LANES)))
             continue
         cases = by_family.get(family.name, [])
+        filled = {k.key for case in cases if case.lanes for k in case_classes.classes_of(case)}
         rows.append(ArchitectureRow(arch.architecture, family.name, arch.kind,
-                                    tuple(_lane_status(lane, cases, outcomes.get(lane, {})) for lane in lanes.LANES)))
+                                    tuple(_lane_status(lane, cases, outcomes.get(lane, {})) for lane in lanes.LANES),
+                                    tuple(k.key for k in case_classes.CLASSES if k.key in filled)))
     return rows
 
 
@@ -149,13 +160,14 @@ def markdown(rows: list[ArchitectureRow]) -> str:
             return f"{s.status} [{reasons.setdefault(s.detail, len(reasons) + 1)}]"
         return s.text.replace("|", "¦")
 
-    lines = ["| architecture | family | " + " | ".join(f"{lane} lane" for lane in lanes.LANES) + " |",
-             "|---|---|" + "---|" * len(lanes.LANES)]
+    lines = ["| architecture | family | " + " | ".join(f"{lane} lane" for lane in lanes.LANES) + " | case classes |",
+             "|---|---|" + "---|" * len(lanes.LANES) + "---|"]
     for row in rows:
         lines.append(f"| `{row.architecture}` | {f'`{row.family}`' if row.family else '—'} | "
-                     + " | ".join(cell(s) for s in row.lanes) + " |")
+                     + " | ".join(cell(s) for s in row.lanes) + f" | {row.classes_text} |")
     covered = sum(bool(r.family) for r in rows)
     lines += ["", f"{len(rows)} registered architectures: {covered} text LMs with a family, "
                   f"{len(rows) - covered} not covered.", ""]
     lines += [f"[{n}] {why.replace('|', '¦')}" + "  " for why, n in reasons.items()]
+    lines += ["", "Case classes (issue 21): " + "; ".join(f"`{k.key}` {k.title}" for k in case_classes.CLASSES) + "."]
     return "\n".join(lines) + "\n"

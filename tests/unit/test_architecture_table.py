@@ -39,7 +39,8 @@ def test_every_registered_architecture_has_a_row(case_set):
 
 
 def test_lane_status_follows_the_outcomes(case_set):
-    llama = [c.id for c in case_set.cases if c.model.family == "llama" and "cpu" in c.lanes and not c.invalid_reason]
+    llama = [c.id for c in case_set.cases
+             if c.model.family == "llama" and "cpu" in c.lanes and not c.invalid_reason and c.builds_model]
     passing = {cid: architecture_table.Outcome("pass") for cid in llama}
     rows = architecture_table.coverage(case_set, {"cpu": passing})
     s = lane(row(rows, "LlamaForCausalLM"), "cpu")
@@ -102,3 +103,11 @@ def test_a_megatron_core_gap_blocks_until_the_feature_exists(tmp_path, monkeypat
     file.write_text('VARIANTS = ("gated_delta_net", "dsa", "dsv4_hybrid")\n')
     monkeypatch.setenv("HARNESS_MEGATRON_LM", str(tree))
     assert lanes.model_blocker(spec, "gpu") == ""  # the bump brought the feature: the cases run again
+
+
+def test_the_case_classes_a_family_fills_are_listed(case_set):
+    rows = architecture_table.coverage(case_set, {})
+    llama = row(rows, "LlamaForCausalLM")
+    assert {"switches", "pipeline", "config-export", "repeated-export"} <= set(llama.classes)
+    assert "switches" not in row(rows, "NemotronForCausalLM").classes
+    assert "case classes" in architecture_table.markdown(rows)

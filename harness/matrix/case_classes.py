@@ -1,0 +1,161 @@
+"""The case classes conversion bugs hide in (issue 21), and the generated variants that fill them.
+
+Each generator reads the family's HF config class (its fields and defaults, from transformers'
+source) and the Bridge's own tables (``CONFIG_MAPPING`` of ``MegatronModelBridge`` and
+``ACTIVATION_FUNC_MAP``, from the Bridge's source), never a list typed here, so a field the
+Bridge starts mapping brings its variants with it. Read by AST: expanding ``cases/`` imports no
+torch.
+
+``SWEEPS`` is what ``cases/*.yaml`` name in ``sweep:``; ``classes_of`` says which classes a case
+belongs to, for ``harness coverage`` and the HTML report.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from harness.matrix import bridge_registry, hf_source
+from harness.matrix.coincidences import square_variants
+
+if TYPE_CHECKING:
+    from harness.matrix.cases import Case
+
+Config = Mapping[str, Any]
+# The logit check's sequence (harness.conversion.forward.fixed_batch): a window must be shorter
+# than this for an off-by-one in it to change any logit.
+TEST_SEQUENCE = 24
+SHORT_WINDOW = 7  # odd and well inside the sequence: a window of w vs w +- 1 differs at many positions
+
+
+@dataclass(frozen=True)
+class CaseClass:
+    key: str
+    title: str
+
+
+SWITCHES = CaseClass("switches", "every setting of a mapped switch")
+ROPE = CaseClass("rope", "RoPE scaling types")
+PIPELINE = CaseClass("pipeline", "pipeline layouts users run (VPP)")
+HYBRID = CaseClass("hybrid", "hybrid layer patterns")
+WINDOW = CaseClass("window", "sliding windows shorter than the test sequence")
+CONFIG_EXPORT = CaseClass("config-export", "config-only export")
+REPEATED_EXPORT = CaseClass("repeated-export", "repeated export")
+CLASSES = (SWITCHES, ROPE, PIPELINE, HYBRID, WINDOW, CONFIG_EXPORT, REPEATED_EXPORT)
+
+
+# ------------------------------------------------------------------ the Bridge's tables (AST)
+
+
+def _module(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def bridge_config_mapping() -> tuple[tuple[str, str], ...]:
+    """``MegatronModelBridge.CONFIG_MAPPING``: (hf field, provider field) pairs."""
+    path = bridge_registry.bridge_models_root() / "conversion" / "model_bridge.py"
+    for node in ast.walk(_module(path)):
+        if isinstance(node, ast.ClassDef) and node.name == "MegatronModelBridge":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and any(getattr(t, "id", "") == "CONFIG_MAPPING" for t in stmt.targets):
+                    return tuple(tuple(pair) for pair in ast.literal_eval(stmt.value))
+    raise KeyError(f"{path}: no MegatronModelBridge.CONFIG_MAPPING")
+
+
+def _dict_keys(path: Path, name: str) -> tuple[str, ...]:
+    for stmt in _module(path).body:
+        target = stmt.target if isinstance(stmt, ast.AnnAssign) else stmt.targets[0] if isinstance(stmt, ast.Assign) else None
+        if getattr(target, "id", "") == name and isinstance(stmt.value, ast.Dict):
+            return tuple(k.value for k in stmt.value.keys if isinstance(k, ast.Constant))
+    raise KeyError(f"{path}: no {name} = {{...}}")
+
+
+@functools.lru_cache(maxsize=1)
+def activations() -> tuple[str, ...]:
+    """Activation names both sides accept: the Bridge's ``ACTIVATION_FUNC_MAP`` short names that
+    transformers' ``ACT2CLS`` knows too (``fast_gelu`` is Megatron's name only, for example)."""
+    bridge = _dict_keys(bridge_registry.bridge_models_root().parent / "utils" / "activation_map.py", "ACTIVATION_FUNC_MAP")
+    hf = set(_dict_keys(hf_source.transformers_root() / "activations.py", "ACT2CLS"))
+    return tuple(name for name in bridge if "." not in name and name in hf)
+
+
+# The values Megatron's router accepts for the one enumerated MoE field the Bridge maps.
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+# ------------------------------------------------------------------------------- generators
+
+
+def _value(cfg: Config, config_class: str, name: str) -> Any:
+    return cfg[name] if name in cfg else hf_source.config_defaults(config_class).get(name)
+
+
+def switch_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
+    """Every mapped boolean at its other value, every accepted activation, every router score
+    function: one variant each, where the family's config class has the field."""
+    fields = hf_source.config_fields(config_class)
+    out: dict[str, dict[str, Any]] = {}
+    for hf_name, _ in bridge_config_mapping():
+        value = _value(cfg, config_class, hf_name)
+        if hf_name in fields and isinstance(value, bool):
+            out[f"{hf_name.replace('_', '-')}-{'off' if value else 'on'}"] = {hf_name: not value}
+    act_field = next((f for f in ("hidden_act", "hidden_activation") if f in fields), None)
+    if act_field:
+        current = _value(cfg, config_class, act_field)
+        out.update({f"act-{name}": {act_field: name} for name in activations() if name != current})
+    if "scoring_func" in fields and any(hf == "scoring_func" for hf, _ in bridge_config_mapping()):
+        current = _value(cfg, config_class, "scoring_func")
+        out.update({f"score-{name}": {"scoring_func": name} for name in ROUTER_SCORE_FUNCTIONS if name != current})
+    return out
+
+
+def window_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
+    """A sliding window shorter than the test sequence, where the config has a window field and
+    the tiny model's is not already that short."""
+    if "sliding_window" not in hf_source.config_fields(config_class):
+        return {}
+    window = _value(cfg, config_class, "sliding_window")
+    if isinstance(window, int) and window < TEST_SEQUENCE:
+        return {}
+    fields = hf_source.config_fields(config_class)
+    extra: dict[str, Any] = {}
+    if "use_sliding_window" in fields:  # Qwen2-style: a window only when switched on ...
+        extra["use_sliding_window"] = True
+    if "max_window_layers" in fields:  # ... and only from layer max_window_layers on: layer 0 full,
+        extra["max_window_layers"] = 1  # the rest sliding (a mixed pattern, both kinds exercised)
+    return {"win-short": {"sliding_window": SHORT_WINDOW, **extra}}
+
+
+def _square(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
+    return square_variants(cfg)
+
+
+# sweep name -> (the class its variants fill, or None; generator(tiny config, config class name)).
+SWEEPS: dict[str, tuple[CaseClass | None, Callable[[Config, str], dict[str, dict[str, Any]]]]] = {
+    "square": (None, _square),
+    "switches": (SWITCHES, switch_variants),
+    "window": (WINDOW, window_variants),
+}
+
+
+# ------------------------------------------------------------------------------ membership
+
+
+def classes_of(case: "Case") -> tuple[CaseClass, ...]:
+    """The classes ``case`` fills: its sweep's, its path's, its layout's."""
+    out = []
+    sweep = SWEEPS.get(case.sweep, (None, None))[0]
+    if sweep is not None:
+        out.append(sweep)
+    layouts = [layout for layout in (case.layout, case.load_layout) if layout is not None]
+    if any(layout.vpp > 1 for layout in layouts):  # uneven stages: not in Layout yet
+        out.append(PIPELINE)
+    if case.kind == "config-export":
+        out.append(CONFIG_EXPORT)
+    elif case.exports_weights:
+        out.append(REPEATED_EXPORT)
+    return tuple(out)
