@@ -50,3 +50,18 @@ def test_case_ids_of_generated_variants_are_stable():
     assert "llama@act-gelu/tp1/memory/roundtrip" in ids
     assert "qwen2@win-short/tp1/memory/roundtrip" in ids
     assert "llama/tp1/hf/config-export" in ids
+
+
+def test_the_run_page_counts_a_runs_cases_per_family_and_class():
+    from harness.reporting.html.run_page import class_rows
+    from harness.results import CaseResult
+
+    cases = load_cases_once()
+    results = [CaseResult("llama@act-gelu/tp1/memory/roundtrip", "pass"),
+               CaseResult("llama/tp1/hf/config-export", "fail"),
+               CaseResult("gone@nowhere/tp1/memory/roundtrip", "pass")]  # no longer declared: left out
+    (llama,) = class_rows(results, cases)
+    by_key = dict(zip((k.key for k in case_classes.CLASSES), llama.cells))
+    assert (by_key["switches"].cases, by_key["switches"].passed) == (1, 1)
+    assert (by_key["config-export"].cases, by_key["config-export"].passed) == (1, 0)
+    assert by_key["repeated-export"].text == "1/1" and by_key["rope"].text == ""

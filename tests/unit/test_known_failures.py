@@ -44,3 +44,15 @@ def test_golden_document_of_a_known_failure_carries_the_diagnosis_and_the_number
     assert doc["known_failure"] == {"upstream": "bridge 1.0", "diagnosis": "export keeps the padding",
                                     "headline": "tensors: 1/21 differ: [252, 64]"}
     assert "known_failure" not in golden.document(CaseResult("x@y/tp1/memory/roundtrip", "pass"), {}, root=tmp_path)
+
+
+def test_the_most_specific_entry_says_why(tmp_path):
+    from harness.regression import golden
+
+    (tmp_path / golden.KNOWN_FAILURES).write_text(
+        "failures:\n"
+        "  - {cases: ['fam/*'], lanes: [cpu], checks: [], upstream: u, diagnosis: broad}\n"
+        "  - {cases: ['fam/*/hf/config-export'], lanes: [cpu], checks: [config-export], upstream: u, diagnosis: narrow}\n")
+    assert golden.known_failure("fam/tp1/hf/config-export", "cpu", tmp_path).diagnosis == "narrow"
+    assert golden.known_failure("fam/tp1/memory/roundtrip", "cpu", tmp_path).diagnosis == "broad"
+    assert golden.known_failure("other/tp1/memory/roundtrip", "cpu", tmp_path) is None

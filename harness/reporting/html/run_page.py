@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from harness import workspace
 from harness.execution.run_dir import RunDir
+from harness.matrix import case_classes
+from harness.matrix.cases import CaseSet, UnknownCaseError, load_cases_once
 from harness.regression.root_causes import RootCause
 from harness.reporting.html.case_detail import LOG_TAIL_LINES, CaseView, build_case_view
 from harness.reporting.html.case_grid import Grid, Tally, build_cell, build_grid, tally
@@ -27,6 +29,46 @@ class SourceTreeView:
 
 
 @dataclass(frozen=True)
+class ClassCell:
+    """The run's cases of one family in one case class: how many, and how many passed."""
+
+    cases: int
+    passed: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.passed}/{self.cases}" if self.cases else ""
+
+    @property
+    def css(self) -> str:
+        # Not red: a known upstream failure is no alarm here; the grid above says which case is news.
+        return "pass" if self.cases and self.passed == self.cases else ""
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    family: str
+    cells: tuple[ClassCell, ...]  # one per case_classes.CLASSES
+
+
+def class_rows(results: Sequence[CaseResult], case_set: CaseSet) -> tuple[ClassRow, ...]:
+    """Per family of the run, its cases in each issue-21 case class (``harness.matrix.case_classes``);
+    a case the current ``cases/`` no longer declares is left out."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    for r in results:
+        try:
+            case = case_set.get(r.case_id)
+        except UnknownCaseError:
+            continue
+        for klass in case_classes.classes_of(case):
+            tally = counts.setdefault(case.model.family, {}).setdefault(klass.key, [0, 0])
+            tally[0] += 1
+            tally[1] += r.status == "pass"
+    return tuple(ClassRow(family, tuple(ClassCell(*per.get(k.key, (0, 0))) for k in case_classes.CLASSES))
+                 for family, per in sorted(counts.items()))
+
+
+@dataclass(frozen=True)
 class RunPage:
     name: str
     meta: dict[str, Any]
@@ -37,6 +79,11 @@ class RunPage:
     gate: bool
     history_href: str  # "" when there is no history page next to the run
     root_causes: tuple[RootCause, ...] = ()  # a gate run's REGRESSED cases, grouped (shown first)
+    class_rows: tuple[ClassRow, ...] = ()  # per family, its cases in each case class
+
+    @property
+    def classes(self) -> tuple[case_classes.CaseClass, ...]:
+        return case_classes.CLASSES
 
     @property
     def attention(self) -> list[CaseView]:
@@ -63,7 +110,7 @@ def build_run_page(run: RunDir, results: list[CaseResult], meta: dict[str, Any],
     history = run.path.parent / HISTORY_NAME
     return RunPage(run.name, meta, source_tree_views(meta), build_grid(cells), tuple(cases), legend,
                    gate=bool(verdicts), history_href=f"../{HISTORY_NAME}" if history.exists() else "",
-                   root_causes=tuple(root_causes))
+                   root_causes=tuple(root_causes), class_rows=class_rows(results, load_cases_once()))
 
 
 def render_run_page(page: RunPage) -> str:
