@@ -15,10 +15,10 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 from harness.conversion import routes
-from harness.conversion.routes import Hooks  # re-exported: tests inject faults through runner.Hooks
+from harness.conversion.routes import Hooks  # re-exported: tests inject faults through case_executor.Hooks
 from harness.matrix.cases import Case
 from harness.results import ERROR, FAIL, IMPORT_ERROR, PASS, CaseResult
 from harness.runtimes.base import Runtime
@@ -26,14 +26,9 @@ from harness.runtimes.base import Runtime
 __all__ = ["CaseResult", "Hooks", "run_case", "error_result", "PASS", "FAIL", "ERROR"]
 
 
-@contextlib.contextmanager
-def restored_environ() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def restored_environ() -> contextlib.AbstractContextManager:
+    """``os.environ`` as it was before the block, on exit (what the block set or removed is undone)."""
+    return mock.patch.dict(os.environ)
 
 
 def run_case(case: Case, runtime: Runtime, hooks: Hooks | None = None, workdir: Path | None = None) -> CaseResult:
