@@ -26,7 +26,8 @@ NOT_RUN_HERE = (SKIP, INFRA_ERROR)
 # What kind of crash an ERROR was (``CaseResult.cause``), recorded by the code that saw it, so no
 # reader has to guess it from the error text. NO_CASE_STARTED: the ranks died before running any
 # case (the stack did not import, or came from the wrong tree: ``rank_worker.import_stack``);
-# IMPORT_ERROR: the case raised ImportError or SyntaxError (e.g. an API its code path imports lazily).
+# IMPORT_ERROR: the case raised ImportError or SyntaxError on a rank (e.g. an API its code path imports
+# lazily); a peer's is carried to rank 0's result with its exception (``rank_launcher``).
 NO_CASE_STARTED, IMPORT_ERROR = "no-case-started", "import-error"
 
 # Gate verdicts (``harness.regression.gate`` decides them; reports render them): a case judged

@@ -260,8 +260,10 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                 if current is not None:
                     # A rank died (or exited after recording an error) inside this case.
                     if current not in finished:
+                        raised = _raised(run, current)
                         failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
-                                           run.log_tail(group, LOG_TAIL_LINES), ws, lane)
+                                           run.log_tail(group, LOG_TAIL_LINES), ws, lane,
+                                           cause=run.rank_error_cause(current, raised[0]) if raised else "")
                         failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
                         record(current, failure)
                     break
@@ -320,6 +322,7 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
             if raised is not None:
                 # Rank 0 only lost a peer; the peer's own exception is what went wrong.
                 result.error = f"rank{raised[0]} raised: {raised[1]}{error_section('rank 0 traceback')}{result.error}"
+                result.cause = run.rank_error_cause(result.case_id, raised[0]) or result.cause
             elif (died := _root_cause(run, group)) is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
@@ -401,11 +404,17 @@ def _first_exception(run: RunDir, case_id: str) -> tuple[int, str] | None:
     return None
 
 
+def _raised(run: RunDir, case_id: str) -> tuple[int, str] | None:
+    """The non-zero rank whose own error explains ``case_id`` (rather than a lost peer, if any
+    has one), with its headline."""
+    return _first_exception(run, case_id) or next(
+        ((rank, error_headline(text)) for rank, text in run.rank_errors(case_id)), None)
+
+
 def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
     """Why a launch ended inside ``case_id``: the rank that raised (its exception line), or the
     rank that died without raising and how."""
-    raised = _first_exception(run, case_id) or next(
-        ((rank, error_headline(text)) for rank, text in run.rank_errors(case_id)), None)
+    raised = _raised(run, case_id)
     if raised:
         return f"rank{raised[0]} raised: {raised[1] or '?'}"
     died = _root_cause(run, group, code)

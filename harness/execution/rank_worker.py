@@ -122,7 +122,7 @@ def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: i
                 if rank == 0 or world == 1:
                     run.write_case_result(result)
                 else:
-                    run.write_rank_error(case.id, rank, result.error)
+                    run.write_rank_error(case.id, rank, result.error, result.cause)
                 run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.END, time.time(), rank))
                 if world > 1:
                     return EXIT_CASE_ERROR

@@ -15,7 +15,7 @@ from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
 from harness.regression.bisect import EXIT_ABORT, EXIT_SKIP, step_exit_code
 from harness.regression.gate import NOT_RUN, judge
-from harness.results import ERROR, FAIL, INFRA_ERROR, NO_CASE_STARTED, PASS, CaseResult
+from harness.results import ERROR, FAIL, IMPORT_ERROR, INFRA_ERROR, NO_CASE_STARTED, PASS, CaseResult
 from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
@@ -234,6 +234,23 @@ def test_rank_0s_own_exception_stays_the_headline(tmp_path):
     own = RANK1_RAISED.replace("Shape mismatch", "rank 0's own")
     _, _, result = _run_with_rank1_error(tmp_path, own)
     assert result.headline == "ValueError: rank 0's own for megatron param x: Expected (4, 2)"
+
+
+def test_a_peers_import_error_is_rank_0s_cause_with_its_headline(tmp_path):
+    """The cause a peer recorded travels with its exception to the case's result, on both paths:
+    rank 0 finished the case (lost peer), or never did (the launcher's own failure)."""
+    run = RunDir(tmp_path / "run")
+    run.log_dir("g").mkdir(parents=True)
+    run.launcher_log("g").write_text(_torchrun_summary([(1, rank_launcher.EXIT_CASE_ERROR)], (0, rank_launcher.EXIT_CASE_ERROR)))
+    case = "llama/tp2/memory/roundtrip"
+    run.write_rank_error(case, 1, RANK1_RAISED.replace("ValueError: Shape mismatch", "ImportError: cannot import"),
+                         IMPORT_ERROR)
+    result = CaseResult(case_id=case, status=ERROR, error=GLOO_LOST, world_size=2)
+    rank_launcher._attach_log_tails({case: result}, 1, run, "g")
+    assert result.headline.startswith("rank1 raised: ImportError") and result.cause == IMPORT_ERROR
+    assert step_exit_code(result.status, result.cause) == EXIT_SKIP
+    assert run.rank_error_cause(case, 1) == IMPORT_ERROR and run.rank_error_cause(case, 2) == ""
+    assert run.rank_errors(case) == [(1, RANK1_RAISED.replace("ValueError: Shape mismatch", "ImportError: cannot import"))]
 
 
 def test_a_case_rank_0_never_finished_names_the_rank_that_raised(tmp_path):
