@@ -41,8 +41,8 @@ def test_every_class_has_cases_and_the_default_set_one_per_class_but_uneven_pipe
         for klass in case_classes.classes_of(case):
             seen[klass.key] |= case.sets
     missing = {key for key, sets in seen.items() if "default" not in sets}
-    # Not built yet (see the README's case-class table): RoPE scaling types and hybrid patterns.
-    assert missing <= {"rope", "hybrid"}, missing
+    # Not built yet (see the README's case-class table): hybrid layer patterns.
+    assert missing <= {"hybrid"}, missing
 
 
 def test_case_ids_of_generated_variants_are_stable():
@@ -65,3 +65,14 @@ def test_the_run_page_counts_a_runs_cases_per_family_and_class():
     assert (by_key["switches"].cases, by_key["switches"].passed) == (1, 1)
     assert (by_key["config-export"].cases, by_key["config-export"].passed) == (1, 0)
     assert by_key["repeated-export"].text == "1/1" and by_key["rope"].text == ""
+
+
+def test_rope_types_come_from_the_bridge_and_need_plain_rope():
+    llama = zoo.get_family("llama")
+    assert case_classes.bridge_rope_types(llama.architecture.module) >= {"yarn", "llama3", "linear"}
+    variants = case_classes.rope_variants(zoo.ModelSpec(family="llama").hf_config, "LlamaConfig", llama.architecture.module)
+    assert variants["rope-llama3"]["rope_parameters"]["rope_type"] == "llama3"
+    assert variants["rope-yarn"]["rope_parameters"]["original_max_position_embeddings"] == 64
+    assert variants["rope-partial"]["rope_parameters"]["partial_rotary_factor"] == case_classes.PARTIAL_ROTARY
+    gpt_oss = zoo.get_family("gpt-oss")  # already YaRN: no further variants
+    assert case_classes.rope_variants(zoo.ModelSpec(family="gpt-oss").hf_config, "GptOssConfig", gpt_oss.architecture.module) == {}
