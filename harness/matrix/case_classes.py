@@ -39,7 +39,7 @@ class CaseClass:
 
 SWITCHES = CaseClass("switches", "every setting of a mapped switch")
 ROPE = CaseClass("rope", "RoPE scaling types")
-PIPELINE = CaseClass("pipeline", "pipeline layouts users run (VPP)")
+PIPELINE = CaseClass("pipeline", "pipeline layouts users run (VPP, uneven stages)")
 HYBRID = CaseClass("hybrid", "hybrid layer patterns")
 WINDOW = CaseClass("window", "sliding windows shorter than the test sequence")
 CONFIG_EXPORT = CaseClass("config-export", "config-only export")
@@ -210,7 +210,7 @@ def classes_of(case: "Case") -> tuple[CaseClass, ...]:
     if sweep is not None:
         out.append(sweep)
     layouts = [layout for layout in (case.layout, case.load_layout) if layout is not None]
-    if any(layout.vpp > 1 for layout in layouts):  # uneven stages: not in Layout yet
+    if any(layout.vpp > 1 or layout.first is not None or layout.last is not None for layout in layouts):
         out.append(PIPELINE)
     if case.kind == "config-export":
         out.append(CONFIG_EXPORT)

@@ -76,3 +76,23 @@ def test_rope_types_come_from_the_bridge_and_need_plain_rope():
     assert variants["rope-partial"]["rope_parameters"]["partial_rotary_factor"] == case_classes.PARTIAL_ROTARY
     gpt_oss = zoo.get_family("gpt-oss")  # already YaRN: no further variants
     assert case_classes.rope_variants(zoo.ModelSpec(family="gpt-oss").hf_config, "GptOssConfig", gpt_oss.architecture.module) == {}
+
+
+def test_uneven_stages_are_part_of_the_layout_id_and_follow_megatron_core_rules():
+    from harness.matrix.layouts import Layout, LayoutError
+
+    first = Layout.parse("tp1-pp2-first1")
+    assert first.id == "tp1-pp2-first1" and first.first == 1 and first.last is None
+    assert first.violations({"num_hidden_layers": 3}) == []
+    assert Layout.parse("tp1-pp2").violations({"num_hidden_layers": 3})  # 3 layers need an uneven split
+    assert Layout.parse("tp1-pp2-vpp2-first2").violations({"num_hidden_layers": 3})  # 1 middle layer, vpp2
+    assert Layout.parse("tp1-pp2-first3").violations({"num_hidden_layers": 3})  # nothing left for the last stage
+    assert first.pipeline_split_kwargs() == {"num_layers_in_first_pipeline_stage": 1,
+                                             "num_layers_in_last_pipeline_stage": None}
+    assert "num_layers_in_first_pipeline_stage" not in first.megatron_kwargs()  # not a process-group size
+    try:
+        Layout.parse("tp1-first1")
+    except LayoutError:
+        pass
+    else:
+        raise AssertionError("a stage layer count without PP must be refused")
