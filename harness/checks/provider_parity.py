@@ -23,7 +23,7 @@ NAME = "provider-vs-tp1"
 PARALLEL_FIELDS = frozenset({
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
     "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
-    "microbatch_group_size_per_vp_stage",
+    "microbatch_group_size_per_vp_stage", "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
 })
 
 

@@ -61,7 +61,7 @@ def open_bridge(hf_dir: Path):
 def make_provider(bridge, spec: ModelSpec, layout: Layout, runtime: Runtime):
     """The bridge's provider for ``spec`` at ``layout``, adjusted by the lane, finalized."""
     provider = bridge.to_megatron_provider(load_weights=False)
-    for key, value in layout.megatron_kwargs().items():
+    for key, value in layout.provider_kwargs().items():
         setattr(provider, key, value)
     # Megatron refuses MoE + TP without sequence parallelism (moe_layer.py raises in forward).
     provider.sequence_parallel = layout.tp > 1 and spec.is_moe
@@ -165,6 +165,6 @@ def load_torch_dist(bridge, path: Path, layout: Layout, runtime: Runtime) -> Meg
     sizes as ``mp_overrides`` (the bridge resets parallel sizes to 1 before applying them).
     """
     runtime.init_model_parallel(layout)
-    overrides = {k: v for k, v in layout.megatron_kwargs().items() if v is not None}
+    overrides = {**{k: v for k, v in layout.megatron_kwargs().items() if v is not None}, **layout.pipeline_split_kwargs()}
     chunks = bridge.load_megatron_model(str(path), mp_overrides=overrides)
     return MegatronModel(bridge=bridge, chunks=list(chunks), layout=layout)

@@ -39,7 +39,7 @@ class CaseClass:
 
 SWITCHES = CaseClass("switches", "every setting of a mapped switch")
 ROPE = CaseClass("rope", "RoPE scaling types")
-PIPELINE = CaseClass("pipeline", "pipeline layouts users run (VPP)")
+PIPELINE = CaseClass("pipeline", "pipeline layouts users run (VPP, uneven stages)")
 HYBRID = CaseClass("hybrid", "hybrid layer patterns")
 WINDOW = CaseClass("window", "sliding windows shorter than the test sequence")
 CONFIG_EXPORT = CaseClass("config-export", "config-only export")
@@ -130,15 +130,73 @@ def window_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]
     return {"win-short": {"sliding_window": SHORT_WINDOW, **extra}}
 
 
-def _square(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
-    return square_variants(cfg)
+# RoPE scaling types transformers accepts, with the parameters each needs beyond rope_theta
+# (sizes relative to the tiny model's max_position_embeddings; longrope's per-frequency factors
+# are filled in per model).
+ROPE_TYPES: dict[str, dict[str, Any]] = {
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 2.0},
+    "llama3": {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "longrope": {},
+}
+PARTIAL_ROTARY = 0.5
 
 
-# sweep name -> (the class its variants fill, or None; generator(tiny config, config class name)).
-SWEEPS: dict[str, tuple[CaseClass | None, Callable[[Config, str], dict[str, dict[str, Any]]]]] = {
-    "square": (None, _square),
-    "switches": (SWITCHES, switch_variants),
-    "window": (WINDOW, window_variants),
+@functools.lru_cache(maxsize=None)
+def bridge_rope_types(bridge_module: str) -> frozenset[str]:
+    """The RoPE types a family's bridge claims: YaRN for every bridge (``YARN_ROPE_SCALING_MAPPING``
+    of ``MegatronModelBridge``), plus each type its own module names as a string constant
+    (``LlamaBridge``: ``"llama3"``, ``"linear"``)."""
+    tree = _module(bridge_registry.bridge_models_root() / bridge_module)
+    named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return frozenset({"yarn"} | (named & set(ROPE_TYPES)))
+
+
+def _rotary_half(cfg: Config, config_class: str) -> int:
+    head_dim = _value(cfg, config_class, "head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return head_dim // 2
+
+
+def rope_variants(cfg: Config, config_class: str, bridge_module: str) -> dict[str, dict[str, Any]]:
+    """Each RoPE scaling type the bridge claims, and partial rotary (``CONFIG_MAPPING`` maps
+    ``partial_rotary_factor``), on a family whose tiny model has plain RoPE."""
+    if "rope_parameters" not in hf_source.config_fields(config_class):
+        return {}
+    base = dict(cfg.get("rope_parameters") or {})
+    if base.get("rope_type", "default") != "default" or any(isinstance(v, Mapping) for v in base.values()):
+        return {}  # already scaled, or per-attention-type RoPE (gemma3/4): its own variants
+    original = max(1, _value(cfg, config_class, "max_position_embeddings") // 2)
+    out: dict[str, dict[str, Any]] = {}
+    for rope_type in sorted(bridge_rope_types(bridge_module)):
+        params = {**base, "rope_type": rope_type, **ROPE_TYPES[rope_type]}
+        if rope_type in ("yarn", "llama3", "longrope"):
+            params["original_max_position_embeddings"] = original
+        if rope_type == "longrope":
+            half = _rotary_half(cfg, config_class)
+            params["short_factor"] = [1.0 + i / half for i in range(half)]
+            params["long_factor"] = [2.0 + i / half for i in range(half)]
+        out[f"rope-{rope_type}"] = {"rope_parameters": params}
+    if any(hf == "partial_rotary_factor" for hf, _ in bridge_config_mapping()):
+        out["rope-partial"] = {"rope_parameters": {**base, "partial_rotary_factor": PARTIAL_ROTARY}}
+    return out
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What a generator may read of a family: its tiny config, its HF config class, its bridge's module."""
+
+    config: Config
+    config_class: str
+    bridge_module: str
+
+
+# sweep name -> (the class its variants fill, or None; generator).
+SWEEPS: dict[str, tuple[CaseClass | None, Callable[[FamilyFacts], dict[str, dict[str, Any]]]]] = {
+    "square": (None, lambda f: square_variants(f.config)),
+    "switches": (SWITCHES, lambda f: switch_variants(f.config, f.config_class)),
+    "window": (WINDOW, lambda f: window_variants(f.config, f.config_class)),
+    "rope": (ROPE, lambda f: rope_variants(f.config, f.config_class, f.bridge_module)),
 }
 
 
@@ -152,7 +210,7 @@ def classes_of(case: "Case") -> tuple[CaseClass, ...]:
     if sweep is not None:
         out.append(sweep)
     layouts = [layout for layout in (case.layout, case.load_layout) if layout is not None]
-    if any(layout.vpp > 1 for layout in layouts):  # uneven stages: not in Layout yet
+    if any(layout.vpp > 1 or layout.first is not None or layout.last is not None for layout in layouts):
         out.append(PIPELINE)
     if case.kind == "config-export":
         out.append(CONFIG_EXPORT)

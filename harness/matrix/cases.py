@@ -15,7 +15,7 @@ Schema of one file (``CaseFile``, ``CaseEntry``; unknown keys are errors that na
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
         sweep: square                     # optional: generated variants (harness.matrix.case_classes.SWEEPS:
-                                          #   square, switches, window)
+                                          #   square, switches, window, rope)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
         paths: [memory/roundtrip, torch_dist/roundtrip]
         sets: [default]                   # default (CI; implies full) or full (nightly only)
@@ -38,7 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, Va
 from harness import workspace
 from harness.errors import InputError, load_yaml
 from harness.matrix import bridge_registry, family_registry
-from harness.matrix.case_classes import SWEEPS
+from harness.matrix.case_classes import SWEEPS, FamilyFacts
 from harness.matrix.family_registry import Family, get_family
 from harness.matrix.model_spec import ModelSpec, validate_overrides
 from harness.matrix.layouts import Layout
@@ -489,7 +489,9 @@ def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) ->
     for model in models:
         if model.variant:
             raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
-        for name, overrides in SWEEPS[sweep][1](model.hf_config, model.family_def.hf_config_class).items():
+        family = model.family_def
+        facts = FamilyFacts(model.hf_config, family.hf_config_class, family.architecture.module)
+        for name, overrides in SWEEPS[sweep][1](facts).items():
             spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
             validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
             out.append(spec)

@@ -21,8 +21,11 @@ from harness.matrix.model_spec import config_num_experts
 FSDP_REFUSES_PP = ("Megatron-FSDP's device mesh has no pipeline dimension (mcore_fsdp_adapter.py _get_dp_tp_mesh "
                    "rearranges the whole world as (dp_cp ep tp)), so the adapter refuses PP > 1")
 
-_ORDER = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp")
-_TOKEN = re.compile(r"^(tp|pp|vpp|ep|etp|cp|dp)(\d+)$")
+_ORDER = ("tp", "pp", "vpp", "first", "last", "ep", "etp", "cp", "dp")
+_TOKEN = re.compile(r"^(tp|pp|vpp|first|last|ep|etp|cp|dp)(\d+)$")
+# Uneven pipeline stages: ``first``/``last`` are layer counts of the first/last stage
+# (num_layers_in_first/last_pipeline_stage), not sizes; None = an even split.
+_LAYER_COUNTS = ("first", "last")
 
 
 class LayoutError(ValueError):
@@ -34,6 +37,8 @@ class Layout:
     tp: int = 1
     pp: int = 1
     vpp: int = 1  # virtual pipeline chunks per PP rank; 1 = no interleaving
+    first: int | None = None  # layers in the first pipeline stage (uneven stages); None = even split
+    last: int | None = None  # layers in the last pipeline stage
     ep: int = 1
     etp: int | None = None  # expert TP; None = same as tp (Megatron's default)
     cp: int = 1
@@ -42,12 +47,14 @@ class Layout:
     def __post_init__(self) -> None:
         for name in _ORDER:
             value = getattr(self, name)
-            if name == "etp" and value is None:
+            if name in ("etp", *_LAYER_COUNTS) and value is None:
                 continue
             if not isinstance(value, int) or value < 1:
                 raise LayoutError(f"{name} must be a positive integer, got {value!r}")
         if self.vpp > 1 and self.pp == 1:
             raise LayoutError(f"vpp{self.vpp} needs pp > 1 (virtual stages interleave real ones)")
+        if self.pp == 1 and (self.first is not None or self.last is not None):
+            raise LayoutError("first/last stage layer counts need pp > 1")
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -77,7 +84,8 @@ class Layout:
         parts = [f"tp{self.tp}"]
         for name in _ORDER[1:]:
             value = getattr(self, name)
-            if value is not None and (value != 1 or name == "etp"):  # etp1 differs from "etp = tp"
+            # etp1 differs from "etp = tp"; a layer count is a count, not a size: first1 is one layer
+            if value is not None and (value != 1 or name in ("etp", *_LAYER_COUNTS)):
                 parts.append(f"{name}{value}")
         return "-".join(parts)
 
@@ -108,6 +116,14 @@ class Layout:
             expert_tensor_parallel_size=self.etp,
         )
 
+    def pipeline_split_kwargs(self) -> dict[str, Any]:
+        """How the layers are split over the pipeline stages (provider fields, not process-group
+        sizes); None = evenly. Always given, so a reload at another layout resets a saved split."""
+        return dict(num_layers_in_first_pipeline_stage=self.first, num_layers_in_last_pipeline_stage=self.last)
+
+    def provider_kwargs(self) -> dict[str, Any]:
+        return {**self.megatron_kwargs(), **self.pipeline_split_kwargs()}
+
     def violations(self, cfg: Mapping[str, Any], *, vocab_padded: bool = False) -> list[str]:
         """Rules this layout breaks for an HF config dict (empty list: the layout is valid).
 
@@ -127,7 +143,9 @@ class Layout:
         vocab = cfg.get("vocab_size")
         if vocab is not None and not vocab_padded and vocab % self.tp:
             problems.append(f"vocab {vocab} not divisible by tp{self.tp} (the vocab is not padded)")
-        if layers is not None and layers % (self.pp * self.vpp):
+        if layers is not None and (self.first is not None or self.last is not None):
+            problems += self._uneven_violations(layers)
+        elif layers is not None and layers % (self.pp * self.vpp):
             what = f"pp{self.pp}" if self.vpp == 1 else f"pp{self.pp} x vpp{self.vpp}"
             problems.append(f"layers {layers} not divisible by {what}")
         if self.ep > 1 or self.etp is not None:
@@ -135,6 +153,23 @@ class Layout:
                 problems.append(f"{self.id} sets expert parallelism but the model has no experts")
             elif experts % self.ep:
                 problems.append(f"experts {experts} not divisible by ep{self.ep}")
+        return problems
+
+    def _uneven_violations(self, layers: int) -> list[str]:
+        """megatron-core's rules for uneven stages (TransformerConfig.__post_init__, "Uneven PP")."""
+        problems, middle_layers, middle_stages = [], layers, self.pp
+        for name in _LAYER_COUNTS:
+            count = getattr(self, name)
+            if count is None:
+                continue
+            if count % self.vpp:
+                problems.append(f"{name}{count}: the {name} stage's layers not divisible by vpp{self.vpp}")
+            middle_layers, middle_stages = middle_layers - count, middle_stages - 1
+        if middle_layers < 0 or bool(middle_layers) != bool(middle_stages):
+            problems.append(f"layers {layers}: {middle_layers} left for {middle_stages} middle stage(s)")
+        elif middle_stages and (middle_layers % middle_stages or (middle_layers // middle_stages) % self.vpp):
+            problems.append(f"layers {layers}: {middle_layers} middle layers do not split evenly over "
+                            f"{middle_stages} stage(s) x vpp{self.vpp}")
         return problems
 
     def format_violations(self, fmt: str) -> list[str]:

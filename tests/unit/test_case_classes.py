@@ -1,6 +1,6 @@
 """The issue-21 case classes: variants generated from the Bridge's tables and the HF config class."""
 
-from harness.matrix import case_classes, model_spec
+from harness.matrix import case_classes, family_registry, model_spec
 from harness.matrix.cases import CaseSet, load_cases_once
 
 
@@ -41,8 +41,8 @@ def test_every_class_has_cases_and_the_default_set_one_per_class_but_uneven_pipe
         for klass in case_classes.classes_of(case):
             seen[klass.key] |= case.sets
     missing = {key for key, sets in seen.items() if "default" not in sets}
-    # Not built yet (see the README's case-class table): RoPE scaling types and hybrid patterns.
-    assert missing <= {"rope", "hybrid"}, missing
+    # Not built yet (see the README's case-class table): hybrid layer patterns.
+    assert missing <= {"hybrid"}, missing
 
 
 def test_case_ids_of_generated_variants_are_stable():
@@ -65,3 +65,34 @@ def test_the_run_page_counts_a_runs_cases_per_family_and_class():
     assert (by_key["switches"].cases, by_key["switches"].passed) == (1, 1)
     assert (by_key["config-export"].cases, by_key["config-export"].passed) == (1, 0)
     assert by_key["repeated-export"].text == "1/1" and by_key["rope"].text == ""
+
+
+def test_rope_types_come_from_the_bridge_and_need_plain_rope():
+    llama = family_registry.get_family("llama")
+    assert case_classes.bridge_rope_types(llama.architecture.module) >= {"yarn", "llama3", "linear"}
+    variants = case_classes.rope_variants(model_spec.ModelSpec(family="llama").hf_config, "LlamaConfig", llama.architecture.module)
+    assert variants["rope-llama3"]["rope_parameters"]["rope_type"] == "llama3"
+    assert variants["rope-yarn"]["rope_parameters"]["original_max_position_embeddings"] == 64
+    assert variants["rope-partial"]["rope_parameters"]["partial_rotary_factor"] == case_classes.PARTIAL_ROTARY
+    gpt_oss = family_registry.get_family("gpt-oss")  # already YaRN: no further variants
+    assert case_classes.rope_variants(model_spec.ModelSpec(family="gpt-oss").hf_config, "GptOssConfig", gpt_oss.architecture.module) == {}
+
+
+def test_uneven_stages_are_part_of_the_layout_id_and_follow_megatron_core_rules():
+    from harness.matrix.layouts import Layout, LayoutError
+
+    first = Layout.parse("tp1-pp2-first1")
+    assert first.id == "tp1-pp2-first1" and first.first == 1 and first.last is None
+    assert first.violations({"num_hidden_layers": 3}) == []
+    assert Layout.parse("tp1-pp2").violations({"num_hidden_layers": 3})  # 3 layers need an uneven split
+    assert Layout.parse("tp1-pp2-vpp2-first2").violations({"num_hidden_layers": 3})  # 1 middle layer, vpp2
+    assert Layout.parse("tp1-pp2-first3").violations({"num_hidden_layers": 3})  # nothing left for the last stage
+    assert first.pipeline_split_kwargs() == {"num_layers_in_first_pipeline_stage": 1,
+                                             "num_layers_in_last_pipeline_stage": None}
+    assert "num_layers_in_first_pipeline_stage" not in first.megatron_kwargs()  # not a process-group size
+    try:
+        Layout.parse("tp1-first1")
+    except LayoutError:
+        pass
+    else:
+        raise AssertionError("a stage layer count without PP must be refused")
