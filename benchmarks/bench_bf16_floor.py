@@ -20,11 +20,11 @@ def floor(family: str, batches: int) -> dict[str, float]:
 
     from harness.checks.logits import logit_metrics
     from harness.conversion.forward import fixed_batch
-    from harness.matrix import zoo
+    from harness.matrix import checkpoint_builder, model_spec
     from harness.matrix.hf_reference import pure_torch_reference
 
-    spec = zoo.ModelSpec.parse(f"{family}@bf16")
-    hf_dir = zoo.materialize(spec)
+    spec = model_spec.ModelSpec.parse(f"{family}@bf16")
+    hf_dir = checkpoint_builder.materialize(spec)
     with pure_torch_reference():
         fp32 = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
         bf16 = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16, attn_implementation="eager").eval()

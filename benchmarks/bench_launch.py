@@ -22,7 +22,7 @@ import time
 from tabulate import tabulate
 
 from harness import workspace
-from harness.execution import launch
+from harness.execution import rank_launcher
 from harness.execution.run_dir import Plan, RunDir
 from harness.matrix.cases import load_cases
 from harness.run_spec import RunSpec
@@ -40,7 +40,7 @@ def naive_one(case, run: RunDir) -> tuple[str, float]:
     plan = run.write_plan(Plan(spec=RunSpec(cases=[case], lane="cpu"), run_dir=str(run.path), group=group,
                                collective_timeout_s=case.timeout_s + 60))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "-m", "harness.execution.worker", "--plan", str(plan)]
+           "-m", "harness.execution.rank_worker", "--plan", str(plan)]
     start = time.monotonic()
     subprocess.run(cmd, check=False, capture_output=True, cwd=workspace.REPO_ROOT)
     elapsed = time.monotonic() - start
@@ -60,8 +60,8 @@ def main() -> int:
     spec = RunSpec(lane="cpu")
 
     matrix, matrix_s = ([], 0.0) if args.skip_matrix else timed(
-        lambda: launch.run_cases(spec.with_cases(cases), RunDir(run / "matrix")))
-    grouped, grouped_s = timed(lambda: launch.run_cases(spec.with_cases(ws1), RunDir(run / "ws1-grouped")))
+        lambda: rank_launcher.run_cases(spec.with_cases(cases), RunDir(run / "matrix")))
+    grouped, grouped_s = timed(lambda: rank_launcher.run_cases(spec.with_cases(ws1), RunDir(run / "ws1-grouped")))
     naive_cases = ws1[: args.naive_limit] if args.naive_limit else ws1
     naive = [naive_one(c, RunDir(run / "ws1-naive")) for c in naive_cases]
     naive_s = sum(t for _, t in naive)
@@ -70,7 +70,7 @@ def main() -> int:
     per_naive = naive_s / len(naive)
     if args.jobs:
         concurrent_spec = RunSpec(cases=ws1, lane="cpu", jobs=args.jobs)
-        concurrent, concurrent_s = timed(lambda: launch.run_cases(concurrent_spec, RunDir(run / "ws1-jobs")))
+        concurrent, concurrent_s = timed(lambda: rank_launcher.run_cases(concurrent_spec, RunDir(run / "ws1-jobs")))
     doc = {
         **({} if args.skip_matrix else {"default_cpu_matrix": {"cases": len(cases), "wall_s": round(matrix_s, 1),
                                                                "passed": sum(r.status == "pass" for r in matrix)}}),

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from harness import workspace
 from harness.errors import InputError
-from harness.execution import service
+from harness.execution import run_service
 from harness.matrix import cases as cases_mod
 from harness.reporting import run_document, run_report
 from harness.results import INFRA_ERROR, OK_STATUSES, SKIP, CaseResult
@@ -99,7 +99,7 @@ def _execute(spec: RunSpec, raw_exit: bool = False) -> int:
     ``raw_exit`` from the statuses alone."""
     from harness.regression import golden
 
-    outcome = service.run_selection(spec)
+    outcome = run_service.run_selection(spec)
     run_report.write_outcome(outcome)
     results = outcome.results
     print(run_report.table(results))
@@ -347,7 +347,7 @@ def cmd_mutants(args: argparse.Namespace) -> int:
     bridge = next((t for t in trees if t.kind == "megatron-bridge"), None)
     package = mutants.bridge_package(bridge)
     selected = [c for c in _load(args).select(expr=args.k, lane=args.lane, set_name=args.set)
-                if not c.invalid_reason and not service.not_runnable_here(c, args.lane)]
+                if not c.invalid_reason and not run_service.not_runnable_here(c, args.lane)]
     files = args.file or [*mutants.DEFAULT_FILES, *sorted({f"models/{c.model.family_def.architecture.module}"
                                                             for c in selected})]
     generated = []

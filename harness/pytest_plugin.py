@@ -8,7 +8,7 @@ repository root, and ``pytest --pyargs harness.pytest_matrix`` runs the matrix f
 Collection parametrizes ``matrix_case`` from ``cases/*.yaml`` with marks ``cpu``/``gpu`` (lane)
 and ``slow`` (cases only in the full, nightly set). Running is lazy and grouped: the first test of
 a (lane, world size) group runs *every selected test of that group* through the same service as
-the CLI (``harness.execution.service``), so ``-k``/``-m`` selections still pay the import cost once
+the CLI (``harness.execution.run_service``), so ``-k``/``-m`` selections still pay the import cost once
 per group and every group leaves a complete run folder. Under pytest-xdist, ``xdist_group`` marks
 keep a group on one worker (``--dist loadgroup``). ``--ranks-per-gpu N`` and ``--harness-jobs N``
 (``add_options``) are the CLI's ``--ranks-per-gpu`` and ``--jobs``.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness.errors import InputError
-from harness.execution import service
+from harness.execution import run_service
 from harness.matrix.cases import Case, CaseSet, load_cases_once
 from harness.reporting import run_report
 from harness.results import CaseResult
@@ -89,7 +89,7 @@ class MatrixRunner:
     session: pytest.Session
     case_set: CaseSet = field(default_factory=load_cases_once)
     results: dict[tuple[str, str], CaseResult] = field(default_factory=dict)
-    runs: dict[tuple[str, int], service.RunOutcome] = field(default_factory=dict)
+    runs: dict[tuple[str, int], run_service.RunOutcome] = field(default_factory=dict)
 
     def selected(self) -> list[tuple[str, str]]:
         out = []
@@ -101,7 +101,7 @@ class MatrixRunner:
 
     def skip_reason(self, lane: str, case_id: str) -> str:
         """Why this machine cannot run the case (e.g. the GPU lane without enough GPUs)."""
-        return service.not_runnable_here(self.case_set.get(case_id), lane, placement=placement(self.session.config))
+        return run_service.not_runnable_here(self.case_set.get(case_id), lane, placement=placement(self.session.config))
 
     def result(self, lane: str, case_id: str) -> CaseResult:
         key = (lane, case_id)
@@ -120,7 +120,7 @@ class MatrixRunner:
         spec = RunSpec(cases=group, lane=lane, label=f"pytest-{lane}-ws{world_size}",
                        placement=placement(config) if lane == lanes.GPU else lanes.Placement(),
                        jobs=config.getoption("--harness-jobs", 1))
-        outcome = service.run_selection(spec, stream=None)
+        outcome = run_service.run_selection(spec, stream=None)
         run_report.write_outcome(outcome)
         self.runs[(lane, world_size)] = outcome
         for result in outcome.results:

@@ -23,6 +23,13 @@ FAILED = (FAIL, *CRASHED)  # ran and did not pass: what golden/ can pin as a kno
 # verdict on the code under test, and never something golden/ pins.
 NOT_RUN_HERE = (SKIP, INFRA_ERROR)
 
+# What kind of crash an ERROR was (``CaseResult.cause``), recorded by the code that saw it, so no
+# reader has to guess it from the error text. NO_CASE_STARTED: the ranks died before running any
+# case (the stack did not import, or came from the wrong tree: ``rank_worker.import_stack``);
+# IMPORT_ERROR: the case raised ImportError or SyntaxError on a rank (e.g. an API its code path imports
+# lazily); a peer's is carried to rank 0's result with its exception (``rank_launcher``).
+NO_CASE_STARTED, IMPORT_ERROR = "no-case-started", "import-error"
+
 # Gate verdicts (``harness.regression.gate`` decides them; reports render them): a case judged
 # against golden/ and a baseline, and INCOMPATIBLE for a candidate that cannot even start.
 V_PASS, REGRESSED, FIXED, STILL_FAILING, NOT_RUN = "PASS", "REGRESSED", "FIXED", "STILL-FAILING", "NOT-RUN"
@@ -98,6 +105,7 @@ class CaseResult:
     lane: str = "cpu"
     # format -> {key: [shape, dtype, sha256 of the bytes]}, plus "logits" -> metrics; for golden/
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""  # an ERROR's kind where known: NO_CASE_STARTED, IMPORT_ERROR; else ''
 
     @property
     def failed_checks(self) -> list[str]:

@@ -5,7 +5,7 @@ Every entry point (``harness run`` / ``matrix`` / ``gate`` / ``bisect-step`` / `
 ranks read that same object. The ranks get it through the run plan (``run_dir.Plan``: the spec
 with the launch's own cases, plus the launch's group, folder and collective timeout), as JSON
 data, whole ``Case`` objects included, so a rank never expands ``cases/`` itself. What
-``results.json`` records as ``meta`` is built from it in one place (``service.RunMeta.of``).
+``results.json`` records as ``meta`` is built from it in one place (``run_service.RunMeta.of``).
 
 Bottom floor: shared vocabulary, importing only ``harness.matrix`` and ``harness.workspace``.
 """
@@ -62,7 +62,7 @@ class RunSpec:
     source_trees: list[SourceTree] = field(default_factory=list)  # ahead of the installed wheels
     cases_dir: Path = workspace.CASES_DIR  # the case files the cases were selected from (coverage)
     placement: lanes.Placement = field(default_factory=lanes.Placement)  # GPU lane: ranks per GPU
-    jobs: int = 1  # concurrent launches per world size (harness.execution.launch)
+    jobs: int = 1  # concurrent launches per world size (harness.execution.rank_launcher)
 
     def __post_init__(self) -> None:
         if self.faults and not self.fault_provider:

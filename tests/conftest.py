@@ -16,7 +16,7 @@ def environ_restored():
     model's backend. A test that builds one in-process must not leave them to later tests, nor to
     the matrix's workers, which inherit this process's environment (a llama build, backend auto,
     set NVTE_FUSED_ATTN=1; every gemma case, backend flash, then crashed). The worker restores the
-    environment after each case itself (runner.restored_environ); module- and session-scoped
+    environment after each case itself (case_executor.restored_environ); module- and session-scoped
     fixtures that build models keep it themselves (they set up outside this fixture)."""
     with mock.patch.dict(os.environ):
         yield

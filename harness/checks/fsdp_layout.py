@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from harness.formats import megatron_keys as keys
 from harness.formats.megatron import FsdpDtensorCheckpoint
-from harness.matrix.zoo import config_has_gdn, config_num_experts
+from harness.matrix.model_spec import config_has_gdn, config_num_experts
 from harness.results import CheckResult
 
 OPTIMIZER_DEPTH = keys.OPTIMIZER_DEPTH

@@ -29,6 +29,7 @@ import contextlib
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 import torch
 from torch import nn
@@ -141,17 +142,15 @@ def cuda_free_handlers(model: nn.Module) -> Iterator[None]:
     its own name); everything is removed on exit."""
     import megatron.core.transformer.fsdp_dtensor_checkpoint as handlers
 
-    original = handlers.make_fsdp_dtensor
     tagged = []
     for name, param in model.named_parameters():
         param.megatron_fsdp_slice = slice(0, param.numel())
         param.megatron_fsdp_dist_index = _FakeDistIndex(_canonical(name))
         tagged.append(param)
-    handlers.make_fsdp_dtensor = _fake_make_fsdp_dtensor
     try:
-        yield
+        with mock.patch.object(handlers, "make_fsdp_dtensor", _fake_make_fsdp_dtensor):
+            yield
     finally:
-        handlers.make_fsdp_dtensor = original
         for param in tagged:
             del param.megatron_fsdp_slice, param.megatron_fsdp_dist_index
 

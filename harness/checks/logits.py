@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.results import CheckResult
 from harness.matrix.lanes import GPU
 

@@ -4,6 +4,6 @@
 * ``megatron_fsdp``: the Megatron-FSDP steps (build, fsdp_dtensor save, audit, strict reload);
 * ``forward``: comparable logits from HF and from Megatron (all pipeline stages, TP gathered);
 * ``routes``: one route per case path, composing the steps and the checks;
-* ``runner``: runs one case inside a rank and packages its ``CaseResult``;
+* ``case_executor``: runs one case inside a rank and packages its ``CaseResult``;
 * ``zoo_audit``: does the zoo exercise every config mapping of the bridge (tests only).
 """

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.runtimes.base import Runtime
 
 SENTINEL = float("nan")

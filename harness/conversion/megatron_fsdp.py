@@ -31,7 +31,7 @@ from harness.conversion import bridge_calls
 from harness.errors import InputError
 from harness.formats import megatron_keys
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.results import CheckResult
 from harness.runtimes.base import Runtime
 

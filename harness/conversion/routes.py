@@ -35,9 +35,10 @@ import torch.distributed as dist
 from harness.checks import config_export, generation, load_coverage, logits, provider_parity, tensors
 from harness.conversion import bridge_calls, forward
 from harness.formats import hf as hf_format
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder
 from harness.matrix.cases import Case
 from harness.matrix.layouts import Layout
+from harness.matrix.model_spec import ModelSpec
 from harness.results import CheckResult
 from harness.matrix import lanes
 from harness.runtimes.base import Runtime
@@ -79,12 +80,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def materialize_model(spec: zoo.ModelSpec) -> Path:
+def materialize_model(spec: ModelSpec) -> Path:
     """Rank 0 builds the tiny checkpoint (once, cached); the others wait for it."""
     if rank() == 0:
-        zoo.materialize(spec)
+        checkpoint_builder.materialize(spec)
     barrier()
-    return zoo.materialize(spec)  # already built: returns the path
+    return checkpoint_builder.materialize(spec)  # already built: returns the path
 
 
 def gather_logits(local: torch.Tensor | None) -> torch.Tensor:

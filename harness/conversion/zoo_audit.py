@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 
 # Mapped fields no check can observe, whatever their value: weights are loaded, never drawn
 # from the initialiser; dropout is off in eval mode; auxiliary losses exist only in training.

@@ -199,8 +199,19 @@ class RunDir:
             return None
         return CaseResult.from_dict(json.loads(file.read_text()))
 
-    def write_rank_error(self, case_id: str, rank: int, text: str) -> None:
+    def write_rank_error(self, case_id: str, rank: int, text: str, cause: str = "") -> None:
+        """A non-zero rank's own error in a case, and its ``CaseResult.cause`` when it has one."""
         workspace.atomic_write_text(self.path / "cases" / f"{workspace.slug(case_id)}.rank{rank}.err", text)
+        if cause:
+            workspace.atomic_write_text(self._rank_cause_file(case_id, rank), cause)
+
+    def rank_error_cause(self, case_id: str, rank: int) -> str:
+        """The cause a non-zero rank recorded with its error in a case ('' if none)."""
+        file = self._rank_cause_file(case_id, rank)
+        return file.read_text() if file.exists() else ""
+
+    def _rank_cause_file(self, case_id: str, rank: int) -> Path:
+        return self.path / "cases" / f"{workspace.slug(case_id)}.rank{rank}.cause"
 
     def rank_errors(self, case_id: str) -> list[tuple[int, str]]:
         """``(rank, traceback)`` of every non-zero rank that recorded its own error in a case."""

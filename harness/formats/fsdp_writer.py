@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from harness.formats import megatron_keys as keys
-from harness.matrix.zoo import config_has_gdn
+from harness.matrix.model_spec import config_has_gdn
 
 
 @dataclass(frozen=True)

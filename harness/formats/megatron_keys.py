@@ -311,7 +311,7 @@ def join_order(canonical_key: str) -> tuple[str, ...]:
 
 def gdn_split_sizes(hf_config: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """in_proj and conv1d part sizes along dim 0, as the GDN handler computes them (TP = 1), for
-    a config with GDN layers (``harness.matrix.zoo.config_has_gdn``)."""
+    a config with GDN layers (``harness.matrix.model_spec.config_has_gdn``)."""
     qk = hf_config["linear_num_key_heads"] * hf_config["linear_key_head_dim"]
     v = hf_config["linear_num_value_heads"] * hf_config["linear_value_head_dim"]
     nvh = hf_config["linear_num_value_heads"]

@@ -37,8 +37,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, Va
 
 from harness import workspace
 from harness.errors import InputError, load_yaml
-from harness.matrix import bridge_registry, zoo
+from harness.matrix import bridge_registry, family_registry
 from harness.matrix.case_classes import SWEEPS, FamilyFacts
+from harness.matrix.family_registry import Family, get_family
+from harness.matrix.model_spec import ModelSpec, validate_overrides
 from harness.matrix.layouts import Layout
 from harness.matrix import lanes as lane_rules
 
@@ -92,7 +94,7 @@ class UnknownCaseError(InputError, KeyError):
 class Case:
     """One runnable case: a model, where it is split, and which conversion path it takes."""
 
-    model: zoo.ModelSpec
+    model: ModelSpec
     layout: Layout
     path: str  # key of PATHS
     sets: frozenset[str]
@@ -142,7 +144,7 @@ class Case:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Case":
         load = data.get("load_layout")
-        return cls(model=zoo.ModelSpec.from_dict(data["model"]), layout=Layout.from_dict(data["layout"]),
+        return cls(model=ModelSpec.from_dict(data["model"]), layout=Layout.from_dict(data["layout"]),
                    path=data["path"], sets=frozenset(data["sets"]), timeout_s=float(data["timeout_s"]),
                    source=data.get("source", ""), load_layout=Layout.from_dict(load) if load is not None else None,
                    tag=data.get("tag", ""), invalid_reason=data.get("invalid_reason", ""),
@@ -166,8 +168,8 @@ class Case:
         return max(sizes)
 
     @property
-    def family(self) -> zoo.Family:
-        return zoo.get_family(self.model.family)
+    def family(self) -> Family:
+        return get_family(self.model.family)
 
     @property
     def lanes(self) -> tuple[str, ...]:
@@ -400,11 +402,11 @@ def expand_entry(entry: CaseEntry, source: str, index: int) -> list[Case]:
     every_family = entry.every_family
     if every_family:
         variant = families[0].partition("@")[2]  # '*@bf16': every family at its bf16 variant
-        families = [f"{name}@{variant}" if variant else name for name in zoo.families()]
+        families = [f"{name}@{variant}" if variant else name for name in family_registry.families()]
     models = []
     for name in families:
         try:
-            models.append(zoo.ModelSpec.parse(name))
+            models.append(ModelSpec.parse(name))
         except KeyError as err:
             raise _field_error(source, f"{where}.families", str(err).strip('"')) from None
     if entry.where is not None:
@@ -451,7 +453,7 @@ def expand_entry(entry: CaseEntry, source: str, index: int) -> list[Case]:
     return cases
 
 
-def _refused_by_the_bridge(model: zoo.ModelSpec, layout: Layout) -> list[str]:
+def _refused_by_the_bridge(model: ModelSpec, layout: Layout) -> list[str]:
     """Parallel dimensions the family's bridge (or megatron-core for it) refuses by design
     (``families.yaml``); expert TP counts as TP where the layout leaves it unset."""
     def size(dim: str) -> int:
@@ -461,8 +463,8 @@ def _refused_by_the_bridge(model: zoo.ModelSpec, layout: Layout) -> list[str]:
     return [f"{dim}{size(dim)}: {why}" for dim, why in model.family_def.unsupported_parallelism.items() if size(dim) > 1]
 
 
-def _with_variants(models: list[zoo.ModelSpec], variants: dict[str, dict[Any, Any]], source: str,
-                   where: str) -> list[zoo.ModelSpec]:
+def _with_variants(models: list[ModelSpec], variants: dict[str, dict[Any, Any]], source: str,
+                   where: str) -> list[ModelSpec]:
     """family x named override sets -> ModelSpecs ``family@name``, each validated against the
     family's HF config class (an unknown field or a rejected value names file and field)."""
     out = []
@@ -470,19 +472,19 @@ def _with_variants(models: list[zoo.ModelSpec], variants: dict[str, dict[Any, An
         if model.variant:
             raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
         for name, overrides in variants.items():
-            if name in zoo.get_family(model.family).variants:
+            if name in get_family(model.family).variants:
                 raise _field_error(source, f"{where}.{name}", f"clashes with the zoo variant {model.family}@{name}")
-            spec = zoo.ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
+            spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
             try:
-                zoo.validate_overrides(spec)
+                validate_overrides(spec)
             except ValueError as err:
                 raise _field_error(source, f"{where}.{name}", str(err)) from None
             out.append(spec)
     return out
 
 
-def _with_sweep(models: list[zoo.ModelSpec], sweep: str, source: str, where: str) -> list[zoo.ModelSpec]:
-    """family x generated variants (``harness.matrix.coincidences``): ``family@<coincidence>``."""
+def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) -> list[ModelSpec]:
+    """family x generated variants (``harness.matrix.case_classes.SWEEPS``): ``family@<variant>``."""
     out = []
     for model in models:
         if model.variant:
@@ -490,8 +492,8 @@ def _with_sweep(models: list[zoo.ModelSpec], sweep: str, source: str, where: str
         family = model.family_def
         facts = FamilyFacts(model.hf_config, family.hf_config_class, family.architecture.module)
         for name, overrides in SWEEPS[sweep][1](facts).items():
-            spec = zoo.ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
-            zoo.validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
+            spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
+            validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
             out.append(spec)
     return out
 
@@ -529,7 +531,7 @@ _EXPANDED: dict[tuple[str, tuple[tuple[str, str], ...], str], list[Case]] = {}
 def load_cases_once(directory: Path | None = None) -> CaseSet:
     """``load_cases``, expanded once per process: the CLI's selection and its run's summary
     (the coverage section), the pytest plugin and every gate report share one expansion. Keyed on
-    the folder, the text of its files and the Bridge in use (``zoo.families``), so an edited file
+    the folder, the text of its files and the Bridge in use (``family_registry.families``), so an edited file
     or another Bridge expands again; an error is never kept. Each call gets its own ``CaseSet``
     (the ``Case`` objects, frozen, are shared)."""
     directory = directory or workspace.CASES_DIR

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from harness.matrix.zoo import config_num_experts
+from harness.matrix.model_spec import config_num_experts
 
 Config = Mapping[str, Any]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from typing import Any, Iterator
+from unittest import mock
 
 # module -> {global: value meaning "not installed"} (the values transformers itself uses then).
 CUDA_ONLY_FAST_PATHS: dict[str, dict[str, Any]] = {
@@ -28,8 +29,7 @@ CUDA_ONLY_FAST_PATHS: dict[str, dict[str, Any]] = {
 @contextlib.contextmanager
 def pure_torch_reference() -> Iterator[None]:
     """Build HF models inside this block: they take transformers' pure-torch code paths."""
-    saved: list[tuple[Any, str, Any]] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for module_path, values in CUDA_ONLY_FAST_PATHS.items():
             try:
                 module = importlib.import_module(module_path)
@@ -37,9 +37,5 @@ def pure_torch_reference() -> Iterator[None]:
                 continue
             for name, value in values.items():
                 if hasattr(module, name):
-                    saved.append((module, name, getattr(module, name)))
-                    setattr(module, name, value)
+                    stack.enter_context(mock.patch.object(module, name, value))
         yield
-    finally:
-        for module, name, original in reversed(saved):
-            setattr(module, name, original)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from harness.matrix.cases import Case
     from harness.matrix.layouts import Layout
-    from harness.matrix.zoo import ModelSpec
+    from harness.matrix.model_spec import ModelSpec
 
 CPU, GPU = "cpu", "gpu"
 LANES = (CPU, GPU)

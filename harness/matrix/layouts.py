@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
-from harness.matrix.zoo import config_num_experts
+from harness.matrix.model_spec import config_num_experts
 
 # Megatron-FSDP builds its device mesh over the whole world as (dp_cp, ep, tp)
 # (megatron/core/distributed/fsdp/mcore_fsdp_adapter.py _get_dp_tp_mesh, megatron-core 0.19.2), so

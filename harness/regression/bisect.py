@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from harness.errors import InputError
-from harness.execution import service
+from harness.execution import run_service
 from harness.execution.source_trees import History, worktree
 from harness.regression.root_causes import Bisection, Commit, normalise
 from harness.reporting import run_report
-from harness.results import CRASHED, INFRA_ERROR, PASS, SKIP
+from harness.results import CRASHED, IMPORT_ERROR, INFRA_ERROR, NO_CASE_STARTED, PASS, SKIP
 from harness.run_spec import RunSpec, SourceTree
 
 EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128
-IMPORT_FAILURE = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError",
-                  "before running any case", "was imported from")
+# The causes of a crash (``CaseResult.cause``, recorded by the launcher and the rank) that mean the
+# tree cannot be imported: that commit says nothing about the case.
+IMPORT_FAILURE = (NO_CASE_STARTED, IMPORT_ERROR)
 
 # What a bisection looks for: git's terms for the commits before and after the change.
 REGRESSION = ("good", "bad")  # the first commit at which the case fails
@@ -67,18 +68,18 @@ class Step:
         return [Step(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
 
 
-def step_exit_code(status: str, error: str, headline: str = "", tracked: str = "") -> int:
-    """Good, bad, skip or abort for one step's case. An import failure is a skip (that commit
-    cannot say anything about the case), unless it *is* the failure being tracked: ``tracked`` is
-    that failure's headline, normalised (``root_causes.normalise``), e.g. an API break that only
-    the case's own code path imports."""
+def step_exit_code(status: str, cause: str = "", headline: str = "", tracked: str = "") -> int:
+    """Good, bad, skip or abort for one step's case (``cause``: its ``CaseResult.cause``). An
+    import failure is a skip (that commit cannot say anything about the case), unless it *is* the
+    failure being tracked: ``tracked`` is that failure's headline, normalised
+    (``root_causes.normalise``), e.g. an API break that only the case's own code path imports."""
     if status == PASS:
         return EXIT_GOOD
     if status == INFRA_ERROR:
         return EXIT_ABORT
     if tracked and normalise(headline) == tracked:
         return EXIT_BAD
-    if status == SKIP or (status in CRASHED and any(marker in error for marker in IMPORT_FAILURE)):
+    if status == SKIP or (status in CRASHED and cause in IMPORT_FAILURE):
         return EXIT_SKIP
     return EXIT_BAD
 
@@ -90,21 +91,21 @@ def case_step(spec: RunSpec, tracked: str = "") -> Callable[[list[SourceTree]], 
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
         step = replace(spec, label=f"bisect-step-{_shas(trees)}", source_trees=list(trees))
-        outcome = service.run_selection(step, stream=None)
+        outcome = run_service.run_selection(step, stream=None)
         run_report.write_outcome(outcome)  # each step's run folder, as any run's
         result = outcome.results[0]
-        code = step_exit_code(result.status, result.error, result.headline, normalise(tracked) if tracked else "")
+        code = step_exit_code(result.status, result.cause, result.headline, normalise(tracked) if tracked else "")
         return Step(sha="", status=result.status, exit=code, failing=result.headline,
                     seconds=round(time.monotonic() - started, 1))
     return run
 
 
 def import_step(lane: str) -> Callable[[list[SourceTree]], Step]:
-    """A step that only asks whether a rank can import the stack (``service.import_problem``):
+    """A step that only asks whether a rank can import the stack (``run_service.import_problem``):
     good if it can, bad if not. It finds the commit that made a tree incompatible."""
     def run(trees: list[SourceTree]) -> Step:
         started = time.monotonic()
-        problem = service.import_problem(RunSpec(lane=lane, source_trees=trees))
+        problem = run_service.import_problem(RunSpec(lane=lane, source_trees=trees))
         return Step(sha="", status="pass" if not problem else "error",
                     exit=EXIT_BAD if problem else EXIT_GOOD, failing=problem,
                     seconds=round(time.monotonic() - started, 1))

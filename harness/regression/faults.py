@@ -53,11 +53,8 @@ def patched(target: str, attribute: str, replacement: Any) -> Iterator[Any]:
     if class_name:
         owner = getattr(owner, class_name)
     original = getattr(owner, attribute)
-    setattr(owner, attribute, replacement)
-    try:
+    with mock.patch.object(owner, attribute, replacement):
         yield original
-    finally:
-        setattr(owner, attribute, original)
 
 
 def parse(spec: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ submodule), run in a throw-away worktree. With a git ref the gate then bisects e
 the baseline and the candidate on the cause's representative case (``bisect``): the first bad
 commit of a regression, the first good commit of a fix, within ``--bisect-budget`` seconds.
 
-INCOMPATIBLE: before any case, a rank's imports are tried once (``service.import_problem``). A
+INCOMPATIBLE: before any case, a rank's imports are tried once (``run_service.import_problem``). A
 candidate that cannot import the stack, or breaks an attribute the harness's runtime or the
 Bridge uses at import, gets one verdict line naming it (and, with a git baseline, the commit that
 broke it) instead of one ERROR per case.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, TextIO
 
 from harness.errors import InputError
-from harness.execution import service, source_trees
+from harness.execution import run_service, source_trees
 from harness.execution.source_trees import History
 from harness.regression import bisect, golden
 from harness.regression.root_causes import Bisection, RootCause, exception_type, group, normalise
@@ -111,7 +111,7 @@ def _tree_args(trees: Iterable[SourceTree]) -> list[str]:
 
 @dataclass
 class GateOutcome:
-    run: service.RunOutcome  # the candidate's run folder (summary.md, index.html); no case in it if INCOMPATIBLE
+    run: run_service.RunOutcome  # the candidate's run folder (summary.md, index.html); no case in it if INCOMPATIBLE
     verdicts: list[Verdict]
     root_causes: tuple[RootCause, ...] = ()  # REGRESSED causes, then FIXED ones (or the one INCOMPATIBLE)
 
@@ -163,7 +163,7 @@ def baseline_results(baseline: Baseline, request: RunSpec, stream=None) -> dict[
         return baseline.run
     with baseline.history.trees_at(baseline.commit) as trees:
         base = replace(request, label=f"baseline-{baseline.ref}", source_trees=trees)
-        outcome = service.run_selection(base, stream=stream)
+        outcome = run_service.run_selection(base, stream=stream)
         run_report.write_outcome(outcome)
         return {r.case_id: r for r in outcome.results}
 
@@ -173,7 +173,7 @@ def incompatible_cause(problem: str, request: RunSpec) -> RootCause:
     kind = exception_type(problem)
     return RootCause(verdict=INCOMPATIBLE, signature=normalise(problem), check=kind or "import", tensor="",
                      detail=problem, case_ids=tuple(c.id for c in request.cases), families=(), layouts=(), paths=(),
-                     representative="(import probe)", rerun="python -m harness.execution.worker --probe '[...]'")
+                     representative="(import probe)", rerun="python -m harness.execution.rank_worker --probe '[...]'")
 
 
 def bisect_causes(causes: tuple[RootCause, ...], walked: History, baseline_ref: str, baseline: dict[str, CaseResult],
@@ -224,7 +224,7 @@ def run_gate(request: RunSpec, baseline_ref: str | None = None, stream: TextIO |
     walked = base.history if base is not None and base.commit else None  # set: bisect from base.commit
 
     say("harness: checking that the candidate imports (the stack as a rank imports it)")
-    problem = service.import_problem(request)
+    problem = run_service.import_problem(request)
     if problem:
         cause = incompatible_cause(problem, request)
         if walked is not None:
@@ -234,12 +234,12 @@ def run_gate(request: RunSpec, baseline_ref: str | None = None, stream: TextIO |
         else:
             found = Bisection.not_tried("first bad", "give --baseline GIT_REF to find the commit")
         cause = replace(cause, bisection=found)
-        empty = service.run_selection(replace(request, cases=[]), stream=None)
+        empty = run_service.run_selection(replace(request, cases=[]), stream=None)
         run_report.write_outcome(empty, verdicts={}, verdict_order=ORDER, root_causes=(cause,))
         return GateOutcome(run=empty, verdicts=[], root_causes=(cause,))
 
     baseline = baseline_results(base, request, stream) if base is not None else None
-    candidate = service.run_selection(request, stream=stream)
+    candidate = run_service.run_selection(request, stream=stream)
     run_report.write_outcome(candidate)  # a plain run folder now; the verdicts are added once judged and bisected
     verdicts = judge_all(candidate.results, baseline)
     causes = regressed_causes(candidate.results, verdicts, request.source_trees) + fixed_causes(

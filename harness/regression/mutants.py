@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import yaml
 
 from harness import workspace
-from harness.execution import service
+from harness.execution import run_service
 from harness.execution.source_trees import validate
 from harness.matrix.cases import Case
 from harness.reporting import run_report
@@ -345,7 +345,7 @@ def sample(mutants: list[Mutant], per_file: int | None, seed: int) -> list[Mutan
 
 @dataclass
 class MutantsOutcome:
-    baseline: service.RunOutcome
+    baseline: run_service.RunOutcome
     results: list[MutantResult] = field(default_factory=list)
 
     @property
@@ -373,7 +373,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
         tree = validate("megatron-bridge", tmp)
         trees = [t for t in other_trees if t.kind != "megatron-bridge"] + [tree]
         say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s)")
-        baseline = service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees))
+        baseline = run_service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees))
         run_report.write_outcome(baseline)
         passing = {r.case_id for r in baseline.results if r.status == PASS}
         outcome = MutantsOutcome(baseline=baseline)
@@ -399,7 +399,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
                 # One-rank cases first (one launch, and most mutants die there); the rest only if it survives.
                 for stage in ([c for c in on if c.world_size == 1], [c for c in on if c.world_size > 1]):
                     if stage and not killers:
-                        run = service.run_selection(RunSpec(cases=stage, lane=lane, label=f"mutant-{i}",
+                        run = run_service.run_selection(RunSpec(cases=stage, lane=lane, label=f"mutant-{i}",
                                                             source_trees=trees), stream=None)
                         run_report.write_outcome(run)  # a killer's or a survivor's run, to read
                         killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from harness.execution import service
+from harness.execution import run_service
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import faults
 from harness.reporting import run_report
@@ -191,7 +191,7 @@ def document(rows: list[Row], clean_bad: list[str], lane: str) -> dict[str, Any]
 
 @dataclass
 class SelftestOutcome:
-    run: service.RunOutcome
+    run: run_service.RunOutcome
     rows: list[Row]
     false_positives: list[str]
 
@@ -209,7 +209,7 @@ def run_selftest(case_set: CaseSet, spec: RunSpec, only: list[str] | None = None
     """Run every (regression, case) pair and the clean cases in one run (``spec``'s lane, label,
     trees, placement, jobs; this fills in the cases and the faults); write selftest.json/.md."""
     selected, fault_specs = plan(case_set, spec.lane, only)
-    outcome = service.run_selection(replace(spec, cases=selected, faults=fault_specs, fault_provider=faults.PROVIDER),
+    outcome = run_service.run_selection(replace(spec, cases=selected, faults=fault_specs, fault_provider=faults.PROVIDER),
                                     stream=stream)
     run_report.write_outcome(outcome)
     rows, clean_bad = evaluate({r.case_id: r for r in outcome.results}, spec.lane, only)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from harness.matrix import bridge_registry, case_classes, zoo
+from harness.matrix import bridge_registry, case_classes, family_registry
 from harness.matrix.cases import Case, CaseSet
 from harness.regression import golden
 from harness.results import FAILED, PASS, SKIP, CaseResult
@@ -124,7 +124,7 @@ def coverage(case_set: CaseSet, outcomes: Mapping[str, Mapping[str, Outcome]]) -
     by_family: dict[str, list[Case]] = {}
     for case in case_set.cases:
         by_family.setdefault(case.model.family, []).append(case)
-    families = {f.hf_architecture: f for f in zoo.families().values()}
+    families = {f.hf_architecture: f for f in family_registry.families().values()}
     rows = []
     for arch in bridge_registry.registered_architectures():
         family = families.get(arch.architecture)

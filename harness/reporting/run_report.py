@@ -24,11 +24,11 @@ COMMENT_RESERVE = 1024
 SUMMARY_LIMIT = COMMENT_LIMIT - COMMENT_RESERVE
 
 if TYPE_CHECKING:
-    from harness.execution.service import RunOutcome
+    from harness.execution.run_service import RunOutcome
 
 
 def write_outcome(outcome: "RunOutcome", **gate: Any) -> Path:
-    """The run folder of a finished ``service.run_selection``: every caller that runs a selection
+    """The run folder of a finished ``run_service.run_selection``: every caller that runs a selection
     writes it with this (execution returns results, the floor above it reports them). ``gate``:
     ``write_run``'s verdict arguments."""
     return write_run(outcome.run, outcome.results, outcome.meta.to_dict(), **gate)

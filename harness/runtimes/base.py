@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from harness.matrix.layouts import Layout
-    from harness.matrix.zoo import ModelSpec
+    from harness.matrix.model_spec import ModelSpec
 
 
 class Runtime(Protocol):

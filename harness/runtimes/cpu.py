@@ -39,7 +39,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.runtimes import gdn_cpu, layer_specs, te_cpu
 from harness.runtimes.base import release_process_groups
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.runtimes.base import release_process_groups
 from harness.matrix.lanes import GPU, Placement, rank_environment
 
@@ -77,7 +77,7 @@ class GpuRuntime:
         missing = {k: v for k, v in rank_environment(GPU).items() if os.environ.get(k) != v}
         if missing:
             raise RuntimeError(f"the GPU lane needs {missing} in the rank's environment before CUDA starts "
-                               "(TE's GEMMs ignore torch's allow_tf32); run ranks through harness.execution.launch")
+                               "(TE's GEMMs ignore torch's allow_tf32); run ranks through harness.execution.rank_launcher")
         if not torch.cuda.is_available():
             raise RuntimeError("the GPU lane needs CUDA, and torch.cuda.is_available() is False")
         torch.cuda.set_device(self.device)

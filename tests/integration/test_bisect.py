@@ -103,12 +103,13 @@ def test_a_commit_that_does_not_import_is_a_skip(fake_megatron_lm, tmp_path):
 
 def test_bisect_step_exit_codes():
     from harness.regression.bisect import EXIT_BAD, EXIT_GOOD, EXIT_SKIP, step_exit_code
+    from harness.results import IMPORT_ERROR, NO_CASE_STARTED
 
     assert step_exit_code("pass", "") == EXIT_GOOD
     assert step_exit_code("fail", "") == EXIT_BAD
-    assert step_exit_code("error", "Traceback ... SyntaxError: invalid syntax") == EXIT_SKIP
-    assert step_exit_code("error", "process group exited with code 1 before running any case") == EXIT_SKIP
-    assert step_exit_code("error", "RuntimeError: boom in the middle of a case") == EXIT_BAD
+    assert step_exit_code("error", IMPORT_ERROR) == EXIT_SKIP  # the case raised SyntaxError / ImportError
+    assert step_exit_code("error", NO_CASE_STARTED) == EXIT_SKIP  # the ranks died before any case
+    assert step_exit_code("error", "") == EXIT_BAD  # e.g. RuntimeError: boom in the middle of a case
 
 
 def test_gate_against_a_candidate_tree(fake_megatron_lm, tmp_path):

@@ -14,7 +14,7 @@ import fnmatch
 import pytest
 
 from harness.formats import hf as hf_format
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, family_registry, model_spec
 
 pytestmark = pytest.mark.cpu
 
@@ -35,7 +35,7 @@ KNOWN_UNCLAIMED = {
 def unclaimed_tensors(family: str) -> list[str]:
     from harness.conversion.bridge_calls import open_bridge
 
-    path = zoo.materialize(zoo.ModelSpec(family))
+    path = checkpoint_builder.materialize(model_spec.ModelSpec(family))
     patterns = []
     for mapping in open_bridge(path)._model_bridge.mapping_registry().mappings:
         hf = mapping.hf_param
@@ -44,7 +44,7 @@ def unclaimed_tensors(family: str) -> list[str]:
     return [key for key in keys if not any(fnmatch.fnmatchcase(key, p) for p in patterns)]
 
 
-@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+@pytest.mark.parametrize("family", sorted(family_registry.families()))
 def test_every_checkpoint_tensor_is_claimed_by_a_bridge_mapping(family):
     unclaimed = unclaimed_tensors(family)
     if family in KNOWN_UNCLAIMED:

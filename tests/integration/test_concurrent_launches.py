@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.execution import launch
+from harness.execution import rank_launcher
 from harness.execution.run_dir import ProgressEvent, RunDir
 from harness.matrix.cases import load_cases
 from harness.results import PASS
@@ -17,9 +17,9 @@ CASES = "matrix:\n  - families: [llama, qwen2]\n    layouts: [tp1]\n    paths: [
 
 
 def test_cases_are_dealt_round_robin_and_no_launch_is_empty():
-    assert launch.split_round_robin(list("abcde"), 2) == [list("ace"), list("bd")]
-    assert launch.split_round_robin(list("ab"), 4) == [["a"], ["b"]]
-    assert launch.split_round_robin(list("ab"), 1) == [list("ab")]
+    assert rank_launcher.split_round_robin(list("abcde"), 2) == [list("ace"), list("bd")]
+    assert rank_launcher.split_round_robin(list("ab"), 4) == [["a"], ["b"]]
+    assert rank_launcher.split_round_robin(list("ab"), 1) == [list("ab")]
 
 
 def test_two_launches_run_at_once_and_each_case_passes_in_its_own_group(tmp_path):
@@ -30,7 +30,7 @@ def test_two_launches_run_at_once_and_each_case_passes_in_its_own_group(tmp_path
     assert len(selected) == 2 and all(c.world_size == 1 for c in selected)
     run = RunDir(tmp_path / "run")
     seen = []
-    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder, jobs=2), run, on_result=seen.append)
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder, jobs=2), run, on_result=seen.append)
     assert [r.status for r in results] == [PASS, PASS], [r.headline for r in results]
     assert sorted(r.case_id for r in seen) == sorted(c.id for c in selected), "each result reported once"
     spans = {}
@@ -52,7 +52,7 @@ def test_concurrent_launches_share_the_cores_and_a_thread_count_given_is_kept(mo
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert launch.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "4"
-    assert "OMP_NUM_THREADS" not in launch.launch_environment(RunSpec(jobs=1), 1)
+    assert rank_launcher.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in rank_launcher.launch_environment(RunSpec(jobs=1), 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert launch.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "2"
+    assert rank_launcher.launch_environment(RunSpec(jobs=4), 1)["OMP_NUM_THREADS"] == "2"

@@ -21,7 +21,7 @@ import torch
 from harness.checks import checkpoint_diff
 from harness.checks import fsdp_layout
 from harness.formats import fsdp_writer, megatron_keys
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, model_spec
 from harness.errors import InputError
 from harness.formats.detect import detect, open_checkpoint
 from harness.matrix.layouts import Layout
@@ -39,8 +39,8 @@ def torch_dist_ckpts(gloo_world, tmp_path_factory):
     out = {}
     with mock.patch.dict(os.environ), CpuRuntime() as runtime:  # Megatron sets NVTE_* (conftest)
         for family in ("llama", "qwen3-moe"):
-            spec = zoo.ModelSpec.parse(family)
-            model = bridge_calls.build_model(bridge_calls.open_bridge(zoo.materialize(spec)), spec, Layout(), runtime)
+            spec = model_spec.ModelSpec.parse(family)
+            model = bridge_calls.build_model(bridge_calls.open_bridge(checkpoint_builder.materialize(spec)), spec, Layout(), runtime)
             bridge_calls.load_hf(model)
             root = tmp_path_factory.mktemp(f"td-{family}")
             bridge_calls.save_torch_dist(model, root)
@@ -55,14 +55,14 @@ def canonical_state(ckpt):
 def write_fsdp(tmp_path, family, td, name="fsdp", **conventions):
     state = canonical_state(open_checkpoint(td))
     return fsdp_writer.write_fsdp_dtensor(tmp_path / name, state, fsdp_writer.Conventions(**conventions),
-                                        zoo.ModelSpec.parse(family).hf_config)
+                                        model_spec.ModelSpec.parse(family).hf_config)
 
 
 def test_detects_each_format(torch_dist_ckpts, tmp_path):
     td = torch_dist_ckpts["llama"]
     assert detect(td) == "torch_dist"
     assert detect(write_fsdp(tmp_path, "llama", td)) == "fsdp_dtensor"
-    assert detect(zoo.materialize(zoo.ModelSpec("llama"))) == "hf"
+    assert detect(checkpoint_builder.materialize(model_spec.ModelSpec("llama"))) == "hf"
 
 
 def test_torch_dist_is_unstacked_into_per_layer_canonical_keys(torch_dist_ckpts):
@@ -139,8 +139,8 @@ def test_diff_catches_a_lost_expert_and_a_nudged_element(torch_dist_ckpts, tmp_p
 
 
 def test_diff_of_hf_checkpoints_is_bitwise_and_names_the_tensor(tmp_path):
-    a = zoo.build(zoo.ModelSpec("llama"), tmp_path / "a")
-    b = zoo.build(zoo.ModelSpec("llama"), tmp_path / "b")
+    a = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp_path / "a")
+    b = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp_path / "b")
     result, stats = checkpoint_diff.diff(open_checkpoint(a), open_checkpoint(b))
     assert result.passed and stats.bytes_compared > 0
     from safetensors.torch import load_file, save_file
@@ -155,19 +155,19 @@ def test_diff_of_hf_checkpoints_is_bitwise_and_names_the_tensor(tmp_path):
 
 def test_hf_vs_megatron_is_refused(torch_dist_ckpts):
     with pytest.raises(InputError, match="export the Megatron side to HF first"):
-        checkpoint_diff.diff(open_checkpoint(zoo.materialize(zoo.ModelSpec("llama"))), open_checkpoint(torch_dist_ckpts["llama"]))
+        checkpoint_diff.diff(open_checkpoint(checkpoint_builder.materialize(model_spec.ModelSpec("llama"))), open_checkpoint(torch_dist_ckpts["llama"]))
 
 
 # ----------------------------------------------------------------------------------- audit
 
-LLAMA = zoo.ModelSpec("llama").hf_config
-MOE = zoo.ModelSpec("qwen3-moe").hf_config
+LLAMA = model_spec.ModelSpec("llama").hf_config
+MOE = model_spec.ModelSpec("qwen3-moe").hf_config
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
 def test_audit_passes_on_the_real_conventions(torch_dist_ckpts, tmp_path, family):
     ckpt = open_checkpoint(write_fsdp(tmp_path, family, torch_dist_ckpts[family]))
-    result = fsdp_layout.audit_fsdp_dtensor(ckpt, zoo.ModelSpec.parse(family).hf_config, optimizer_depth=3)
+    result = fsdp_layout.audit_fsdp_dtensor(ckpt, model_spec.ModelSpec.parse(family).hf_config, optimizer_depth=3)
     assert result.passed, result.summary
 
 
@@ -200,7 +200,7 @@ def test_audit_flags_the_wrong_optimizer_prefix_depth(torch_dist_ckpts, tmp_path
     assert not result.passed and "expected 3" in result.summary
 
 
-NEXT = zoo.ModelSpec("qwen3-next").hf_config
+NEXT = model_spec.ModelSpec("qwen3-next").hf_config
 
 
 def gdn_state(sizes_from=NEXT):
@@ -246,7 +246,7 @@ def digest_tree(path):
 
 @pytest.fixture
 def good_hf(tmp_path):
-    return zoo.build(zoo.ModelSpec("llama"), tmp_path / "good")
+    return checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp_path / "good")
 
 
 def truncate(file, keep):
@@ -281,13 +281,13 @@ def test_bad_input_is_one_line_exit_2_and_untouched(torch_dist_ckpts, tmp_path, 
 
 
 def _truncated_safetensors(tmp):
-    path = zoo.build(zoo.ModelSpec("llama"), tmp / "trunc")
+    path = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp / "trunc")
     truncate(path / "model.safetensors", -100)
     return path
 
 
 def _corrupt_header(tmp):
-    path = zoo.build(zoo.ModelSpec("llama"), tmp / "corrupt")
+    path = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp / "corrupt")
     data = bytearray((path / "model.safetensors").read_bytes())
     data[8:20] = b"\x00garbage!!\x01\x02"
     (path / "model.safetensors").write_bytes(bytes(data))
@@ -316,8 +316,8 @@ def _truncated_distcp(tmp, td):
 
 
 def test_raw_diff_decodes_bf16_and_counts_elements(tmp_path):
-    a = zoo.build(zoo.ModelSpec.parse("llama@bf16"), tmp_path / "a")
-    b = zoo.build(zoo.ModelSpec.parse("llama@bf16"), tmp_path / "b")
+    a = checkpoint_builder.build(model_spec.ModelSpec.parse("llama@bf16"), tmp_path / "a")
+    b = checkpoint_builder.build(model_spec.ModelSpec.parse("llama@bf16"), tmp_path / "b")
     from safetensors.torch import load_file, save_file
 
     sd = load_file(b / "model.safetensors")
@@ -340,7 +340,7 @@ def _hf_with_broken_shard(tmp, how):
     """A sharded HF checkpoint whose second shard is a symlink loop or a dangling link."""
     from safetensors.torch import load_file, save_file
 
-    src = zoo.build(zoo.ModelSpec("llama"), tmp / "src")
+    src = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp / "src")
     sd = load_file(src / "model.safetensors")
     keys = sorted(sd)
     out = tmp / how

@@ -20,7 +20,7 @@ from harness import workspace
 from harness.checks import optimizer_state
 from harness.formats.detect import open_checkpoint
 from harness.formats.megatron import FsdpDtensorCheckpoint
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, model_spec
 from harness.matrix.layouts import Layout
 
 pytestmark = pytest.mark.cpu
@@ -32,10 +32,10 @@ def training_ckpt(gloo_world, tmp_path_factory):
     from harness.conversion import bridge_calls, megatron_fsdp
     from harness.runtimes.cpu import CpuRuntime
 
-    spec = zoo.ModelSpec.parse("llama@bf16")
+    spec = model_spec.ModelSpec.parse("llama@bf16")
     root = tmp_path_factory.mktemp("fsdp")
     with mock.patch.dict(os.environ), CpuRuntime() as runtime:  # Megatron sets NVTE_* (conftest)
-        hf_dir = zoo.materialize(spec)
+        hf_dir = checkpoint_builder.materialize(spec)
         model = megatron_fsdp.build_fsdp_model(bridge_calls.open_bridge(hf_dir), spec, Layout(), runtime)
         bridge_calls.load_hf(model, hf_dir)
         optimizer = megatron_fsdp.build_optimizer(model)

@@ -7,7 +7,7 @@ import pytest
 
 from harness.conversion import bridge_calls
 from harness.conversion.megatron_fsdp import training_config
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, model_spec
 from harness.matrix.layouts import Layout
 
 pytestmark = pytest.mark.cpu
@@ -25,8 +25,8 @@ def test_the_strict_reload_does_not_ask_for_rng_state(cpu_runtime, tmp_path):
     from megatron.bridge.training.config import CheckpointConfig
     from megatron.core.utils import get_model_config
 
-    spec = zoo.ModelSpec("llama")
-    model = bridge_calls.build_model(bridge_calls.open_bridge(zoo.materialize(spec)), spec, Layout(), cpu_runtime)
+    spec = model_spec.ModelSpec("llama")
+    model = bridge_calls.build_model(bridge_calls.open_bridge(checkpoint_builder.materialize(spec)), spec, Layout(), cpu_runtime)
     config = training_config(get_model_config(model.chunks[0]), tmp_path, optimizer=False, load=True)
     checkpoint = config.checkpoint
     assert checkpoint.strict_fsdp_dtensor_load and not checkpoint.load_optim and not checkpoint.load_rng

@@ -1,6 +1,6 @@
 """Each check, run on the real stack, must flag its seeded fault (and pass without it).
 
-Faults are injected at run time through ``runner.Hooks`` or by patching a Megatron-Bridge
+Faults are injected at run time through ``case_executor.Hooks`` or by patching a Megatron-Bridge
 function for the duration of one test; nothing installed is edited.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.conversion import runner
+from harness.conversion import case_executor
 
 pytestmark = pytest.mark.cpu
 
@@ -17,12 +17,12 @@ CASE = "llama/tp1/memory/roundtrip"
 
 
 def run(case_set, cpu_runtime, **hooks):
-    return runner.run_case(case_set.get(CASE), cpu_runtime, runner.Hooks(**hooks))
+    return case_executor.run_case(case_set.get(CASE), cpu_runtime, case_executor.Hooks(**hooks))
 
 
 def test_clean_stack_passes_every_check(case_set, cpu_runtime):
     result = run(case_set, cpu_runtime)
-    assert result.status == runner.PASS, [c.summary for c in result.checks]
+    assert result.status == case_executor.PASS, [c.summary for c in result.checks]
     assert [c.name for c in result.checks] == [
         "load-coverage", "tensors", "tied-embeddings", "export-repeatable", "logits-hf-vs-megatron", "generation"]
     assert result.check("tensors").metrics["compared"] == 21
@@ -127,7 +127,7 @@ def test_a_megatron_forward_left_in_training_mode_fails_the_logit_check(case_set
     from megatron.core.transformer.module import MegatronModule
 
     case = case_set.get("llama@dropout/tp1/memory/roundtrip")
-    assert runner.run_case(case, cpu_runtime, runner.Hooks()).check("logits-hf-vs-megatron").passed
+    assert case_executor.run_case(case, cpu_runtime, case_executor.Hooks()).check("logits-hf-vs-megatron").passed
     monkeypatch.setattr(MegatronModule, "eval", lambda self: self, raising=False)
-    check = runner.run_case(case, cpu_runtime, runner.Hooks()).check("logits-hf-vs-megatron")
+    check = case_executor.run_case(case, cpu_runtime, case_executor.Hooks()).check("logits-hf-vs-megatron")
     assert not check.passed and check.metrics["max_abs_diff"] > 0.1

@@ -13,7 +13,7 @@ import torch
 
 from harness.checks import key_contract
 from harness.conversion import bridge_calls
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, model_spec
 from harness.matrix.layouts import Layout
 
 pytestmark = pytest.mark.cpu
@@ -22,8 +22,8 @@ CORE = pytest.importorskip("megatron.core.transformer.fsdp_dtensor_checkpoint")
 
 
 def megatron_model(family: str, cpu_runtime):
-    spec = zoo.ModelSpec.parse(family)
-    bridge = bridge_calls.open_bridge(zoo.materialize(spec))
+    spec = model_spec.ModelSpec.parse(family)
+    bridge = bridge_calls.open_bridge(checkpoint_builder.materialize(spec))
     return bridge_calls.build_model(bridge, spec, Layout(), cpu_runtime).chunks[0]
 
 

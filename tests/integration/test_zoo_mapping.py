@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from harness.conversion import zoo_audit
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, family_registry, model_spec
 
 pytestmark = pytest.mark.cpu
 
 
 @pytest.fixture(scope="module")
 def zoo_fields():
-    specs = [zoo.ModelSpec(f) for f in sorted(zoo.FAMILIES)]
-    specs += [zoo.ModelSpec(f, v) for f in sorted(zoo.FAMILIES) for v in zoo.FAMILIES[f].variants]
-    return [field for spec in specs for field in zoo_audit.mapped_fields(spec, zoo.materialize(spec))]
+    specs = [model_spec.ModelSpec(f) for f in sorted(family_registry.families())]
+    specs += [model_spec.ModelSpec(f, v) for f in sorted(family_registry.families()) for v in family_registry.families()[f].variants]
+    return [field for spec in specs for field in zoo_audit.mapped_fields(spec, checkpoint_builder.materialize(spec))]
 
 
 def test_the_bridge_maps_what_the_audit_enumerates(zoo_fields):
@@ -30,8 +30,8 @@ def test_no_mapped_zoo_value_equals_the_provider_default(zoo_fields):
 
 def test_a_value_at_the_default_is_caught():
     """The seeded case: the eps the zoo used to have (1e-5 = Megatron's default)."""
-    spec = zoo.ModelSpec("llama", "eps", overrides=(("rms_norm_eps", 1e-5),))
-    problems = zoo_audit.untestable(zoo_audit.mapped_fields(spec, zoo.materialize(spec)))
+    spec = model_spec.ModelSpec("llama", "eps", overrides=(("rms_norm_eps", 1e-5),))
+    problems = zoo_audit.untestable(zoo_audit.mapped_fields(spec, checkpoint_builder.materialize(spec)))
     assert any("rms_norm_eps=1e-05 equals the default of layernorm_epsilon" in p for p in problems), problems
 
 

@@ -32,7 +32,7 @@ def run_torch_free(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module", [
-    "harness.cli", "harness.execution.service", "harness.execution.launch", "harness.regression.gate",
+    "harness.cli", "harness.execution.run_service", "harness.execution.rank_launcher", "harness.regression.gate",
     "harness.regression.bisect", "harness.regression.golden", "harness.regression.selftest",
     "harness.reporting.run_report", "harness.checks.checkpoint_diff", "harness.formats.detect",
     "harness.matrix.cases", "harness.matrix.lanes",
@@ -45,10 +45,10 @@ def test_light_modules_import_without_torch(module):
 def test_cli_start_up_list_and_hf_diff_run_without_torch(tmp_path):
     """`harness list` and `harness diff` of two HF checkpoints never import torch (which alone
     costs ~640 MB RSS with the CUDA build)."""
-    from harness.matrix import zoo
+    from harness.matrix import checkpoint_builder, model_spec
 
-    a = zoo.build(zoo.ModelSpec("llama"), tmp_path / "a")
-    b = zoo.build(zoo.ModelSpec("llama"), tmp_path / "b")
+    a = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp_path / "a")
+    b = checkpoint_builder.build(model_spec.ModelSpec("llama"), tmp_path / "b")
     for argv in (["list", "--ids-only"], ["diff", str(a), str(b)]):
         r = run_torch_free("import sys; from harness.cli import main; main(sys.argv[1:])", *argv)
         assert r.returncode == 0, (argv, r.stderr[-2000:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.matrix import bridge_registry, cases, zoo
+from harness.matrix import bridge_registry, cases, family_registry, model_spec
 from harness.reporting import architecture_table
 from harness.results import CaseResult
 from harness.matrix import lanes
@@ -30,7 +30,7 @@ def test_every_registered_architecture_has_a_row(case_set):
     rows = architecture_table.coverage(case_set, {})
     assert [r.architecture for r in rows] == [a.architecture for a in bridge_registry.registered_architectures()]
     covered = {r.family for r in rows if r.family}
-    assert covered == set(zoo.families())
+    assert covered == set(family_registry.families())
     for r in rows:
         if not r.family:
             assert all(s.status == architecture_table.NOT_COVERED and s.detail for s in r.lanes), r
@@ -95,7 +95,7 @@ def test_the_summary_of_every_run_has_the_coverage_section(tmp_path):
 
 
 def test_a_megatron_core_gap_blocks_until_the_feature_exists(tmp_path, monkeypatch):
-    spec = zoo.ModelSpec("deepseek-v4")
+    spec = model_spec.ModelSpec("deepseek-v4")
     assert "dsv4_hybrid" in lanes.model_blocker(spec, "gpu")
     tree = tmp_path / "Megatron-LM"
     file = tree / "megatron" / "core" / "models" / "gpt" / "experimental_attention_variant_module_specs.py"

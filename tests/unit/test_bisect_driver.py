@@ -131,14 +131,46 @@ def test_the_walked_repository_is_the_megatron_lm_else_the_bridge_else_a_bridge_
 
 def test_an_import_failure_is_a_skip_unless_it_is_the_failure_being_bisected():
     from harness.regression.root_causes import normalise
+    from harness.results import IMPORT_ERROR
 
     api_break = "ImportError: cannot import name 'torch_chunk_gated_delta_rule' from 'megatron.core.ssm.x' (/tmp/a/x.py)"
     other = "ImportError: cannot import name 'something_else' from 'megatron.core.y' (/tmp/b/y.py)"
     moved = api_break.replace("/tmp/a/", "/tmp/harness-worktree-1/tree/")  # same break, another checkout
-    assert bisect.step_exit_code("error", f"Traceback ...\n{api_break}", api_break) == EXIT_SKIP
-    assert bisect.step_exit_code("error", f"Traceback ...\n{moved}", moved, normalise(api_break)) == EXIT_BAD
-    assert bisect.step_exit_code("error", f"Traceback ...\n{other}", other, normalise(api_break)) == EXIT_SKIP
+    assert bisect.step_exit_code("error", IMPORT_ERROR, api_break) == EXIT_SKIP
+    assert bisect.step_exit_code("error", IMPORT_ERROR, moved, normalise(api_break)) == EXIT_BAD
+    assert bisect.step_exit_code("error", IMPORT_ERROR, other, normalise(api_break)) == EXIT_SKIP
     assert bisect.step_exit_code("pass", "", "", normalise(api_break)) == EXIT_GOOD
+
+
+def test_a_case_that_raised_an_import_error_is_recorded_as_one():
+    """The rank records the kind of crash from the exception itself (its chain included)."""
+    import time
+    from types import SimpleNamespace
+
+    from harness.conversion import case_executor
+    from harness.results import IMPORT_ERROR
+
+    def raised(exc):
+        try:
+            raise exc
+        except BaseException as caught:  # noqa: BLE001
+            return caught
+
+    def chained():
+        try:
+            raise ModuleNotFoundError("No module named 'megatron.core.x'")
+        except ImportError as err:
+            raise RuntimeError("building the provider failed") from err
+
+    case = SimpleNamespace(id="llama/tp1/memory/roundtrip")
+    try:
+        chained()
+    except RuntimeError as err:
+        wrapped = err
+    for exc, cause in ((raised(ImportError("cannot import name 'x'")), IMPORT_ERROR),
+                       (raised(SyntaxError("invalid syntax")), IMPORT_ERROR), (wrapped, IMPORT_ERROR),
+                       (raised(RuntimeError("boom in the middle of a case")), "")):
+        assert case_executor.error_result(case, exc, time.monotonic(), lane="cpu").cause == cause, exc
 
 
 def test_the_baseline_is_resolved_once_a_finished_run_first(history, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.matrix import bridge_registry, cases, hf_source, shrink, zoo
+from harness.matrix import bridge_registry, cases, family_registry, hf_source, model_spec, shrink
 
 pytestmark = pytest.mark.cpu
 
@@ -49,7 +49,7 @@ def test_a_bridge_added_upstream_is_a_new_family_with_cases(bridge_tree_with_a_n
     arch = next(a for a in bridge_registry.registered_architectures() if a.architecture == "Qwen2MoeForCausalLM")
     assert (arch.bridge_class, arch.target, arch.kind, arch.hf_config_class) == (
         "TomorrowsBridge", "GPTModel", bridge_registry.TEXT_LM, "Qwen2MoeConfig")
-    family = zoo.families()["qwen2-moe"]
+    family = family_registry.families()["qwen2-moe"]
     assert family.hf_architecture == "Qwen2MoeForCausalLM"
     cfg = family.config
     assert cfg["num_experts"] > cfg["num_experts_per_tok"] > 2 and cfg["hidden_size"] == 64
@@ -59,7 +59,7 @@ def test_a_bridge_added_upstream_is_a_new_family_with_cases(bridge_tree_with_a_n
 
 
 def test_without_the_new_bridge_there_is_no_such_family():
-    assert "qwen2-moe" not in zoo.families()
+    assert "qwen2-moe" not in family_registry.families()
 
 
 def test_the_registry_reads_decorators_calls_and_string_constants(tmp_path):
@@ -84,7 +84,7 @@ def test_the_registry_reads_decorators_calls_and_string_constants(tmp_path):
 
 
 def test_every_registered_architecture_is_a_family_or_says_why_not():
-    families = {f.hf_architecture for f in zoo.families().values()}
+    families = {f.hf_architecture for f in family_registry.families().values()}
     for arch in bridge_registry.registered_architectures():
         if arch.kind == bridge_registry.TEXT_LM:
             assert arch.architecture in families and not arch.why_not_covered
@@ -100,7 +100,7 @@ def test_family_overrides_name_registered_architectures_and_real_fields():
     """families.yaml holds only exceptions: for an architecture the Bridge registers, in fields its
     config class has (a typo would silently be an extra attribute)."""
     registered = {a.architecture: a for a in bridge_registry.text_lms()}
-    for arch, entry in zoo.family_entries().items():
+    for arch, entry in family_registry.family_entries().items():
         assert arch in registered, f"families.yaml: {arch} is not registered by the Bridge"
         fields = hf_source.config_fields(registered[arch].hf_config_class)
         for name in entry.get("config") or {}:
@@ -109,9 +109,9 @@ def test_family_overrides_name_registered_architectures_and_real_fields():
             assert name not in fields, f"families.yaml: {arch}.extra_config.{name} is a field: put it under config"
 
 
-@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+@pytest.mark.parametrize("family", sorted(family_registry.families()))
 def test_the_shrink_rules_make_bugs_visible_in_every_family(family):
-    spec = zoo.ModelSpec(family)
+    spec = model_spec.ModelSpec(family)
     cfg = spec.hf_config
     assert cfg["vocab_size"] % 128, "vocab must not be a multiple of Megatron's padding"
     assert cfg["hidden_size"] == shrink.RULES["hidden_size"] and cfg.get("intermediate_size", 0) != cfg["hidden_size"]

@@ -1,6 +1,6 @@
 """The issue-21 case classes: variants generated from the Bridge's tables and the HF config class."""
 
-from harness.matrix import case_classes, zoo
+from harness.matrix import case_classes, family_registry, model_spec
 from harness.matrix.cases import CaseSet, load_cases_once
 
 
@@ -12,7 +12,7 @@ def test_the_bridge_tables_are_read_from_its_source():
 
 
 def test_every_mapped_boolean_flips_and_every_activation_appears_once():
-    llama = zoo.ModelSpec(family="llama")
+    llama = model_spec.ModelSpec(family="llama")
     variants = case_classes.switch_variants(llama.hf_config, "LlamaConfig")
     assert variants["tie-word-embeddings-on"] == {"tie_word_embeddings": True}
     assert variants["attention-bias-on"] == {"attention_bias": True}
@@ -22,7 +22,7 @@ def test_every_mapped_boolean_flips_and_every_activation_appears_once():
 
 
 def test_the_other_value_is_generated_when_the_family_sets_a_switch():
-    gpt_oss = zoo.ModelSpec(family="gpt-oss")
+    gpt_oss = model_spec.ModelSpec(family="gpt-oss")
     assert case_classes.switch_variants(gpt_oss.hf_config, "GptOssConfig")["attention-bias-off"] == {"attention_bias": False}
 
 
@@ -67,14 +67,14 @@ def test_the_run_page_counts_a_runs_cases_per_family_and_class():
 
 
 def test_rope_types_come_from_the_bridge_and_need_plain_rope():
-    llama = zoo.get_family("llama")
+    llama = family_registry.get_family("llama")
     assert case_classes.bridge_rope_types(llama.architecture.module) >= {"yarn", "llama3", "linear"}
-    variants = case_classes.rope_variants(zoo.ModelSpec(family="llama").hf_config, "LlamaConfig", llama.architecture.module)
+    variants = case_classes.rope_variants(model_spec.ModelSpec(family="llama").hf_config, "LlamaConfig", llama.architecture.module)
     assert variants["rope-llama3"]["rope_parameters"]["rope_type"] == "llama3"
     assert variants["rope-yarn"]["rope_parameters"]["original_max_position_embeddings"] == 64
     assert variants["rope-partial"]["rope_parameters"]["partial_rotary_factor"] == case_classes.PARTIAL_ROTARY
-    gpt_oss = zoo.get_family("gpt-oss")  # already YaRN: no further variants
-    assert case_classes.rope_variants(zoo.ModelSpec(family="gpt-oss").hf_config, "GptOssConfig", gpt_oss.architecture.module) == {}
+    gpt_oss = family_registry.get_family("gpt-oss")  # already YaRN: no further variants
+    assert case_classes.rope_variants(model_spec.ModelSpec(family="gpt-oss").hf_config, "GptOssConfig", gpt_oss.architecture.module) == {}
 
 
 def test_uneven_stages_are_part_of_the_layout_id_and_follow_megatron_core_rules():
@@ -98,9 +98,9 @@ def test_uneven_stages_are_part_of_the_layout_id_and_follow_megatron_core_rules(
 
 
 def test_hybrid_patterns_use_the_familys_two_layer_kinds():
-    cfg = zoo.ModelSpec(family="qwen3-next").hf_config
+    cfg = model_spec.ModelSpec(family="qwen3-next").hf_config
     variants = case_classes.hybrid_variants(cfg, "Qwen3NextConfig")
     assert variants["hyb-pairs"]["layer_types"] == ["linear_attention"] * 2 + ["full_attention"] * 2
     odd = variants["hyb-odd"]
     assert odd["num_hidden_layers"] % 3 and len(odd["layer_types"]) == odd["num_hidden_layers"]
-    assert case_classes.hybrid_variants(zoo.ModelSpec(family="llama").hf_config, "LlamaConfig") == {}
+    assert case_classes.hybrid_variants(model_spec.ModelSpec(family="llama").hf_config, "LlamaConfig") == {}

@@ -179,7 +179,7 @@ def test_tied_head_that_differs_fails():
 
 def test_each_lane_and_dtype_has_its_own_measured_tolerance():
     from harness.checks.logits import BF16_LOGITS, BF16_MOE_LOGITS, GPU_FP32_LOGITS, logit_tolerance
-    from harness.matrix.zoo import ModelSpec
+    from harness.matrix.model_spec import ModelSpec
 
     assert logit_tolerance(ModelSpec("llama"), "cpu") == FP32_LOGITS
     assert logit_tolerance(ModelSpec("llama"), "gpu").max_abs == pytest.approx(1e-5)
@@ -220,7 +220,7 @@ def test_a_family_with_a_higher_bf16_floor_gets_twice_its_floor_and_no_more():
     import torch
 
     from harness.checks import logits
-    from harness.matrix.zoo import ModelSpec
+    from harness.matrix.model_spec import ModelSpec
 
     assert logits.logit_tolerance(ModelSpec.parse("llama@bf16"), "cpu") == logits.BF16_LOGITS
     gemma = logits.logit_tolerance(ModelSpec.parse("gemma@bf16"), "cpu")

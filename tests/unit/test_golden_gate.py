@@ -235,7 +235,7 @@ def test_the_run_verdict_is_golden_aware_as_pytest_is(tmp_path):
 def test_the_main_job_exits_0_on_known_failures_and_1_on_anything_new(tmp_path, monkeypatch):
     """The CLI's exit code comes from the same judgement; --raw-exit keeps the status-only code."""
     from harness import cli
-    from harness.execution import service
+    from harness.execution import run_service
 
     pinned = "qwen3-moe/tp1/memory/roundtrip"
     golden.write(make_result(status="fail", case_id=pinned), {}, tmp_path)
@@ -245,7 +245,7 @@ def test_the_main_job_exits_0_on_known_failures_and_1_on_anything_new(tmp_path, 
     from unittest import mock
 
     outcome = mock.Mock(results=results, meta=mock.Mock(wall_s=1.0), run=mock.Mock(results_file=tmp_path / "r.json"))
-    monkeypatch.setattr(service, "run_selection", lambda request: outcome)
+    monkeypatch.setattr(run_service, "run_selection", lambda request: outcome)
     monkeypatch.setattr(cli.run_report, "write_outcome", lambda outcome, **gate: None)  # the CLI writes the run folder
     assert cli._execute(None) == cli.EXIT_OK
     assert cli._execute(None, raw_exit=True) == cli.EXIT_FAIL

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from harness.matrix import zoo
+from harness.matrix import model_spec
 from harness.runtimes import gpu as gpu_runtime
 from harness.matrix.lanes import GPU, capacity_blocker, rank_environment
 from harness.results import CaseResult, error_headline
@@ -34,7 +34,7 @@ def configured(model: str, monkeypatch, apex: bool = False, flash_attn: bool = F
     monkeypatch.setattr(gpu_runtime, "apex_weight_grad_fusion_available", lambda: apex)
     monkeypatch.setattr(gpu_runtime, "flash_attn_installed", lambda: flash_attn)
     runtime, provider = gpu_runtime.GpuRuntime(), Provider(**fields)
-    runtime.configure_provider(provider, zoo.ModelSpec.parse(model))
+    runtime.configure_provider(provider, model_spec.ModelSpec.parse(model))
     return runtime, provider
 
 
@@ -67,7 +67,7 @@ def test_a_hard_coded_flash_backend_becomes_auto_where_flash_cannot_run(monkeypa
 
 def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
     """TE's GEMMs read NVIDIA_TF32_OVERRIDE when CUDA starts: it must be in the rank's environment."""
-    from harness.execution import launch
+    from harness.execution import rank_launcher
     from harness.execution.run_dir import RunDir
     from harness.matrix.cases import load_cases
     from harness.run_spec import RunSpec
@@ -81,13 +81,13 @@ def test_every_gpu_rank_starts_with_tf32_off(tmp_path, monkeypatch):
         seen["env"] = env
         raise Captured
 
-    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(rank_launcher.subprocess, "Popen", popen)
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     folder = tmp_path / "cases"
     folder.mkdir()
     (folder / "c.yaml").write_text("matrix:\n  - families: [llama]\n    layouts: [tp2]\n    paths: [memory/roundtrip]\n")
     with pytest.raises(Captured):
-        launch.run_cases(RunSpec(cases=load_cases(folder).cases, lane=GPU, cases_dir=folder), RunDir(tmp_path / "run"))
+        rank_launcher.run_cases(RunSpec(cases=load_cases(folder).cases, lane=GPU, cases_dir=folder), RunDir(tmp_path / "run"))
     assert seen["env"]["NVIDIA_TF32_OVERRIDE"] == "0"
     assert rank_environment("cpu") == {}
 
@@ -206,7 +206,7 @@ def test_the_hf_reference_is_built_on_pure_torch_paths_even_where_fla_is_install
         raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
 
     monkeypatch.setattr(qwen3_next, "chunk_gated_delta_rule", triton_kernel)  # as if fla were installed
-    config = transformers.Qwen3NextConfig(**{k: v for k, v in zoo.ModelSpec("qwen3-next").hf_config.items()})
+    config = transformers.Qwen3NextConfig(**{k: v for k, v in model_spec.ModelSpec("qwen3-next").hf_config.items()})
     with pure_torch_reference():
         layer = qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0)
     assert layer.chunk_gated_delta_rule is qwen3_next.torch_chunk_gated_delta_rule
@@ -262,12 +262,12 @@ def test_the_plan_carries_the_placement_to_the_rank_and_its_runtime_uses_it(tmp_
 
 
 def test_a_two_rank_case_on_a_one_gpu_machine_is_launched_only_with_two_ranks_per_gpu(case_set):
-    from harness.execution import service
+    from harness.execution import run_service
     from harness.matrix.lanes import Placement
 
     case = next(c for c in case_set.select(lane=GPU) if c.world_size == 2 and not c.invalid_reason)
-    assert service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
-    assert service.not_runnable_here(case, GPU, gpus=1, placement=Placement(2)) == ""
+    assert run_service.not_runnable_here(case, GPU, gpus=1) == "GPU lane: needs 2 GPUs, this machine has 1"
+    assert run_service.not_runnable_here(case, GPU, gpus=1, placement=Placement(2)) == ""
 
 
 @pytest.mark.parametrize("argv,message", [

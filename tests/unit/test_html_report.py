@@ -16,7 +16,7 @@ from harness import workspace
 from harness.execution.run_dir import Plan, RunDir
 from harness.matrix.cases import Case, parse_case_id
 from harness.matrix.layouts import Layout
-from harness.matrix.zoo import ModelSpec
+from harness.matrix.model_spec import ModelSpec
 from harness.regression import gate, golden
 from harness.reporting import run_document, run_report
 from harness.reporting.html import case_grid, history_page, rendering, run_page

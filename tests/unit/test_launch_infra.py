@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from harness.cli import EXIT_FAIL, EXIT_INFRA, EXIT_OK, exit_code
-from harness.execution import launch
+from harness.execution import rank_launcher
 from harness.execution.run_dir import RunDir
 from harness.matrix.cases import load_cases
-from harness.regression.bisect import EXIT_ABORT, step_exit_code
+from harness.regression.bisect import EXIT_ABORT, EXIT_SKIP, step_exit_code
 from harness.regression.gate import NOT_RUN, judge
-from harness.results import ERROR, FAIL, INFRA_ERROR, PASS, CaseResult
+from harness.results import ERROR, FAIL, IMPORT_ERROR, INFRA_ERROR, NO_CASE_STARTED, PASS, CaseResult
 from harness.run_spec import RunSpec
 
 pytestmark = pytest.mark.cpu
@@ -49,9 +49,9 @@ def cases(tmp_path):
 def test_a_launch_that_keeps_failing_on_the_machine_is_an_infra_error_for_every_case(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, PORT_TAKEN, failures=99)
-    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [INFRA_ERROR, INFRA_ERROR]
-    assert int(counter.read_text()) == 1 + launch.INFRA_RETRIES, "retried, then given up"
+    assert int(counter.read_text()) == 1 + rank_launcher.INFRA_RETRIES, "retried, then given up"
     assert results[0].headline.startswith("infrastructure error, not a verdict on the case")
     assert "EADDRINUSE" in results[0].headline
     assert exit_code(results) == EXIT_INFRA
@@ -60,9 +60,18 @@ def test_a_launch_that_keeps_failing_on_the_machine_is_an_infra_error_for_every_
 def test_an_early_death_that_is_not_the_machine_is_not_retried(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
-    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [ERROR, ERROR] and int(counter.read_text()) == 1
     assert exit_code(results) == EXIT_FAIL
+
+
+def test_an_early_death_is_recorded_as_such_and_bisect_skips_the_commit(tmp_path):
+    """The launcher records why (``cause``); bisect reads that, not the error text."""
+    folder, selected = cases(tmp_path)
+    python, _ = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python)
+    assert [r.cause for r in results] == [NO_CASE_STARTED, NO_CASE_STARTED]
+    assert step_exit_code(results[0].status, results[0].cause) == EXIT_SKIP
 
 
 def test_each_case_is_reported_once_as_it_finishes(tmp_path):
@@ -70,7 +79,7 @@ def test_each_case_is_reported_once_as_it_finishes(tmp_path):
     folder, selected = cases(tmp_path)
     python, _ = fake_python(tmp_path, "ModuleNotFoundError: No module named 'megatron.core'", failures=99)
     reported = []
-    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python,
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=python,
                                on_result=reported.append)
     assert [r.case_id for r in reported] == [c.id for c in selected] and reported == results
 
@@ -78,7 +87,7 @@ def test_each_case_is_reported_once_as_it_finishes(tmp_path):
 def test_a_launch_that_lost_a_port_race_once_is_retried_and_the_cases_run(tmp_path):
     folder, selected = cases(tmp_path)
     python, counter = fake_python(tmp_path, PORT_TAKEN, failures=1)
-    results = launch.run_cases(RunSpec(cases=selected[:1], cases_dir=folder), RunDir(tmp_path / "run"), python=python)
+    results = rank_launcher.run_cases(RunSpec(cases=selected[:1], cases_dir=folder), RunDir(tmp_path / "run"), python=python)
     assert [r.status for r in results] == [PASS] and int(counter.read_text()) == 2
 
 
@@ -92,7 +101,7 @@ def test_exit_codes(statuses, code):
 def test_gate_and_bisect_never_judge_an_infra_error():
     result = CaseResult("llama/tp1/memory/roundtrip", INFRA_ERROR, error="infrastructure error, not a verdict: EADDRINUSE")
     assert judge(result, {"status": "pass"}, None).verdict == NOT_RUN
-    assert step_exit_code(INFRA_ERROR, result.error) == EXIT_ABORT
+    assert step_exit_code(INFRA_ERROR, result.cause) == EXIT_ABORT
 
 
 @pytest.mark.parametrize("layout,torchrun", [("tp1", False), ("tp2", True)])
@@ -108,12 +117,12 @@ def test_no_port_is_chosen_before_the_process_that_listens_on_it(tmp_path, monke
         seen.update(cmd=cmd, env=env)
         raise Captured
 
-    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(rank_launcher.subprocess, "Popen", popen)
     folder = tmp_path / "cases"
     folder.mkdir()
     (folder / "c.yaml").write_text(f"matrix:\n  - families: [llama]\n    layouts: [{layout}]\n    paths: [memory/roundtrip]\n")
     with pytest.raises(Captured):
-        launch.run_cases(RunSpec(cases=load_cases(folder).cases, cases_dir=folder), RunDir(tmp_path / "run"))
+        rank_launcher.run_cases(RunSpec(cases=load_cases(folder).cases, cases_dir=folder), RunDir(tmp_path / "run"))
     assert not any("master_port" in arg for arg in seen["cmd"])
     assert ("--standalone" in seen["cmd"]) is torchrun
     if not torchrun:
@@ -143,7 +152,7 @@ def test_a_launch_leaves_no_process_of_its_group_behind(tmp_path):
     script = tmp_path / "python"
     script.write_text(f"#!/bin/bash\nsleep 300 &\necho $! > {pid_file}\necho 'ModuleNotFoundError: x'\nexit 1\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    results = launch.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=str(script))
+    results = rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), RunDir(tmp_path / "run"), python=str(script))
     assert [r.status for r in results] == [ERROR, ERROR]
     assert_gone(int(pid_file.read_text()), "of the launch's group")
 
@@ -159,7 +168,7 @@ def test_a_launch_reaps_what_a_rank_left_in_its_own_session(tmp_path):
                       f"echo $! > {pid_file}\nmkdir -p {run.log_dir('ws1-1')}\n"
                       f"echo $! > {run.log_dir('ws1-1')}/rank1.pgid\necho 'ModuleNotFoundError: x'\nexit 1\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    launch.run_cases(RunSpec(cases=selected, cases_dir=folder), run, python=str(script))
+    rank_launcher.run_cases(RunSpec(cases=selected, cases_dir=folder), run, python=str(script))
     assert_gone(int(pid_file.read_text()), "in a rank's own session")
 
 
@@ -171,27 +180,27 @@ def _torchrun_summary(failures: list[tuple[int, int]], root: tuple[int, int]) ->
                 "  error_file: <N/A>\n  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n")
     others = "".join(block(*f) for f in failures) or "  <NO_OTHER_FAILURES>\n"
     return ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 60 +
-            "\nharness.execution.worker FAILED\n" + "-" * 60 + "\nFailures:\n" + others + "-" * 60 +
+            "\nharness.execution.rank_worker FAILED\n" + "-" * 60 + "\nFailures:\n" + others + "-" * 60 +
             "\nRoot Cause (first observed failure):\n" + block(*root) + "=" * 60 + "\n")
 
 
 @pytest.mark.parametrize("failures, root, expected", [
     # The CI flake: rank 1 was SIGKILLed, rank 0 saw the connection drop, recorded its error and
     # exited on purpose in the same second; torchrun's "Root Cause" named rank 0.
-    ([(1, -9)], (0, launch.EXIT_CASE_ERROR), "rank 1 was killed by signal 9 (SIGKILL)"),
-    ([(0, launch.EXIT_CASE_ERROR)], (1, 9), "rank 1 exited with code 9"),
+    ([(1, -9)], (0, rank_launcher.EXIT_CASE_ERROR), "rank 1 was killed by signal 9 (SIGKILL)"),
+    ([(0, rank_launcher.EXIT_CASE_ERROR)], (1, 9), "rank 1 exited with code 9"),
     # rank 0 recorded its error, then the agent stopped it (SIGTERM) after seeing rank 1 die.
     ([(0, -15)], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
     ([(0, -15), (2, -15)], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
     ([], (1, -9), "rank 1 was killed by signal 9 (SIGKILL)"),
-    ([(1, launch.EXIT_CASE_ERROR)], (0, launch.EXIT_CASE_ERROR), "rank 0 exited with code 3"),
+    ([(1, rank_launcher.EXIT_CASE_ERROR)], (0, rank_launcher.EXIT_CASE_ERROR), "rank 0 exited with code 3"),
 ])
 def test_the_dead_rank_is_the_one_that_died_on_its_own_not_torchruns_first_by_the_second(tmp_path, failures, root, expected):
     run = RunDir(tmp_path / "run")
     run.log_dir("g").mkdir(parents=True)
     stale = _torchrun_summary([], (0, -6))  # an earlier launch of the same group, appended above
     run.launcher_log("g").write_text(stale + "relaunch\n" + _torchrun_summary(failures, root))
-    assert launch._root_cause(run, "g").reason == expected
+    assert rank_launcher._root_cause(run, "g").reason == expected
 
 
 GLOO_LOST = ("Traceback (most recent call last):\n  File \"worker.py\", line 74, in main\n"
@@ -203,13 +212,13 @@ RANK1_RAISED = ("Traceback (most recent call last):\n  File \"routes.py\", line 
 def _run_with_rank1_error(tmp_path, rank0_error: str):
     run = RunDir(tmp_path / "run")
     run.log_dir("g").mkdir(parents=True)
-    run.launcher_log("g").write_text(_torchrun_summary([(1, launch.EXIT_CASE_ERROR)], (0, launch.EXIT_CASE_ERROR)))
+    run.launcher_log("g").write_text(_torchrun_summary([(1, rank_launcher.EXIT_CASE_ERROR)], (0, rank_launcher.EXIT_CASE_ERROR)))
     (run.path / "cases").mkdir(parents=True, exist_ok=True)
     case = "llama/tp2/memory/roundtrip"
     run.write_rank_error(case, 1, RANK1_RAISED)
     result = CaseResult(case_id=case, status=ERROR, error=rank0_error, world_size=2)
     run.write_case_result(result)
-    launch._attach_log_tails({case: result}, 1, run, "g")
+    rank_launcher._attach_log_tails({case: result}, 1, run, "g")
     return run, case, result
 
 
@@ -227,7 +236,24 @@ def test_rank_0s_own_exception_stays_the_headline(tmp_path):
     assert result.headline == "ValueError: rank 0's own for megatron param x: Expected (4, 2)"
 
 
+def test_a_peers_import_error_is_rank_0s_cause_with_its_headline(tmp_path):
+    """The cause a peer recorded travels with its exception to the case's result, on both paths:
+    rank 0 finished the case (lost peer), or never did (the launcher's own failure)."""
+    run = RunDir(tmp_path / "run")
+    run.log_dir("g").mkdir(parents=True)
+    run.launcher_log("g").write_text(_torchrun_summary([(1, rank_launcher.EXIT_CASE_ERROR)], (0, rank_launcher.EXIT_CASE_ERROR)))
+    case = "llama/tp2/memory/roundtrip"
+    run.write_rank_error(case, 1, RANK1_RAISED.replace("ValueError: Shape mismatch", "ImportError: cannot import"),
+                         IMPORT_ERROR)
+    result = CaseResult(case_id=case, status=ERROR, error=GLOO_LOST, world_size=2)
+    rank_launcher._attach_log_tails({case: result}, 1, run, "g")
+    assert result.headline.startswith("rank1 raised: ImportError") and result.cause == IMPORT_ERROR
+    assert step_exit_code(result.status, result.cause) == EXIT_SKIP
+    assert run.rank_error_cause(case, 1) == IMPORT_ERROR and run.rank_error_cause(case, 2) == ""
+    assert run.rank_errors(case) == [(1, RANK1_RAISED.replace("ValueError: Shape mismatch", "ImportError: cannot import"))]
+
+
 def test_a_case_rank_0_never_finished_names_the_rank_that_raised(tmp_path):
     run, case, _ = _run_with_rank1_error(tmp_path, GLOO_LOST)
-    assert launch._exit_reason(1, run, "g", case) == (
+    assert rank_launcher._exit_reason(1, run, "g", case) == (
         "rank1 raised: ValueError: Shape mismatch for megatron param x: Expected (4, 2)")

@@ -3,10 +3,10 @@
     floor 3  entry points         harness.cli, harness.__main__, harness.pytest_plugin, harness.pytest_matrix
     floor 2  judging, reporting   harness.regression (golden, gate, root_causes, bisect, selftest, faults),
                                   harness.reporting (run_document, run_report, html/, architecture_table)
-    floor 1  execution            harness.execution (service, launch, worker, run_dir, ...), harness.conversion,
+    floor 1  execution            harness.execution (run_service, rank_launcher, rank_worker, ...), harness.conversion,
                                   harness.runtimes, harness.checks, harness.formats
     floor 0  shared vocabulary    harness.results, harness.errors, harness.workspace, the harness package itself,
-                                  harness.matrix (cases, layouts, lanes, zoo, hf_reference, ...),
+                                  harness.matrix (cases, layouts, lanes, family_registry, model_spec, ...),
                                   harness.run_spec (RunSpec: what one run is, from the entry point to the ranks)
 
 A module may import from its own floor and any floor below. Execution selects, runs and returns
@@ -148,32 +148,32 @@ def test_execution_imports_neither_reporting_nor_regression():
 # ------------------------------------------------------------------------------ the checker
 
 KNOWN = {"harness", "harness.cli", "harness.results", "harness.reporting", "harness.reporting.run_report",
-         "harness.execution", "harness.execution.service", "harness.matrix", "harness.matrix.cases"}
+         "harness.execution", "harness.execution.run_service", "harness.matrix", "harness.matrix.cases"}
 
 
 def test_a_seeded_function_level_upward_import_is_a_violation():
     source = "def write(outcome):\n    from harness.reporting import run_report\n    run_report.write_outcome(outcome)\n"
-    found = upward_imports("harness.execution.service", source, KNOWN)
+    found = upward_imports("harness.execution.run_service", source, KNOWN)
     assert [(v.line, v.imported, v.floor, v.imported_floor) for v in found] == [
         (2, "harness.reporting.run_report", 1, 2)]
 
 
 def test_a_seeded_module_level_upward_import_is_a_violation():
-    for source in ("import harness.cli\n", "from harness import cli\n", "from harness.execution.service import run_selection\n"):
+    for source in ("import harness.cli\n", "from harness import cli\n", "from harness.execution.run_service import run_selection\n"):
         found = upward_imports("harness.matrix.cases", source, KNOWN)
         assert len(found) == 1 and found[0].floor == 0, source
 
 
 def test_a_seeded_type_checking_and_relative_upward_import_is_a_violation():
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..reporting import run_report\n"
-    found = upward_imports("harness.execution.service", source, KNOWN)
+    found = upward_imports("harness.execution.run_service", source, KNOWN)
     assert [(v.imported, v.imported_floor) for v in found] == [("harness.reporting.run_report", 2)]
 
 
 def test_imports_from_the_same_floor_or_below_are_not_violations():
-    source = ("from harness import results\nfrom harness.matrix.cases import Case\nimport harness.execution.service\n"
+    source = ("from harness import results\nfrom harness.matrix.cases import Case\nimport harness.execution.run_service\n"
               "from . import service\nimport os\n")
-    assert upward_imports("harness.execution.launch", source, KNOWN) == []
+    assert upward_imports("harness.execution.rank_launcher", source, KNOWN) == []
 
 
 def test_a_module_on_no_floor_is_refused():

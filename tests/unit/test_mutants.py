@@ -99,11 +99,11 @@ def test_every_mutant_of_the_real_conversion_code_compiles():
 
 
 def test_a_family_file_runs_its_family_and_the_shared_code_a_cover_of_families():
-    from harness.execution import service
+    from harness.execution import run_service
     from harness.matrix.cases import load_cases
 
     cases = [c for c in load_cases().select(lane="cpu", set_name="default")
-             if not c.invalid_reason and not service.not_runnable_here(c, "cpu")]
+             if not c.invalid_reason and not run_service.not_runnable_here(c, "cpu")]
     package = mutants.bridge_package(None)
     llama = mutants.covering_cases("models/llama/llama_bridge.py", cases, package)
     assert llama and {c.model.family for c in llama} == {"llama"} and all(c.path in mutants.COVERING_PATHS for c in llama)

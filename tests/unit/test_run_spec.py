@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.execution import service, worker
+from harness.execution import rank_worker, run_service
 from harness.execution.run_dir import Plan, RunDir
 from harness.matrix import cases
 from harness.matrix.cases import Case, load_cases, load_cases_once
@@ -94,7 +94,7 @@ def test_a_run_spec_round_trips_with_its_trees_faults_and_placement(folder):
 
 
 class FakeRunner:
-    """Stands in for ``harness.conversion.runner``: records the cases it is given."""
+    """Stands in for ``harness.conversion.case_executor``: records the cases it is given."""
 
     def __init__(self):
         self.seen: list[Case] = []
@@ -122,7 +122,7 @@ def test_the_worker_runs_the_plans_cases_without_parsing_cases(folder, tmp_path,
     plan = RunDir.read_plan(path)
     assert plan.case_ids == [c.id for c in selected]
     runner = FakeRunner()
-    assert worker.run_plan(plan, RunDir(plan.run_dir), runner, contextlib.nullcontext()) == 0
+    assert rank_worker.run_plan(plan, RunDir(plan.run_dir), runner, contextlib.nullcontext()) == 0
     assert runner.seen == selected, "the worker ran the cases the launcher planned, whole"
     assert [run.read_case_result(c.id).status for c in selected] == [PASS] * len(selected)
     assert run.launches() == {"ws1-1": [c.id for c in selected]}
@@ -160,7 +160,7 @@ def test_the_matrix_is_expanded_once_per_process(folder, monkeypatch):
 
 def test_the_run_documents_meta_keeps_its_keys(folder):
     spec = RunSpec(cases=load_cases(folder).cases, label="m", placement=Placement(2), jobs=2, cases_dir=folder)
-    meta = service.RunMeta.of(spec).to_dict()
+    meta = run_service.RunMeta.of(spec).to_dict()
     assert list(meta) == ["label", "lane", "command", "started_utc", "host", "python", "injected_faults",
                           "source_trees", "ranks_per_gpu", "jobs", "versions", "cases_dir", "wall_s", "not_tested"]
     assert (meta["label"], meta["lane"], meta["ranks_per_gpu"], meta["jobs"], meta["cases_dir"]) == (

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from harness.matrix import zoo
+from harness.matrix import checkpoint_builder, family_registry, model_spec
 from harness.formats import hf as hf_format
 
 pytestmark = pytest.mark.cpu
@@ -15,26 +15,26 @@ def digest_dir(path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+@pytest.mark.parametrize("family", sorted(family_registry.families()))
 def test_same_seed_gives_byte_identical_files(family, tmp_path):
-    spec = zoo.ModelSpec(family=family)
-    a = digest_dir(zoo.build(spec, tmp_path / "a"))
-    b = digest_dir(zoo.build(spec, tmp_path / "b"))
+    spec = model_spec.ModelSpec(family=family)
+    a = digest_dir(checkpoint_builder.build(spec, tmp_path / "a"))
+    b = digest_dir(checkpoint_builder.build(spec, tmp_path / "b"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(a)
     assert a == b
 
 
 def test_different_seed_gives_different_weights(tmp_path):
-    a = zoo.build(zoo.ModelSpec(family="llama", seed=1), tmp_path / "a")
-    b = zoo.build(zoo.ModelSpec(family="llama", seed=2), tmp_path / "b")
+    a = checkpoint_builder.build(model_spec.ModelSpec(family="llama", seed=1), tmp_path / "a")
+    b = checkpoint_builder.build(model_spec.ModelSpec(family="llama", seed=2), tmp_path / "b")
     assert digest_dir(a)["model.safetensors"] != digest_dir(b)["model.safetensors"]
     assert digest_dir(a)["config.json"] == digest_dir(b)["config.json"]
 
 
-@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+@pytest.mark.parametrize("family", sorted(family_registry.families()))
 def test_every_parameter_is_redrawn(family, tmp_path):
     """No norm left at 1, no bias left at 0, no two tensors equal: a swap between any two shows."""
-    path = zoo.build(zoo.ModelSpec(family=family), tmp_path / "m")
+    path = checkpoint_builder.build(model_spec.ModelSpec(family=family), tmp_path / "m")
     seen = []
     for key, tensor in hf_format.iter_tensors(path):
         assert not torch.all(tensor == 1), f"{key} is all ones"
@@ -52,19 +52,19 @@ def test_every_parameter_is_redrawn(family, tmp_path):
 
 
 def test_llama_shapes_expose_layout_bugs():
-    cfg = zoo.ModelSpec(family="llama").hf_config
+    cfg = model_spec.ModelSpec(family="llama").hf_config
     assert cfg["vocab_size"] % 128, "vocab must not be a multiple of Megatron's padding"
     assert cfg["num_attention_heads"] > cfg["num_key_value_heads"], "GQA"
     assert cfg["intermediate_size"] != cfg["hidden_size"], "gate/up orientation must show"
-    assert zoo.ModelSpec(family="llama").tied_embeddings is False
+    assert model_spec.ModelSpec(family="llama").tied_embeddings is False
 
 
 def test_materialize_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
-    spec = zoo.ModelSpec(family="llama")
-    first = zoo.materialize(spec)
+    spec = model_spec.ModelSpec(family="llama")
+    first = checkpoint_builder.materialize(spec)
     mtime = (first / "model.safetensors").stat().st_mtime_ns
-    second = zoo.materialize(spec)
+    second = checkpoint_builder.materialize(spec)
     assert first == second and (second / "model.safetensors").stat().st_mtime_ns == mtime
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
@@ -72,13 +72,13 @@ def test_materialize_is_cached_and_atomic(tmp_path, monkeypatch):
 def test_tokenizer_is_local_and_matches_vocab(tmp_path):
     from transformers import AutoTokenizer
 
-    path = zoo.build(zoo.ModelSpec(family="llama"), tmp_path / "m")
+    path = checkpoint_builder.build(model_spec.ModelSpec(family="llama"), tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(str(path))
-    assert len(tok) == zoo.ModelSpec(family="llama").hf_config["vocab_size"]
+    assert len(tok) == model_spec.ModelSpec(family="llama").hf_config["vocab_size"]
     assert tok("w10 w11").input_ids == [10, 11]
 
 
-@pytest.mark.parametrize("family", sorted(zoo.FAMILIES))
+@pytest.mark.parametrize("family", sorted(family_registry.families()))
 def test_config_fields_read_from_source_match_the_real_signature(family):
     """hf_source reads constructor fields without importing transformers; it must agree with
     the class itself, or case-file validation would refuse good fields or accept typos."""
@@ -88,7 +88,7 @@ def test_config_fields_read_from_source_match_the_real_signature(family):
 
     from harness.matrix.hf_source import config_fields
 
-    name = zoo.get_family(family).hf_config_class
+    name = family_registry.get_family(family).hf_config_class
     real = set(inspect.signature(getattr(transformers, name).__init__).parameters) - {"self"}
     assert config_fields(name) == real
 
@@ -97,21 +97,21 @@ def test_every_repository_model_is_accepted_by_its_config_class(case_set):
     """Case loading checks field names and shape rules torch-free; the config class judges the
     values at build time. The repository's own case files must pass that judgement too."""
     for model in {c.model for c in case_set.cases}:
-        zoo.hf_config_object(model)
+        model_spec.hf_config_object(model)
 
 
 def test_a_value_the_config_class_rejects_names_the_model():
-    spec = zoo.ModelSpec(family="llama", variant="bad", overrides=(("rope_parameters", "fast"),))
+    spec = model_spec.ModelSpec(family="llama", variant="bad", overrides=(("rope_parameters", "fast"),))
     with pytest.raises(ValueError, match="llama@bad: LlamaConfig rejects it"):
-        zoo.hf_config_object(spec)
+        model_spec.hf_config_object(spec)
 
 
 def test_config_has_gdn_is_the_one_decision_the_spec_the_audit_and_the_writer_share():
-    gdn = {family for family in zoo.families() if zoo.config_has_gdn(zoo.ModelSpec(family).hf_config)}
+    gdn = {family for family in family_registry.families() if model_spec.config_has_gdn(model_spec.ModelSpec(family).hf_config)}
     assert "qwen3-next" in gdn and not {"llama", "qwen3-moe", "deepseek-v3"} & gdn
-    assert all(zoo.ModelSpec(family).has_gdn == (family in gdn) for family in zoo.families())
+    assert all(model_spec.ModelSpec(family).has_gdn == (family in gdn) for family in family_registry.families())
     # Seeded wrong configs: the GDN fields decide, not the family.
-    llama = dict(zoo.ModelSpec("llama").hf_config)
-    assert not zoo.config_has_gdn(llama) and zoo.config_has_gdn({**llama, "linear_num_key_heads": 2})
-    nxt = {k: v for k, v in zoo.ModelSpec("qwen3-next").hf_config.items() if k != "linear_num_key_heads"}
-    assert not zoo.config_has_gdn(nxt)
+    llama = dict(model_spec.ModelSpec("llama").hf_config)
+    assert not model_spec.config_has_gdn(llama) and model_spec.config_has_gdn({**llama, "linear_num_key_heads": 2})
+    nxt = {k: v for k, v in model_spec.ModelSpec("qwen3-next").hf_config.items() if k != "linear_num_key_heads"}
+    assert not model_spec.config_has_gdn(nxt)

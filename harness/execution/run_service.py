@@ -8,7 +8,7 @@ written by the caller, a floor above (``harness.reporting.run_report.write_outco
 
 Cases that cannot run here are not launched: they come back as ``skip`` with the reason (a case
 whose lane cannot build it, a GPU case needing more GPUs than this machine has); declared-invalid
-layouts come back as ``invalid`` (``harness.execution.launch``).
+layouts come back as ``invalid`` (``harness.execution.rank_launcher``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TextIO
 
-from harness.execution import launch, provenance
+from harness.execution import provenance, rank_launcher
 from harness.execution.run_dir import RunDir
 from harness.matrix import lanes
 from harness.matrix.cases import Case
@@ -89,8 +89,8 @@ def not_runnable_here(case: Case, lane: str, gpus: int | None = None,
 
 def import_problem(spec: RunSpec) -> str:
     """Why a rank could not even start with ``spec``'s trees ('' if it can): the failing import
-    or attribute, one line (``launch.import_probe``)."""
-    return launch.import_probe(spec)
+    or attribute, one line (``rank_launcher.import_probe``)."""
+    return rank_launcher.import_probe(spec)
 
 
 def run_selection(spec: RunSpec, *, stream: TextIO | None = sys.stderr,
@@ -110,7 +110,7 @@ def run_selection(spec: RunSpec, *, stream: TextIO | None = sys.stderr,
     if spec.faults:
         say(f"harness: INJECTING seeded faults {spec.faults}: results do not describe the real stack")
 
-    progress = launch.Progress(len(spec.cases), stream) if stream else None
+    progress = rank_launcher.Progress(len(spec.cases), stream) if stream else None
 
     def record(result: CaseResult) -> None:
         if progress:
@@ -130,7 +130,7 @@ def run_selection(spec: RunSpec, *, stream: TextIO | None = sys.stderr,
             record(by_id[case.id])
         else:
             to_launch.append(case)
-    for result in launch.run_cases(spec.with_cases(to_launch), run, on_result=record):
+    for result in rank_launcher.run_cases(spec.with_cases(to_launch), run, on_result=record):
         by_id[result.case_id] = result
     meta.wall_s = round(time.monotonic() - started, 2)
     results = [by_id[c.id] for c in spec.cases]

@@ -1,6 +1,6 @@
 """Rank entry point: run many cases in one process group so the ~12 s import is paid once.
 
-Launched by ``harness.execution.launch`` (under ``torch.distributed.run`` for world size > 1) with
+Launched by ``harness.execution.rank_launcher`` (under ``torch.distributed.run`` for world size > 1) with
 a ``Plan``: the run's ``RunSpec`` with this launch's cases, whole, so a rank never reads or expands
 ``cases/`` (the entry point did, once). Everything it tells the launcher goes through the run folder (``RunDir``), so a
 crashed rank cannot corrupt it: progress events, case results (rank 0), a non-zero rank's own
@@ -46,14 +46,14 @@ def _redirect_output(log_file: Path) -> None:
 def import_stack(trees: list, lane: str):
     """What a rank imports and installs before its first case: the harness's conversion code, the
     Bridge's API it calls, the source trees' packages (verified to come from the trees) and the
-    lane's runtime redirects, entered and left once. Returns (runner, runtime, imported). The
+    lane's runtime redirects, entered and left once. Returns (case_executor, runtime, imported). The
     gate's preflight (``--probe``) runs exactly this, so a tree that breaks any of it is named
     once, before any case starts."""
     import importlib
 
     import torch.distributed  # noqa: F401 - the collectives every case uses
 
-    from harness.conversion import runner
+    from harness.conversion import case_executor
     from harness.execution import source_trees
     from harness.runtimes import make_runtime
 
@@ -64,7 +64,7 @@ def import_stack(trees: list, lane: str):
     if lane == "cpu":  # every CPU redirect's upstream target must still exist (the GPU lane has none)
         with runtime:
             pass
-    return runner, runtime, imported
+    return case_executor, runtime, imported
 
 
 # The Bridge modules the harness calls into (harness.conversion.bridge_calls, megatron_fsdp).
@@ -100,7 +100,7 @@ def probe(trees_json: str, lane: str) -> int:
     return 0
 
 
-def run_plan(plan: Plan, run: RunDir, runner, runtime, rank: int = 0, world: int = 1) -> int:
+def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: int = 1) -> int:
     """Run the plan's cases in order inside ``runtime`` (the process group is up): progress events,
     results (rank 0), a non-zero rank's own error. Returns 0, or ``EXIT_CASE_ERROR`` when a case
     failed in a world of several (the peers may be stuck in a collective: stop here)."""
@@ -111,18 +111,18 @@ def run_plan(plan: Plan, run: RunDir, runner, runtime, rank: int = 0, world: int
             started = time.monotonic()
             try:
                 with faults_for(spec, case.id):
-                    result = runner.run_case(case, runtime, workdir=run.scratch(case.id))
+                    result = executor.run_case(case, runtime, workdir=run.scratch(case.id))
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
                 # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives
                 # from it, not from Exception (torch/distributed/checkpoint/api.py).
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                result = runner.error_result(case, exc, started, lane=spec.lane)
+                result = executor.error_result(case, exc, started, lane=spec.lane)
                 print(result.error, file=sys.stderr, flush=True)
                 if rank == 0 or world == 1:
                     run.write_case_result(result)
                 else:
-                    run.write_rank_error(case.id, rank, result.error)
+                    run.write_rank_error(case.id, rank, result.error, result.cause)
                 run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.END, time.time(), rank))
                 if world > 1:
                     return EXIT_CASE_ERROR
@@ -134,7 +134,7 @@ def run_plan(plan: Plan, run: RunDir, runner, runtime, rank: int = 0, world: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness.execution.worker")
+    parser = argparse.ArgumentParser(prog="harness.execution.rank_worker")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--plan", type=Path)
     mode.add_argument("--probe", metavar="TREES_JSON", help="import the stack with these source trees, run no case")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.execution import provenance
     from harness.runtimes import make_runtime
 
-    runner, _, imported = import_stack(spec.source_trees, spec.lane)
+    executor, _, imported = import_stack(spec.source_trees, spec.lane)
     runtime = make_runtime(spec.lane, spec.placement)
     if rank == 0:
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=runtime.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:  # torchrun --standalone: the agent's store, on a port its own process bound
         dist.init_process_group(backend=runtime.backend, timeout=timeout)
-    exit_code = run_plan(plan, run, runner, runtime, rank, world)
+    exit_code = run_plan(plan, run, executor, runtime, rank, world)
     if rank == 0:  # again, now with what the runtime decided while building the models
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
     if exit_code:

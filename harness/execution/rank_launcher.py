@@ -37,8 +37,8 @@ from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunD
 from harness.execution.source_trees import pythonpath
 from harness.matrix.cases import Case
 from harness.matrix.lanes import rank_environment
-from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, TIMEOUT, CaseResult, error_headline,
-                             error_section)
+from harness.results import (ERROR, INFRA_ERROR, INVALID, LOG_TAIL, NO_CASE_STARTED, TIMEOUT, CaseResult,
+                             error_headline, error_section)
 from harness.run_spec import RunSpec
 
 STARTUP_ALLOWANCE_S = 180.0  # interpreter start + imports, on top of the first case's timeout
@@ -170,13 +170,13 @@ def _run_group(spec: RunSpec, ws: int, name: str, run: RunDir, python: str, on_r
 
 
 def import_probe(spec: RunSpec, timeout_s: float = 600, python: str = sys.executable) -> str:
-    """Import the stack as a rank would with ``spec.source_trees`` (``worker.import_stack``), in a
+    """Import the stack as a rank would with ``spec.source_trees`` (``rank_worker.import_stack``), in a
     fresh process: '' if it imports, else the exception's one line (``ImportError: cannot import
     name 'X' from 'megatron.core.Y'``). The gate asks this before it runs any case."""
     import json
 
     trees = json.dumps([t.to_dict() for t in spec.source_trees])
-    cmd = [python, "-m", "harness.execution.worker", "--probe", trees, "--lane", spec.lane]
+    cmd = [python, "-m", "harness.execution.rank_worker", "--probe", trees, "--lane", spec.lane]
     try:
         proc = subprocess.run(cmd, env=launch_environment(spec, 1), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -212,7 +212,7 @@ def _launch_once(spec: RunSpec, ws: int, group: str, run: RunDir, python: str,
         # Gloo/NCCL collectives give up a little after the longest case would be killed.
         collective_timeout_s=max(c.timeout_s for c in spec.cases) + 60,
     ))
-    worker = ["-m", "harness.execution.worker", "--plan", str(plan_file)]
+    worker = ["-m", "harness.execution.rank_worker", "--plan", str(plan_file)]
     if ws == 1:
         cmd = [python, *worker]
     else:
@@ -260,8 +260,10 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                 if current is not None:
                     # A rank died (or exited after recording an error) inside this case.
                     if current not in finished:
+                        raised = _raised(run, current)
                         failure = _failure(by_id[current], ERROR, _exit_reason(code, run, group, current),
-                                           run.log_tail(group, LOG_TAIL_LINES), ws, lane)
+                                           run.log_tail(group, LOG_TAIL_LINES), ws, lane,
+                                           cause=run.rank_error_cause(current, raised[0]) if raised else "")
                         failure.duration_s = round(time.time() - since, 3) if since is not None else 0.0
                         record(current, failure)
                     break
@@ -273,7 +275,8 @@ def _watch(proc: subprocess.Popen, cases: list[Case], ws: int, group: str, run: 
                     # Died before starting anything (e.g. an import error): every remaining case gets the same error.
                     for case in cases:
                         record(case.id, _failure(
-                            case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane
+                            case, ERROR, f"process group exited with code {code} before running any case", tail, ws, lane,
+                            cause=NO_CASE_STARTED,
                         ))
                 break  # otherwise: some cases finished, none in flight -> relaunch for the rest
             deadline_case = by_id.get(current) if current else None
@@ -319,6 +322,7 @@ def _attach_log_tails(finished: dict[str, CaseResult], code: int, run: RunDir, g
             if raised is not None:
                 # Rank 0 only lost a peer; the peer's own exception is what went wrong.
                 result.error = f"rank{raised[0]} raised: {raised[1]}{error_section('rank 0 traceback')}{result.error}"
+                result.cause = run.rank_error_cause(result.case_id, raised[0]) or result.cause
             elif (died := _root_cause(run, group)) is not None and died.rank != 0 and died.died_on_its_own:
                 # Died without raising (a signal, os._exit): that death is the headline. A rank that
                 # exited with EXIT_CASE_ERROR raised, and rank 0's own exception stays the headline.
@@ -400,11 +404,17 @@ def _first_exception(run: RunDir, case_id: str) -> tuple[int, str] | None:
     return None
 
 
+def _raised(run: RunDir, case_id: str) -> tuple[int, str] | None:
+    """The non-zero rank whose own error explains ``case_id`` (rather than a lost peer, if any
+    has one), with its headline."""
+    return _first_exception(run, case_id) or next(
+        ((rank, error_headline(text)) for rank, text in run.rank_errors(case_id)), None)
+
+
 def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
     """Why a launch ended inside ``case_id``: the rank that raised (its exception line), or the
     rank that died without raising and how."""
-    raised = _first_exception(run, case_id) or next(
-        ((rank, error_headline(text)) for rank, text in run.rank_errors(case_id)), None)
+    raised = _raised(run, case_id)
     if raised:
         return f"rank{raised[0]} raised: {raised[1] or '?'}"
     died = _root_cause(run, group, code)
@@ -413,8 +423,9 @@ def _exit_reason(code: int, run: RunDir, group: str, case_id: str) -> str:
     return f"a rank exited with code {code} during the case"
 
 
-def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str) -> CaseResult:
-    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane)
+def _failure(case: Case, status: str, reason: str, tail: str, ws: int, lane: str, cause: str = "") -> CaseResult:
+    return CaseResult(case_id=case.id, status=status, error=f"{reason}{LOG_TAIL}{tail}", world_size=ws, lane=lane,
+                      cause=cause)
 
 
 def _reap_leftovers(proc: subprocess.Popen, run: RunDir, group: str) -> None:

@@ -15,25 +15,20 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 from harness.conversion import routes
-from harness.conversion.routes import Hooks  # re-exported: tests inject faults through runner.Hooks
+from harness.conversion.routes import Hooks  # re-exported: tests inject faults through case_executor.Hooks
 from harness.matrix.cases import Case
-from harness.results import ERROR, FAIL, PASS, CaseResult
+from harness.results import ERROR, FAIL, IMPORT_ERROR, PASS, CaseResult
 from harness.runtimes.base import Runtime
 
 __all__ = ["CaseResult", "Hooks", "run_case", "error_result", "PASS", "FAIL", "ERROR"]
 
 
-@contextlib.contextmanager
-def restored_environ() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def restored_environ() -> contextlib.AbstractContextManager:
+    """``os.environ`` as it was before the block, on exit (what the block set or removed is undone)."""
+    return mock.patch.dict(os.environ)
 
 
 def run_case(case: Case, runtime: Runtime, hooks: Hooks | None = None, workdir: Path | None = None) -> CaseResult:
@@ -74,4 +69,17 @@ def error_result(case: Case, exc: BaseException, started: float, lane: str) -> C
         error="".join(traceback.format_exception(exc)),
         world_size=routes.world(),
         lane=lane,
+        cause=IMPORT_ERROR if _raised_by_an_import(exc) else "",
     )
+
+
+def _raised_by_an_import(exc: BaseException | None) -> bool:
+    """``exc``, or an exception it was raised from or while handling, is an ImportError or a
+    SyntaxError: the tree under test cannot be imported, whatever the case would have shown."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (ImportError, SyntaxError)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
