@@ -182,6 +182,21 @@ def rope_variants(cfg: Config, config_class: str, bridge_module: str) -> dict[st
     return out
 
 
+def hybrid_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
+    """Layer patterns of a family whose tiny model mixes two layer kinds (``layer_types``: sliding
+    and full attention, linear and full attention): two consecutive layers of each kind, and a
+    period-3 pattern over 5 layers (the period does not divide the layer count; a PP2 split after
+    layer 2 cuts it, see cases/case_classes.yaml)."""
+    kinds = list(dict.fromkeys(cfg.get("layer_types") or ()))
+    if "layer_types" not in hf_source.config_fields(config_class) or len(kinds) != 2:
+        return {}
+    a, b = kinds
+    return {
+        "hyb-pairs": {"num_hidden_layers": 4, "layer_types": [a, a, b, b]},
+        "hyb-odd": {"num_hidden_layers": 5, "layer_types": [a, a, b, a, a]},
+    }
+
+
 @dataclass(frozen=True)
 class FamilyFacts:
     """What a generator may read of a family: its tiny config, its HF config class, its bridge's module."""
@@ -197,6 +212,7 @@ SWEEPS: dict[str, tuple[CaseClass | None, Callable[[FamilyFacts], dict[str, dict
     "switches": (SWITCHES, lambda f: switch_variants(f.config, f.config_class)),
     "window": (WINDOW, lambda f: window_variants(f.config, f.config_class)),
     "rope": (ROPE, lambda f: rope_variants(f.config, f.config_class, f.bridge_module)),
+    "hybrid": (HYBRID, lambda f: hybrid_variants(f.config, f.config_class)),
 }
 
 

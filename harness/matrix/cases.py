@@ -15,7 +15,7 @@ Schema of one file (``CaseFile``, ``CaseEntry``; unknown keys are errors that na
         variants:                         # optional: named per-case overrides of the tiny config;
           mqa: {num_key_value_heads: 1}   #   each becomes model ID family@name (stable, readable)
         sweep: square                     # optional: generated variants (harness.matrix.case_classes.SWEEPS:
-                                          #   square, switches, window, rope)
+                                          #   square, switches, window, rope, hybrid)
         layouts: [tp1, tp2, tp2-to-tp1]   # "A-to-B" only for reshard paths
         paths: [memory/roundtrip, torch_dist/roundtrip]
         sets: [default]                   # default (CI; implies full) or full (nightly only)
@@ -484,7 +484,7 @@ def _with_variants(models: list[ModelSpec], variants: dict[str, dict[Any, Any]],
 
 
 def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) -> list[ModelSpec]:
-    """family x generated variants (``harness.matrix.coincidences``): ``family@<coincidence>``."""
+    """family x generated variants (``harness.matrix.case_classes.SWEEPS``): ``family@<variant>``."""
     out = []
     for model in models:
         if model.variant:

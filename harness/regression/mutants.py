@@ -250,11 +250,16 @@ def mapping_classes(module_file: Path) -> frozenset[str]:
     return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.endswith("Mapping"))
 
 
+# The cheapest paths that run a family's whole bridge: its weight mappings both ways (and the
+# logits), and its config export (megatron_to_hf_config, which no weight path calls).
+COVERING_PATHS = ("memory/roundtrip", "hf/config-export")
+
+
 def covering_cases(file: str, cases: list[Case], package: Path) -> list[Case]:
-    """The memory round trips that run ``file``: its family's (a family's own bridge or provider
-    file), or for the shared conversion code those of the fewest families whose bridges use every
-    mapping class any of the given cases' families uses."""
-    trips = [c for c in cases if c.path == "memory/roundtrip"]
+    """The memory round trips and config-only exports that run ``file``: its family's (a family's
+    own bridge or provider file), or for the shared conversion code those of the fewest families
+    whose bridges use every mapping class any of the given cases' families uses."""
+    trips = [c for c in cases if c.path in COVERING_PATHS]
     by_family: dict[str, list[Case]] = {}
     for c in trips:
         by_family.setdefault(c.model.family, []).append(c)

@@ -34,15 +34,14 @@ def test_a_short_window_is_generated_only_where_missing_and_is_active():
     assert qwen2["use_sliding_window"] is True and qwen2["max_window_layers"] == 1
 
 
-def test_every_class_has_cases_and_the_default_set_one_per_class_but_uneven_pipelines():
+def test_every_class_has_cases_and_the_default_set_one_per_class():
     cases = load_cases_once()
     seen = {c.key: set() for c in case_classes.CLASSES}
     for case in cases.cases:
         for klass in case_classes.classes_of(case):
             seen[klass.key] |= case.sets
     missing = {key for key, sets in seen.items() if "default" not in sets}
-    # Not built yet (see the README's case-class table): hybrid layer patterns.
-    assert missing <= {"hybrid"}, missing
+    assert not missing, missing
 
 
 def test_case_ids_of_generated_variants_are_stable():
@@ -96,3 +95,12 @@ def test_uneven_stages_are_part_of_the_layout_id_and_follow_megatron_core_rules(
         pass
     else:
         raise AssertionError("a stage layer count without PP must be refused")
+
+
+def test_hybrid_patterns_use_the_familys_two_layer_kinds():
+    cfg = model_spec.ModelSpec(family="qwen3-next").hf_config
+    variants = case_classes.hybrid_variants(cfg, "Qwen3NextConfig")
+    assert variants["hyb-pairs"]["layer_types"] == ["linear_attention"] * 2 + ["full_attention"] * 2
+    odd = variants["hyb-odd"]
+    assert odd["num_hidden_layers"] % 3 and len(odd["layer_types"]) == odd["num_hidden_layers"]
+    assert case_classes.hybrid_variants(model_spec.ModelSpec(family="llama").hf_config, "LlamaConfig") == {}

@@ -106,11 +106,12 @@ def test_a_family_file_runs_its_family_and_the_shared_code_a_cover_of_families()
              if not c.invalid_reason and not run_service.not_runnable_here(c, "cpu")]
     package = mutants.bridge_package(None)
     llama = mutants.covering_cases("models/llama/llama_bridge.py", cases, package)
-    assert llama and {c.model.family for c in llama} == {"llama"} and all(c.path == "memory/roundtrip" for c in llama)
+    assert llama and {c.model.family for c in llama} == {"llama"} and all(c.path in mutants.COVERING_PATHS for c in llama)
+    assert {c.path for c in llama} == set(mutants.COVERING_PATHS)  # the config export runs the bridge too
     shared = mutants.covering_cases("models/conversion/param_mapping.py", cases, package)
     families = {c.model.family for c in shared}
     used = set().union(*(mutants.mapping_classes(package / "models" / c.model.family_def.architecture.module)
-                         for c in cases if c.path == "memory/roundtrip"))
+                         for c in cases if c.path in mutants.COVERING_PATHS))
     covered = set().union(*(mutants.mapping_classes(package / "models" / c.model.family_def.architecture.module)
                             for c in shared))
     assert covered == used and 1 < len(families) < len({c.model.family for c in cases})
