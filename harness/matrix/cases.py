@@ -467,33 +467,34 @@ def _with_variants(models: list[ModelSpec], variants: dict[str, dict[Any, Any]],
                    where: str) -> list[ModelSpec]:
     """family x named override sets -> ModelSpecs ``family@name``, each validated against the
     family's HF config class (an unknown field or a rejected value names file and field)."""
+    return _expand(models, lambda model: variants, source, where, declared=True)
+
+
+def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) -> list[ModelSpec]:
+    """family x generated variants (``harness.matrix.case_classes.SWEEPS``): ``family@<variant>``."""
+    def generated(model: ModelSpec) -> dict[str, dict[str, Any]]:
+        family = model.family_def
+        return SWEEPS[sweep][1](FamilyFacts(model.hf_config, family.hf_config_class, family.architecture.module))
+
+    return _expand(models, generated, source, where, declared=False)
+
+
+def _expand(models: list[ModelSpec], variants_of: Callable[[ModelSpec], dict[str, dict[Any, Any]]], source: str,
+            where: str, *, declared: bool) -> list[ModelSpec]:
     out = []
     for model in models:
         if model.variant:
             raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
-        for name, overrides in variants.items():
-            if name in get_family(model.family).variants:
+        for name, overrides in variants_of(model).items():
+            if declared and name in get_family(model.family).variants:
                 raise _field_error(source, f"{where}.{name}", f"clashes with the zoo variant {model.family}@{name}")
             spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
             try:
                 validate_overrides(spec)
             except ValueError as err:
+                if not declared:
+                    raise  # a generated variant that breaks the rules is a harness bug
                 raise _field_error(source, f"{where}.{name}", str(err)) from None
-            out.append(spec)
-    return out
-
-
-def _with_sweep(models: list[ModelSpec], sweep: str, source: str, where: str) -> list[ModelSpec]:
-    """family x generated variants (``harness.matrix.case_classes.SWEEPS``): ``family@<variant>``."""
-    out = []
-    for model in models:
-        if model.variant:
-            raise _field_error(source, where, f"{model.id} already names a variant; list the plain family")
-        family = model.family_def
-        facts = FamilyFacts(model.hf_config, family.hf_config_class, family.architecture.module)
-        for name, overrides in SWEEPS[sweep][1](facts).items():
-            spec = ModelSpec(family=model.family, variant=name, overrides=tuple(sorted(overrides.items())))
-            validate_overrides(spec)  # a generated variant that breaks the rules is a harness bug: raise
             out.append(spec)
     return out
 
