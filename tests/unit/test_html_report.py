@@ -391,3 +391,10 @@ def test_report_cli_writes_history_and_refuses_a_folder_without_runs(three_night
     assert not (empty / "history.html").exists()
     first = three_nightlies / "20260101T020000Z-nightly"
     assert main(["report", str(first)]) == 0 and (first / rendering.INDEX_NAME).is_file()
+
+
+def test_run_page_shows_the_case_classes_per_family_apart_from_the_grid(nightly_page):
+    assert '<h2 id="case-classes">Case classes</h2>' in nightly_page
+    table = nightly_page.split('<table class="grid case-classes">', 1)[1].split("</table>", 1)[0]
+    assert "repeated-export" in table and "config-export" in table
+    assert 'class="cell' not in table  # its counts are not grid cells (no drill-down link)
