@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from harness.conversion.bridge_calls import unwrap
+from harness.matrix.case_classes import TEST_SEQUENCE
 from harness.matrix.hf_reference import pure_torch_reference
 
 BATCH_SEED = 4321
@@ -35,7 +36,7 @@ class Batch:
         return torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
 
 
-def fixed_batch(vocab_size: int, batch: int = 3, seq: int = 24, seed: int = BATCH_SEED) -> Batch:
+def fixed_batch(vocab_size: int, batch: int = 3, seq: int = TEST_SEQUENCE, seed: int = BATCH_SEED) -> Batch:
     """A deterministic batch of ordinary (non-special) token ids."""
     gen = torch.Generator().manual_seed(seed)
     low = min(4, vocab_size - 1)  # skip the tokenizer's special tokens

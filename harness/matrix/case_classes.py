@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from harness.matrix.cases import Case
 
 Config = Mapping[str, Any]
-# The logit check's sequence (harness.conversion.forward.fixed_batch): a window must be shorter
-# than this for an off-by-one in it to change any logit.
+# The logit check's sequence length (harness.conversion.forward.fixed_batch uses it; it lives here,
+# on the bottom floor, because the window generator needs it): a window must be shorter than this
+# for an off-by-one in it to change any logit.
 TEST_SEQUENCE = 24
 SHORT_WINDOW = 7  # odd and well inside the sequence: a window of w vs w +- 1 differs at many positions
 
@@ -90,6 +91,10 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # ------------------------------------------------------------------------------- generators
 
 
+def _bridge_maps(hf_name: str) -> bool:
+    return any(hf == hf_name for hf, _ in bridge_config_mapping())
+
+
 def _value(cfg: Config, config_class: str, name: str) -> Any:
     return cfg[name] if name in cfg else hf_source.config_defaults(config_class).get(name)
 
@@ -107,7 +112,7 @@ def switch_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]
     if act_field:
         current = _value(cfg, config_class, act_field)
         out.update({f"act-{name}": {act_field: name} for name in activations() if name != current})
-    if "scoring_func" in fields and any(hf == "scoring_func" for hf, _ in bridge_config_mapping()):
+    if "scoring_func" in fields and _bridge_maps("scoring_func"):
         current = _value(cfg, config_class, "scoring_func")
         out.update({f"score-{name}": {"scoring_func": name} for name in ROUTER_SCORE_FUNCTIONS if name != current})
     return out
@@ -116,12 +121,12 @@ def switch_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]
 def window_variants(cfg: Config, config_class: str) -> dict[str, dict[str, Any]]:
     """A sliding window shorter than the test sequence, where the config has a window field and
     the tiny model's is not already that short."""
-    if "sliding_window" not in hf_source.config_fields(config_class):
+    fields = hf_source.config_fields(config_class)
+    if "sliding_window" not in fields:
         return {}
     window = _value(cfg, config_class, "sliding_window")
     if isinstance(window, int) and window < TEST_SEQUENCE:
         return {}
-    fields = hf_source.config_fields(config_class)
     extra: dict[str, Any] = {}
     if "use_sliding_window" in fields:  # Qwen2-style: a window only when switched on ...
         extra["use_sliding_window"] = True
@@ -177,7 +182,7 @@ def rope_variants(cfg: Config, config_class: str, bridge_module: str) -> dict[st
             params["short_factor"] = [1.0 + i / half for i in range(half)]
             params["long_factor"] = [2.0 + i / half for i in range(half)]
         out[f"rope-{rope_type}"] = {"rope_parameters": params}
-    if any(hf == "partial_rotary_factor" for hf, _ in bridge_config_mapping()):
+    if _bridge_maps("partial_rotary_factor"):
         out["rope-partial"] = {"rope_parameters": {**base, "partial_rotary_factor": PARTIAL_ROTARY}}
     return out
 
@@ -226,7 +231,7 @@ def classes_of(case: "Case") -> tuple[CaseClass, ...]:
     if sweep is not None:
         out.append(sweep)
     layouts = [layout for layout in (case.layout, case.load_layout) if layout is not None]
-    if any(layout.vpp > 1 or layout.first is not None or layout.last is not None for layout in layouts):
+    if any(layout.vpp > 1 or layout.uneven for layout in layouts):
         out.append(PIPELINE)
     if case.kind == "config-export":
         out.append(CONFIG_EXPORT)

@@ -53,7 +53,7 @@ class Layout:
                 raise LayoutError(f"{name} must be a positive integer, got {value!r}")
         if self.vpp > 1 and self.pp == 1:
             raise LayoutError(f"vpp{self.vpp} needs pp > 1 (virtual stages interleave real ones)")
-        if self.pp == 1 and (self.first is not None or self.last is not None):
+        if self.pp == 1 and self.uneven:
             raise LayoutError("first/last stage layer counts need pp > 1")
 
     @classmethod
@@ -91,6 +91,11 @@ class Layout:
 
     def __str__(self) -> str:
         return self.id
+
+    @property
+    def uneven(self) -> bool:
+        """The first or the last pipeline stage has its own layer count."""
+        return self.first is not None or self.last is not None
 
     @property
     def splits_model(self) -> bool:
@@ -143,7 +148,7 @@ class Layout:
         vocab = cfg.get("vocab_size")
         if vocab is not None and not vocab_padded and vocab % self.tp:
             problems.append(f"vocab {vocab} not divisible by tp{self.tp} (the vocab is not padded)")
-        if layers is not None and (self.first is not None or self.last is not None):
+        if layers is not None and self.uneven:
             problems += self._uneven_violations(layers)
         elif layers is not None and layers % (self.pp * self.vpp):
             what = f"pp{self.pp}" if self.vpp == 1 else f"pp{self.pp} x vpp{self.vpp}"

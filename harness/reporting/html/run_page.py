@@ -17,7 +17,7 @@ from harness.reporting.html.case_detail import LOG_TAIL_LINES, CaseView, build_c
 from harness.reporting.html.case_grid import Grid, Tally, build_cell, build_grid, tally
 from harness.reporting.html.looks import KNOWN_LOOK, STATUS_LOOKS, VERDICT_LOOKS, Look, golden_view
 from harness.reporting.html.rendering import HISTORY_NAME, INDEX_NAME, templates
-from harness.results import OK_STATUSES, CaseResult
+from harness.results import OK_STATUSES, PASS, CaseResult
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def class_rows(results: Sequence[CaseResult], case_set: CaseSet) -> tuple[ClassR
         for klass in case_classes.classes_of(case):
             tally = counts.setdefault(case.model.family, {}).setdefault(klass.key, [0, 0])
             tally[0] += 1
-            tally[1] += r.status == "pass"
+            tally[1] += r.status == PASS
     return tuple(ClassRow(family, tuple(ClassCell(*per.get(k.key, (0, 0))) for k in case_classes.CLASSES))
                  for family, per in sorted(counts.items()))
 
