@@ -356,18 +356,20 @@ def cmd_mutants(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise InputError(f"--file {rel}: no such file in {package}")
         generated += mutants.generate(path.read_text(), rel)
-    chosen = [m for m in generated if m.id in set(args.id)] if args.id else mutants.sample(generated, args.per_file, args.seed)
+    chosen = [m for m in generated if m.id in set(args.id)] if args.id else generated
     if args.id and len(chosen) != len(set(args.id)):
         missing = sorted(set(args.id) - {m.id for m in chosen})
         raise InputError(f"--id: no such mutant: {missing[0]} (harness mutants --list prints them)")
-    if args.list:
+    if args.list:  # what a run draws from; which of them a case reaches, only a run knows
         for m in chosen:
             print(f"{m.id}\n{m.diff}\n")
         print(f"{len(chosen)} of {len(generated)} mutants in {len(files)} file(s)")
         return EXIT_OK
-    print(f"harness: {len(chosen)} of {len(generated)} mutants in {len(files)} file(s), on {len(selected)} selected "
-          f"case(s)' memory round trips", file=sys.stderr)
+    print(f"harness: {len(generated)} mutants in {len(files)} file(s), on {len(selected)} selected case(s); "
+          + (f"running {len(chosen)} by ID" if args.id else f"drawing {args.per_file} per file from those a case reaches"),
+          file=sys.stderr)
     outcome = mutants.run_mutants(chosen, selected, args.lane, bridge, trees, args.budget, mutants.load_equivalent(),
+                                  per_file=None if args.id else args.per_file, seed=args.seed,
                                   say=lambda text: print(text, file=sys.stderr, flush=True))
     run = outcome.baseline.run
     atomic_write_json(run / "mutants.json", mutants.document(outcome))
@@ -500,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mutants", help="mutate Megatron-Bridge's conversion code; kill rate per file, survivors listed")
     p.add_argument("--file", action="append", metavar="REL", help="a file under megatron/bridge/ to mutate (default: "
                    "models/conversion/{param_mapping,model_bridge}.py and the bridge module of each selected family)")
-    p.add_argument("--per-file", type=int, default=10, metavar="N", help="sample N mutants per file (default 10)")
+    p.add_argument("--per-file", type=int, default=10, metavar="N", help="draw N of each file's reached mutants (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--id", action="append", metavar="MUTANT", help="run only these mutants (IDs from --list)")
     p.add_argument("--list", action="store_true", help="print the chosen mutants with their diffs; run nothing")

@@ -63,6 +63,9 @@ class RunSpec:
     cases_dir: Path = workspace.CASES_DIR  # the case files the cases were selected from (coverage)
     placement: lanes.Placement = field(default_factory=lanes.Placement)  # GPU lane: ranks per GPU
     jobs: int = 1  # concurrent launches per world size (harness.execution.rank_launcher)
+    # Folders whose executed lines each case records (harness.execution.case_coverage): the
+    # mutants' baseline traces its Bridge copy. Empty: nothing is traced.
+    line_coverage: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.faults and not self.fault_provider:
@@ -75,7 +78,7 @@ class RunSpec:
         return {"cases": [c.to_dict() for c in self.cases], "lane": self.lane, "label": self.label,
                 "faults": list(self.faults), "fault_provider": self.fault_provider,
                 "source_trees": [t.to_dict() for t in self.source_trees], "cases_dir": str(self.cases_dir),
-                "placement": asdict(self.placement), "jobs": self.jobs}
+                "placement": asdict(self.placement), "jobs": self.jobs, "line_coverage": list(self.line_coverage)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
@@ -84,4 +87,5 @@ class RunSpec:
                    fault_provider=data.get("fault_provider", ""),
                    source_trees=[SourceTree(**t) for t in data.get("source_trees", [])],
                    cases_dir=Path(data.get("cases_dir", workspace.CASES_DIR)),
-                   placement=lanes.Placement(**data.get("placement", {})), jobs=data.get("jobs", 1))
+                   placement=lanes.Placement(**data.get("placement", {})), jobs=data.get("jobs", 1),
+                   line_coverage=tuple(data.get("line_coverage", ())))

@@ -100,17 +100,20 @@ def probe(trees_json: str, lane: str) -> int:
     return 0
 
 
-def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: int = 1) -> int:
+def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: int = 1, recorder=None) -> int:
     """Run the plan's cases in order inside ``runtime`` (the process group is up): progress events,
     results (rank 0), a non-zero rank's own error. Returns 0, or ``EXIT_CASE_ERROR`` when a case
-    failed in a world of several (the peers may be stuck in a collective: stop here)."""
+    failed in a world of several (the peers may be stuck in a collective: stop here). A
+    ``CoverageRecorder`` (``RunSpec.line_coverage``) notes what each case ran."""
+    import contextlib
+
     spec = plan.spec
     with runtime:
         for case in spec.cases:
             run.append_progress(plan.group, ProgressEvent(case.id, ProgressEvent.START, time.time(), rank))
             started = time.monotonic()
             try:
-                with faults_for(spec, case.id):
+                with faults_for(spec, case.id), (recorder.case(case.id) if recorder else contextlib.nullcontext()):
                     result = executor.run_case(case, runtime, workdir=run.scratch(case.id))
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
                 # BaseException: torch DCP's CheckpointException (a failed save or load plan) derives
@@ -157,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.execution import provenance
     from harness.runtimes import make_runtime
 
+    recorder = None
+    if spec.line_coverage:  # started before the stack's imports: class bodies run there
+        from harness.execution.case_coverage import CoverageRecorder
+
+        recorder = CoverageRecorder(list(spec.line_coverage))
+        recorder.start()
     executor, _, imported = import_stack(spec.source_trees, spec.lane)
     runtime = make_runtime(spec.lane, spec.placement)
     if rank == 0:
@@ -167,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=runtime.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:  # torchrun --standalone: the agent's store, on a port its own process bound
         dist.init_process_group(backend=runtime.backend, timeout=timeout)
-    exit_code = run_plan(plan, run, executor, runtime, rank, world)
+    exit_code = run_plan(plan, run, executor, runtime, rank, world, recorder)
+    if recorder is not None:
+        run.write_coverage(plan.group, rank, recorder.finish())
     if rank == 0:  # again, now with what the runtime decided while building the models
         run.write_provenance(plan.group, provenance.rank_group(imported, runtime))
     if exit_code:

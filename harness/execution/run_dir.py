@@ -13,6 +13,9 @@ Layout of one run (``reports/<UTC timestamp>-<label>/``)::
     cases/<slug>.rank<R>.err a non-zero rank's traceback when it failed alone
     logs/<group>/rank<R>.log this rank's stdout and stderr; launcher.log: torchrun's own output
     provenance/<group>.json  where each rank group imported Megatron from, and the versions
+    coverage/<group>.rank<R>.json
+                             with ``RunSpec.line_coverage`` only: what of the Bridge each case
+                             ran (``CaseCoverage``), for ``harness mutants``
     scratch/<slug>/          the case's checkpoints (kept when it fails, for debugging)
 
 ``reports/latest`` points at the newest finished run (a symlink, replaced atomically).
@@ -38,6 +41,20 @@ RESULTS_NAME = "results.json"
 # collective); any other non-zero exit is a rank that died on its own.
 EXIT_CASE_ERROR = 3
 LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class CaseCoverage:
+    """What of the traced source one case ran on one rank (``harness.execution.case_coverage``)."""
+
+    case_id: str
+    lines: dict[str, list[int]]  # file, relative to its traced root -> the lines executed
+    resolved: list[str]  # Megatron names the Bridge's mapping registry resolved
+
+    def merged(self, other: "CaseCoverage") -> "CaseCoverage":
+        """The union over ranks (a pipeline stage runs only its own layers' code)."""
+        lines = {f: sorted(set(self.lines.get(f, [])) | set(other.lines.get(f, []))) for f in {*self.lines, *other.lines}}
+        return CaseCoverage(self.case_id, dict(sorted(lines.items())), sorted({*self.resolved, *other.resolved}))
 
 
 @dataclass(frozen=True)
@@ -260,6 +277,20 @@ class RunDir:
 
     def write_provenance(self, group: str, doc: dict[str, Any]) -> None:
         workspace.atomic_write_json(self.provenance_file(group), doc)
+
+    def coverage_file(self, group: str, rank: int) -> Path:
+        return self.path / "coverage" / f"{group}.rank{rank}.json"
+
+    def write_coverage(self, group: str, rank: int, records: list[CaseCoverage]) -> None:
+        workspace.atomic_write_json(self.coverage_file(group, rank), [asdict(r) for r in records])
+
+    def coverage(self) -> dict[str, CaseCoverage]:
+        """case ID -> what it ran, merged over the ranks and launches of this run."""
+        out: dict[str, CaseCoverage] = {}
+        for file in sorted((self.path / "coverage").glob("*.json")):
+            for record in (CaseCoverage(**r) for r in json.loads(file.read_text())):
+                out[record.case_id] = out[record.case_id].merged(record) if record.case_id in out else record
+        return out
 
     def provenance(self) -> dict[str, dict[str, Any]]:
         """group -> provenance document, for every launch of this run."""

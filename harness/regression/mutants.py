@@ -15,11 +15,16 @@ run through the harness's launcher with ``--megatron-bridge``, so the edit is ma
     change-constant an int n -> n + 1 (dim=0 -> dim=1, a split count)
     delete-mapping  one ``...Mapping(...)`` entry left out of a mapping list
 
-A mutant is run on the cases that cover its file: a family's own bridge and provider files on
-that family's memory round trips; the shared conversion code (``models/conversion/``) on the
+The cases that cover a file are a family's own memory round trips and config exports (for its
+bridge and provider files); for the shared conversion code (``models/conversion/``), those of the
 fewest families whose bridges use every mapping class any CPU-runnable family uses (a greedy
-cover, read from the bridges' source). It is *killed* when a case that passes on the unmutated
-copy does not pass with it. A survivor is a gap in the matrix, or an equivalent mutant (a change
+cover, read from the bridges' source). The unmutated copy runs them all first, recording what of
+the Bridge each case executes (``RunSpec.line_coverage``). A mutant then runs only on the passing
+cases that execute its lines (and, for a deleted mapping row, resolve a parameter through it).
+A mutant no case reaches is *not reached*: code the matrix never runs (quantised or PEFT export,
+a layer kind no tiny model has). It is listed by function, apart from the kill rate, because no
+case kills it and no reason makes it equivalent; sampling (``--per-file``) draws from the reached
+ones. A mutant is *killed* when a case that passes on the unmutated copy does not pass with it. A survivor is a gap in the matrix, or an equivalent mutant (a change
 no conversion can show); ``golden/mutants/equivalent.yaml`` records the latter with the reason,
 so a later run lists only new survivors. Mutant IDs hash the edited source and its function, not
 line numbers, so they survive unrelated edits of the file.
@@ -31,6 +36,7 @@ import ast
 import copy
 import hashlib
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -42,6 +48,7 @@ import yaml
 
 from harness import workspace
 from harness.execution import run_service
+from harness.execution.run_dir import CaseCoverage
 from harness.execution.source_trees import validate
 from harness.matrix.cases import Case
 from harness.reporting import run_report
@@ -51,7 +58,7 @@ from harness.run_spec import RunSpec, SourceTree
 EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
 CONVERSION_DIR = "models/conversion/"
 DEFAULT_FILES = ("models/conversion/param_mapping.py", "models/conversion/model_bridge.py")
-KILLED, SURVIVED, EQUIVALENT, NOT_RUN = "killed", "survived", "equivalent", "not-run"
+KILLED, SURVIVED, EQUIVALENT, NOT_RUN, NOT_REACHED = "killed", "survived", "equivalent", "not-run", "not-reached"
 
 _CONCAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 _TRANSPOSE = {"t", "transpose", "permute"}
@@ -75,6 +82,12 @@ class Mutant:
     original: str
     replacement: str
     span: tuple[int, int]  # character offsets of ``original`` in the file
+    end_line: int = 0  # the last line of ``original`` (``line`` when 0)
+    mapping_row: str = ""  # delete-mapping: the deleted row's megatron_param pattern
+
+    @property
+    def lines(self) -> range:
+        return range(self.line, max(self.line, self.end_line) + 1)
 
     def apply(self, source: str) -> str:
         start, end = self.span
@@ -141,6 +154,32 @@ def _mutations(node: ast.AST) -> Iterator[tuple[str, ast.AST]]:
         yield "flip-bool", new
 
 
+def _megatron_param(mapping: ast.Call) -> str:
+    """A mapping row's Megatron pattern: its ``megatron_param=`` or first argument, when a literal."""
+    arg = next((k.value for k in mapping.keywords if k.arg == "megatron_param"), mapping.args[0] if mapping.args else None)
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else ""
+
+
+def row_pattern(megatron_param: str) -> re.Pattern:
+    """A mapping row's wildcards as the registry reads them: ``**`` any text, ``*`` a number
+    (``MegatronMappingRegistry._convert_pattern_to_regex``, models/conversion/mapping_registry.py)."""
+    return re.compile(re.escape(megatron_param).replace(r"\*\*", "(.*)").replace(r"\*", r"(\d+)"))
+
+
+def reaching(mutant: Mutant, cases: list[Case], coverage: dict[str, CaseCoverage]) -> list[Case]:
+    """The cases that execute a line of the mutant; for a deleted mapping row, only those whose
+    conversion resolved some parameter through that row (every row is built on every call)."""
+    out = []
+    for case in cases:
+        ran = coverage.get(case.id)
+        if ran is None or not set(ran.lines.get(mutant.file, ())).intersection(mutant.lines):
+            continue
+        if mutant.mapping_row and not any(row_pattern(mutant.mapping_row).fullmatch(n) for n in ran.resolved):
+            continue
+        out.append(case)
+    return out
+
+
 def replace_field(node: ast.AST, name: str, value: ast.AST) -> ast.AST:
     new = copy.deepcopy(node)
     setattr(new, name, value)
@@ -204,14 +243,15 @@ def generate(source: str, file: str) -> list[Mutant]:
     out: list[Mutant] = []
     seen: dict[str, int] = {}
 
-    def add(operator: str, node: ast.AST, span: tuple[int, int], replacement: str) -> None:
+    def add(operator: str, node: ast.AST, span: tuple[int, int], replacement: str, row: str = "") -> None:
         original = source[span[0]:span[1]]
         function = functions.get(id(node), "<module>")
         key = f"{operator}|{function}|{original}|{replacement}"
         seen[key] = seen.get(key, 0) + 1  # the n-th identical edit in one function
         digest = hashlib.sha1(f"{key}|{seen[key]}".encode()).hexdigest()[:10]
         out.append(Mutant(id=f"{file}:{operator}:{digest}", file=file, operator=operator, line=node.lineno,
-                          function=function, original=original, replacement=replacement, span=span))
+                          function=function, original=original, replacement=replacement, span=span,
+                          end_line=getattr(node, "end_lineno", node.lineno), mapping_row=row))
 
     for node in ast.walk(tree):
         if id(node) in skip or not hasattr(node, "lineno"):
@@ -222,7 +262,7 @@ def generate(source: str, file: str) -> list[Mutant]:
                     start, end = text.span(elt)
                     rest = source[end:]
                     end += len(rest) - len(rest.lstrip(" \t")) + (1 if rest.lstrip(" \t").startswith(",") else 0)
-                    add("delete-mapping", elt, (start, end), "")
+                    add("delete-mapping", elt, (start, end), "", row=_megatron_param(elt))
         for operator, new in _mutations(node):
             add(operator, node, text.span(node), ast.unparse(new))
     out.sort(key=lambda m: (m.span, m.operator))
@@ -289,7 +329,7 @@ def covering_cases(file: str, cases: list[Case], package: Path) -> list[Case]:
 @dataclass(frozen=True)
 class MutantResult:
     mutant: Mutant
-    status: str  # KILLED / SURVIVED / EQUIVALENT / NOT_RUN
+    status: str  # KILLED / SURVIVED / EQUIVALENT / NOT_RUN / NOT_REACHED
     killed_by: tuple[str, ...] = ()  # case IDs that stopped passing, with their headline
     why: str = ""  # an equivalent mutant's reason, or why it did not run
     cases: tuple[str, ...] = ()
@@ -299,11 +339,20 @@ class MutantResult:
 @dataclass
 class FileScore:
     file: str
-    mutants: int = 0
+    candidates: int = 0  # every mutant of the file
+    reached: int = 0  # of those, the ones some passing case executes (the rest: not_reached)
     killed: int = 0
     survived: int = 0
     equivalent: int = 0
     not_run: int = 0
+
+    @property
+    def not_reached(self) -> int:
+        return self.candidates - self.reached
+
+    @property
+    def sampled(self) -> int:
+        return self.killed + self.survived + self.equivalent + self.not_run
 
     @property
     def kill_rate(self) -> float | None:
@@ -311,13 +360,25 @@ class FileScore:
         ran = self.killed + self.survived
         return self.killed / ran if ran else None
 
+    @property
+    def reach(self) -> float | None:
+        """The share of the file's mutants some case executes."""
+        return self.reached / self.candidates if self.candidates else None
 
-def scores(results: list[MutantResult]) -> list[FileScore]:
+
+def scores(results: list[MutantResult], candidates: dict[str, int] | None = None,
+           reached: dict[str, int] | None = None) -> list[FileScore]:
+    """Per file. ``candidates`` / ``reached`` count every mutant of a file and those a case
+    executes, sampled or not; without them, the results are all the candidates there were."""
     by_file: dict[str, FileScore] = {}
     for r in results:
         s = by_file.setdefault(r.mutant.file, FileScore(r.mutant.file))
-        s.mutants += 1
-        setattr(s, r.status.replace("-", "_"), getattr(s, r.status.replace("-", "_")) + 1)
+        if r.status != NOT_REACHED:
+            setattr(s, r.status.replace("-", "_"), getattr(s, r.status.replace("-", "_")) + 1)
+    for file, s in by_file.items():
+        mine = [r for r in results if r.mutant.file == file]
+        s.candidates = (candidates or {}).get(file, len(mine))
+        s.reached = (reached or {}).get(file, sum(r.status != NOT_REACHED for r in mine))
     return list(by_file.values())
 
 
@@ -347,10 +408,24 @@ def sample(mutants: list[Mutant], per_file: int | None, seed: int) -> list[Mutan
 class MutantsOutcome:
     baseline: run_service.RunOutcome
     results: list[MutantResult] = field(default_factory=list)
+    candidates: dict[str, int] = field(default_factory=dict)  # file -> every mutant of it
+    reached: dict[str, int] = field(default_factory=dict)  # file -> those some passing case executes
 
     @property
     def new_survivors(self) -> list[MutantResult]:
         return [r for r in self.results if r.status == SURVIVED]
+
+    @property
+    def scores(self) -> list[FileScore]:
+        return scores(self.results, self.candidates or None, self.reached or None)
+
+    def not_reached_by_function(self) -> list[tuple[str, str, int]]:
+        """(file, function, mutants) for the code no case runs, largest first."""
+        counts: dict[tuple[str, str], int] = {}
+        for r in self.results:
+            if r.status == NOT_REACHED:
+                counts[(r.mutant.file, r.mutant.function)] = counts.get((r.mutant.file, r.mutant.function), 0) + 1
+        return sorted(((f, fn, n) for (f, fn), n in counts.items()), key=lambda t: (-t[2], t[0], t[1]))
 
 
 def _forget_bytecode(file: Path) -> None:
@@ -359,32 +434,41 @@ def _forget_bytecode(file: Path) -> None:
         pyc.unlink(missing_ok=True)
 
 
-def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: SourceTree | None,
+def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: SourceTree | None,
                 other_trees: list[SourceTree], budget_s: float, equivalent: dict[str, str],
+                per_file: int | None = None, seed: int = 0,
                 say: Callable[[str], None] = lambda text: None) -> MutantsOutcome:
-    """Copy the Bridge package once, run the unmutated copy on every covering case (the
-    baseline), then each mutant on its file's cases; ``budget_s`` stops it between mutants."""
+    """Copy the Bridge package once, run the unmutated copy on every covering case recording what
+    each executes (the baseline), draw ``per_file`` of each file's reached mutants (all with None),
+    then run each on the passing cases that reach it; ``budget_s`` stops it between mutants."""
     package = bridge_package(bridge)
-    cover = {f: covering_cases(f, cases, package) for f in sorted({m.file for m in mutants})}
+    cover = {f: covering_cases(f, cases, package) for f in sorted({m.file for m in candidates})}
     union = list({c.id: c for cs in cover.values() for c in cs}.values())
     with tempfile.TemporaryDirectory(prefix="harness-mutants-") as tmp:
         copy_root = Path(tmp) / "src" / "megatron" / "bridge"
         shutil.copytree(package, copy_root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         tree = validate("megatron-bridge", tmp)
         trees = [t for t in other_trees if t.kind != "megatron-bridge"] + [tree]
-        say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s)")
-        baseline = run_service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees))
+        say(f"harness: baseline: the unmutated Bridge copy on {len(union)} case(s), recording the lines each runs")
+        baseline = run_service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees,
+                                                     line_coverage=(str(copy_root),)))
         run_report.write_outcome(baseline)
         passing = {r.case_id for r in baseline.results if r.status == PASS}
+        ran = baseline.run.coverage()
+        reach = {m.id: reaching(m, [c for c in cover[m.file] if c.id in passing], ran) for m in candidates}
         outcome = MutantsOutcome(baseline=baseline)
+        for m in candidates:
+            outcome.candidates[m.file] = outcome.candidates.get(m.file, 0) + 1
+            outcome.reached[m.file] = outcome.reached.get(m.file, 0) + bool(reach[m.id])
+        outcome.results += [MutantResult(m, NOT_REACHED, why=_unreached_why(m)) for m in candidates if not reach[m.id]]
+        chosen = sample([m for m in candidates if reach[m.id]], per_file, seed)
+        say(f"harness: {sum(outcome.reached.values())} of {len(candidates)} mutants lie on code a passing case runs; "
+            f"running {len(chosen)}")
         deadline = time.monotonic() + budget_s
-        for i, m in enumerate(mutants, 1):
-            on = [c for c in cover[m.file] if c.id in passing]
+        for i, m in enumerate(chosen, 1):
+            on = reach[m.id]
             if m.id in equivalent:
                 outcome.results.append(MutantResult(m, EQUIVALENT, why=equivalent[m.id]))
-                continue
-            if not on:
-                outcome.results.append(MutantResult(m, NOT_RUN, why="no covering case passes unmutated"))
                 continue
             if time.monotonic() >= deadline:
                 outcome.results.append(MutantResult(m, NOT_RUN, why=f"budget ({budget_s:.0f} s) spent"))
@@ -400,7 +484,7 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
                 for stage in ([c for c in on if c.world_size == 1], [c for c in on if c.world_size > 1]):
                     if stage and not killers:
                         run = run_service.run_selection(RunSpec(cases=stage, lane=lane, label=f"mutant-{i}",
-                                                            source_trees=trees), stream=None)
+                                                                source_trees=trees), stream=None)
                         run_report.write_outcome(run)  # a killer's or a survivor's run, to read
                         killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)
             finally:
@@ -409,29 +493,43 @@ def run_mutants(mutants: list[Mutant], cases: list[Case], lane: str, bridge: Sou
             result = MutantResult(m, KILLED if killers else SURVIVED, killed_by=killers,
                                   cases=tuple(c.id for c in on), seconds=round(time.monotonic() - started, 1))
             outcome.results.append(result)
-            say(f"[{i}/{len(mutants)}] {result.status.upper():8} {m.id} ({result.seconds:.0f}s)"
+            say(f"[{i}/{len(chosen)}] {result.status.upper():8} {m.id} ({result.seconds:.0f}s)"
                 + (f"  {killers[0][:100]}" if killers else f"\n{m.diff}"))
     return outcome
+
+
+def _unreached_why(m: Mutant) -> str:
+    if m.mapping_row:
+        return f"no passing case resolves a parameter through the row {m.mapping_row}"
+    return f"no passing case runs line {m.line}" + (f"-{m.end_line}" if m.end_line > m.line else "")
 
 
 # ------------------------------------------------------------------------------- the report
 
 
 def markdown(outcome: MutantsOutcome) -> str:
-    """Kill rate per file, then every survivor with its diff (what a new case must kill)."""
+    """Kill rate per file, every survivor with its diff (what a new case must kill), then the
+    functions no case reaches."""
     lines = ["### Mutants of Megatron-Bridge's conversion code", "",
-             "| file | mutants | killed | survived | equivalent | not run | kill rate |", "|---|---|---|---|---|---|---|"]
-    for s in scores(outcome.results):
+             "| file | mutants | reached | sampled | killed | survived | equivalent | not run | kill rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in outcome.scores:
         rate = f"{100 * s.kill_rate:.0f}%" if s.kill_rate is not None else "-"
-        lines.append(f"| `{s.file}` | {s.mutants} | {s.killed} | {s.survived} | {s.equivalent} | {s.not_run} | {rate} |")
+        reach = f" ({100 * s.reach:.0f}%)" if s.reach is not None else ""
+        lines.append(f"| `{s.file}` | {s.candidates} | {s.reached}{reach} | {s.sampled} | {s.killed} | {s.survived} "
+                     f"| {s.equivalent} | {s.not_run} | {rate} |")
     survivors = outcome.new_survivors
     lines += ["", f"#### Survivors ({len(survivors)})", ""]
     lines += [f"```diff\n{r.mutant.diff}\n```\n`{r.mutant.id}` ran on {', '.join(r.cases)}" for r in survivors] or ["None."]
+    unreached = outcome.not_reached_by_function()
+    lines += ["", f"#### Not reached: functions no passing case runs ({sum(n for *_, n in unreached)} mutants)", ""]
+    lines += [f"- `{file}` `{function}()`: {n}" for file, function, n in unreached] or ["None."]
     return "\n".join(lines) + "\n"
 
 
 def document(outcome: MutantsOutcome) -> dict:
-    return {"scores": [{**asdict(s), "kill_rate": s.kill_rate} for s in scores(outcome.results)],
+    return {"scores": [{**asdict(s), "not_reached": s.not_reached, "kill_rate": s.kill_rate, "reach": s.reach}
+                       for s in outcome.scores],
             "results": [{**asdict(r), "diff": r.mutant.diff} for r in outcome.results]}
 
 
@@ -440,5 +538,7 @@ def html(outcome: MutantsOutcome, run_name: str) -> str:
     from harness.reporting.html.rendering import templates
 
     order = {SURVIVED: 0, KILLED: 1, EQUIVALENT: 2, NOT_RUN: 3}
-    results = sorted(outcome.results, key=lambda r: (order[r.status], r.mutant.file, r.mutant.span))
-    return templates().get_template("mutants.html.j2").render(run_name=run_name, scores=scores(outcome.results), results=results)
+    results = sorted((r for r in outcome.results if r.status != NOT_REACHED),
+                     key=lambda r: (order[r.status], r.mutant.file, r.mutant.span))
+    return templates().get_template("mutants.html.j2").render(run_name=run_name, scores=outcome.scores, results=results,
+                                                              not_reached=outcome.not_reached_by_function())

@@ -31,9 +31,12 @@ def test_a_mutant_is_run_on_a_copy_and_killed_by_the_check_that_sees_it(tmp_path
                         "-k", "llama/tp1/memory/roundtrip", "--id", GATE_UP_SWAP],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "| `models/conversion/param_mapping.py` | 1 | 1 | 0 | 0 | 0 | 100% |" in r.stdout
+    assert "| `models/conversion/param_mapping.py` | 1 | 1 (100%) | 1 | 1 | 0 | 0 | 0 | 100% |" in r.stdout
     (run,) = [p for p in (tmp_path / "reports").iterdir() if p.name.endswith("-mutants")]
     (result,) = json.loads((run / "mutants.json").read_text())["results"]
     assert result["status"] == "killed" and "gate_proj" in result["killed_by"][0]
-    assert result["cases"] == ["llama/tp1/memory/roundtrip"]
+    assert result["cases"] == ["llama/tp1/memory/roundtrip"]  # the case that executes GatedMLPMapping.hf_to_megatron
+    (baseline,) = list((run / "coverage").glob("*.json"))  # what the unmutated copy's case ran
+    (ran,) = json.loads(baseline.read_text())
+    assert "models/conversion/param_mapping.py" in ran["lines"] and "decoder.layers.0.mlp.linear_fc1.weight" in ran["resolved"]
     assert hashlib.sha256(installed.read_bytes()).hexdigest() == digest  # the installed Bridge is untouched

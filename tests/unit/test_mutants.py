@@ -118,26 +118,51 @@ def test_a_family_file_runs_its_family_and_the_shared_code_a_cover_of_families()
 
 
 def test_the_kill_rate_counts_only_mutants_that_ran_and_are_not_equivalent():
-    m = mutants.generate(SOURCE, "models/x.py")[:5]
+    m = mutants.generate(SOURCE, "models/x.py")[:6]
     results = [mutants.MutantResult(m[0], mutants.KILLED), mutants.MutantResult(m[1], mutants.KILLED),
                mutants.MutantResult(m[2], mutants.SURVIVED), mutants.MutantResult(m[3], mutants.EQUIVALENT, why="x"),
-               mutants.MutantResult(m[4], mutants.NOT_RUN, why="budget")]
-    (score,) = mutants.scores(results)
-    assert (score.mutants, score.killed, score.survived, score.equivalent, score.not_run) == (5, 2, 1, 1, 1)
-    assert score.kill_rate == pytest.approx(2 / 3)
-    outcome = mutants.MutantsOutcome(baseline=None, results=results)
+               mutants.MutantResult(m[4], mutants.NOT_RUN, why="budget"),
+               mutants.MutantResult(m[5], mutants.NOT_REACHED, why="no passing case runs line 9")]
+    outcome = mutants.MutantsOutcome(baseline=None, results=results, candidates={"models/x.py": 20},
+                                     reached={"models/x.py": 15})
+    (score,) = outcome.scores
+    assert (score.candidates, score.reached, score.not_reached, score.sampled) == (20, 15, 5, 5)
+    assert (score.killed, score.survived, score.equivalent, score.not_run) == (2, 1, 1, 1)
+    assert score.kill_rate == pytest.approx(2 / 3) and score.reach == pytest.approx(0.75)
     md = mutants.markdown(outcome)
-    assert "| `models/x.py` | 5 | 2 | 1 | 1 | 1 | 67% |" in md and "#### Survivors (1)" in md and m[2].diff in md
+    assert "| `models/x.py` | 20 | 15 (75%) | 5 | 2 | 1 | 1 | 1 | 67% |" in md and "#### Survivors (1)" in md and m[2].diff in md
+    assert f"- `models/x.py` `{m[5].function}()`: 1" in md  # the code no case runs, by function
+
+
+def test_a_mutant_reaches_only_the_cases_that_run_its_line_and_a_deleted_row_only_where_a_name_resolves():
+    from harness.execution.run_dir import CaseCoverage
+
+    ms = mutants.generate(SOURCE, "models/x.py")
+    head = next(m for m in ms if m.operator == "off-by-one" and m.original == "0:n")
+    row = next(m for m in ms if m.operator == "delete-mapping" and "AutoMapping" in m.original)
+    assert row.mapping_row == "a" and row.lines == range(row.line, row.line + 1)
+    case = type("C", (), {})
+    a, b = case(), case()
+    a.id, b.id = "a/tp1/memory/roundtrip", "b/tp1/memory/roundtrip"
+    coverage = {a.id: CaseCoverage(a.id, {"models/x.py": [head.line, row.line]}, ["a"]),
+                b.id: CaseCoverage(b.id, {"models/x.py": [row.line]}, ["decoder.layers.0.x"])}
+    assert mutants.reaching(head, [a, b], coverage) == [a]  # b never runs the slice
+    assert mutants.reaching(row, [a, b], coverage) == [a]  # b builds the row but resolves nothing through it
+    assert mutants.row_pattern("decoder.layers.*.mlp.**").fullmatch("decoder.layers.12.mlp.experts.local_experts.3.w")
+    assert not mutants.row_pattern("decoder.layers.*.mlp").fullmatch("decoder.layers.x.mlp")
+    assert mutants.reaching(head, [a, b], {}) == []  # no record: not reached, never assumed
 
 
 def test_the_html_page_shows_the_rate_and_survivors_first_with_their_diffs():
-    m = mutants.generate(SOURCE, "models/x.py")[:2]
+    m = mutants.generate(SOURCE, "models/x.py")[:3]
     outcome = mutants.MutantsOutcome(baseline=None, results=[
         mutants.MutantResult(m[0], mutants.KILLED, killed_by=("a/tp1/memory/roundtrip: tensors: 1/2 differ",)),
-        mutants.MutantResult(m[1], mutants.SURVIVED, cases=("a/tp1/memory/roundtrip",))])
+        mutants.MutantResult(m[1], mutants.SURVIVED, cases=("a/tp1/memory/roundtrip",)),
+        mutants.MutantResult(m[2], mutants.NOT_REACHED, why="no passing case runs line 9")])
     page = mutants.html(outcome, "20261202T000000Z-mutants")
     assert "<td>50%</td>" in page and page.index(m[1].id) < page.index(m[0].id)  # the survivor leads
     assert "killed by: a/tp1/memory/roundtrip: tensors: 1/2 differ" in page
+    assert m[2].id not in page and f"{m[2].function}()</td><td>1</td>" in page  # not reached: by function only
 
 
 def test_every_equivalent_mutant_listed_exists_and_says_why():
