@@ -36,6 +36,8 @@ def checkpoint_digest(spec: ModelSpec) -> str:
     # Only what determines the HF files: provider-only variants share a checkpoint.
     doc = {"family": spec.family, "config": spec.hf_config, "seed": spec.seed, "std": INIT_STD,
            "tokenizer": family.tokenizer, "mtp_layers": family.writes_mtp_layers, "builder": _builder_digest()}
+    if spec.checkpoint_extras:  # absent otherwise: every existing cache key stays what it was
+        doc["extras"] = spec.checkpoint_extras
     blob = json.dumps(doc, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -111,6 +113,8 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     if family.writes_mtp_layers and getattr(config, "num_nextn_predict_layers", 0):
         _add_mtp_layers(out_dir, model_cls, config, spec.seed, dtype)
+    if spec.checkpoint_extras.get("legacy_inv_freq"):
+        _add_legacy_inv_freq(out_dir, model, config)
     save_tokenizer(out_dir, vocab_size=config.vocab_size, kind=family.tokenizer)
     return out_dir
 
@@ -154,6 +158,21 @@ def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
     file = out_dir / "model.safetensors"
     weights = load_file(file)
     weights.update(extra)
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def _add_legacy_inv_freq(out_dir: Path, model, config) -> None:
+    """Each layer's ``self_attn.rotary_emb.inv_freq``, as transformers before 4.31 saved it (a
+    persistent buffer per layer; now one non-persistent buffer on the model). The values are the
+    model's own, so the checkpoint stays consistent; the bridge must carry them through an export
+    unchanged (llama_bridge.py, maybe_modify_converted_hf_weight)."""
+    from safetensors.torch import load_file, save_file
+
+    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu").clone()
+    file = out_dir / "model.safetensors"
+    weights = load_file(file)
+    weights.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
+                    for i in range(config.num_hidden_layers)})
     save_file(weights, file, metadata={"format": "pt"})
 
 

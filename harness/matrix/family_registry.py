@@ -24,6 +24,18 @@ class Variant:
 
     hf: Mapping[str, Any] = field(default_factory=dict)
     provider: Mapping[str, Any] = field(default_factory=dict)
+    # How the HF files are written beyond what transformers saves (CHECKPOINT_EXTRAS): formats
+    # real checkpoints still carry, for code in the bridge that only they reach.
+    checkpoint: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Variant ``checkpoint:`` keys, each written by harness.matrix.checkpoint_builder.
+CHECKPOINT_EXTRAS = {
+    # Per-layer ``model.layers.<i>.self_attn.rotary_emb.inv_freq`` buffers, as checkpoints saved by
+    # transformers before 4.31 carry them (persistent buffers then). llama_bridge.py's
+    # maybe_modify_converted_hf_weight copies them into the export; only such a checkpoint runs it.
+    "legacy_inv_freq",
+}
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,13 @@ def family_name(arch: RegisteredArchitecture) -> str:
 
 
 def _variants(doc: Mapping[str, Any] | None) -> dict[str, Variant]:
-    return {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}))
+    for name, v in (doc or {}).items():
+        unknown = sorted(set(v.get("checkpoint") or {}) - CHECKPOINT_EXTRAS)
+        if unknown:
+            raise InputError(f"{FAMILIES_FILE.name}: variant {name}: checkpoint.{unknown[0]}: unknown "
+                             f"(known: {', '.join(sorted(CHECKPOINT_EXTRAS))})")
+    return {name: Variant(hf=dict(v.get("hf") or {}), provider=dict(v.get("provider") or {}),
+                          checkpoint=dict(v.get("checkpoint") or {}))
             for name, v in (doc or {}).items()}
 
 

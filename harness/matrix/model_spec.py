@@ -67,6 +67,11 @@ class ModelSpec:
         return {**get_family(self.family).provider, **self._variant().provider}
 
     @property
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What the HF files carry beyond transformers' own save (``family_registry.CHECKPOINT_EXTRAS``)."""
+        return dict(self._variant().checkpoint)
+
+    @property
     def vocab_padded(self) -> bool:
         return bool(self.provider_overrides.get("should_pad_vocab", False))
 
