@@ -115,3 +115,25 @@ def test_config_has_gdn_is_the_one_decision_the_spec_the_audit_and_the_writer_sh
     assert not model_spec.config_has_gdn(llama) and model_spec.config_has_gdn({**llama, "linear_num_key_heads": 2})
     nxt = {k: v for k, v in model_spec.ModelSpec("qwen3-next").hf_config.items() if k != "linear_num_key_heads"}
     assert not model_spec.config_has_gdn(nxt)
+
+
+def test_a_legacy_inv_freq_checkpoint_carries_the_models_own_buffers_and_a_new_cache_key(tmp_path):
+    """llama@inv-freq: one rotary inv_freq per layer, equal to the model's, in fp32; the plain
+    llama checkpoint has none and keeps its cache key."""
+    spec = model_spec.ModelSpec.parse("llama@inv-freq")
+    plain = model_spec.ModelSpec.parse("llama")
+    assert checkpoint_builder.checkpoint_digest(spec) != checkpoint_builder.checkpoint_digest(plain)
+    tensors = dict(hf_format.iter_tensors(checkpoint_builder.build(spec, tmp_path / "m")))
+    keys = sorted(k for k in tensors if k.endswith("rotary_emb.inv_freq"))
+    layers = spec.hf_config.get("num_hidden_layers", 2)
+    assert keys == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(layers)]
+    head_dim = spec.setting("hidden_size") // spec.setting("num_attention_heads")
+    theta = spec.setting("rope_parameters", {}).get("rope_theta", 10000.0)
+    expected = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    assert tensors[keys[0]].dtype == torch.float32 and torch.allclose(tensors[keys[0]], expected)
+    assert not any("inv_freq" in k for k in dict(hf_format.iter_tensors(checkpoint_builder.build(plain, tmp_path / "p"))))
+
+
+def test_an_unknown_checkpoint_extra_is_refused_with_its_name():
+    with pytest.raises(Exception, match="checkpoint.inv_freq_please: unknown"):
+        family_registry._variants({"x": {"checkpoint": {"inv_freq_please": True}}})
