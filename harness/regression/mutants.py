@@ -18,13 +18,17 @@ run through the harness's launcher with ``--megatron-bridge``, so the edit is ma
 The cases that cover a file are a family's own memory round trips and config exports (for its
 bridge and provider files); for the shared conversion code (``models/conversion/``), those of the
 fewest families whose bridges use every mapping class any CPU-runnable family uses (a greedy
-cover, read from the bridges' source). The unmutated copy runs them all first, recording what of
-the Bridge each case executes (``RunSpec.line_coverage``). A mutant then runs only on the passing
-cases that execute its lines (and, for a deleted mapping row, resolve a parameter through it).
+cover, read from the bridges' source). The unmutated copy runs every selected case on those paths
+first, recording what of the Bridge each executes (``RunSpec.line_coverage``). A mutant then runs
+only on the cases that execute its lines (and, for a deleted mapping row, resolve a
+parameter through it): its file's cover first, and a survivor there on every other reaching case
+(``escalation``).
 A mutant no case reaches is *not reached*: code the matrix never runs (quantised or PEFT export,
 a layer kind no tiny model has). It is listed by function, apart from the kill rate, because no
 case kills it and no reason makes it equivalent; sampling (``--per-file``) draws from the reached
-ones. A mutant is *killed* when a case that passes on the unmutated copy does not pass with it. A survivor is a gap in the matrix, or an equivalent mutant (a change
+ones. A mutant is *killed* when a case that passes on the unmutated copy does not pass with it,
+or one that fails there (a pinned upstream failure: its other checks still bite) fails
+differently (``shows_mutant``). A survivor is a gap in the matrix, or an equivalent mutant (a change
 no conversion can show); ``golden/mutants/equivalent.yaml`` records the latter with the reason,
 so a later run lists only new survivors. Mutant IDs hash the edited source and its function, not
 line numbers, so they survive unrelated edits of the file.
@@ -52,7 +56,8 @@ from harness.execution.run_dir import CaseCoverage
 from harness.execution.source_trees import validate
 from harness.matrix.cases import Case
 from harness.reporting import run_report
-from harness.results import PASS, CaseResult
+from harness.regression import golden
+from harness.results import FAIL, PASS, CaseResult
 from harness.run_spec import RunSpec, SourceTree
 
 EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
@@ -330,7 +335,7 @@ def covering_cases(file: str, cases: list[Case], package: Path) -> list[Case]:
 class MutantResult:
     mutant: Mutant
     status: str  # KILLED / SURVIVED / EQUIVALENT / NOT_RUN / NOT_REACHED
-    killed_by: tuple[str, ...] = ()  # case IDs that stopped passing, with their headline
+    killed_by: tuple[str, ...] = ()  # "<case ID>: <why it shows the mutant>" (shows_mutant)
     why: str = ""  # an equivalent mutant's reason, or why it did not run
     cases: tuple[str, ...] = ()
     seconds: float = 0.0
@@ -340,7 +345,7 @@ class MutantResult:
 class FileScore:
     file: str
     candidates: int = 0  # every mutant of the file
-    reached: int = 0  # of those, the ones some passing case executes (the rest: not_reached)
+    reached: int = 0  # of those, the ones some case that ran unmutated executes (the rest: not_reached)
     killed: int = 0
     survived: int = 0
     equivalent: int = 0
@@ -409,7 +414,7 @@ class MutantsOutcome:
     baseline: run_service.RunOutcome
     results: list[MutantResult] = field(default_factory=list)
     candidates: dict[str, int] = field(default_factory=dict)  # file -> every mutant of it
-    reached: dict[str, int] = field(default_factory=dict)  # file -> those some passing case executes
+    reached: dict[str, int] = field(default_factory=dict)  # file -> those some case that ran unmutated executes
 
     @property
     def new_survivors(self) -> list[MutantResult]:
@@ -440,10 +445,13 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
                 say: Callable[[str], None] = lambda text: None) -> MutantsOutcome:
     """Copy the Bridge package once, run the unmutated copy on every covering case recording what
     each executes (the baseline), draw ``per_file`` of each file's reached mutants (all with None),
-    then run each on the passing cases that reach it; ``budget_s`` stops it between mutants."""
+    then run each on the cases that reach it; ``budget_s`` stops it between mutants."""
     package = bridge_package(bridge)
-    cover = {f: covering_cases(f, cases, package) for f in sorted({m.file for m in candidates})}
-    union = list({c.id: c for cs in cover.values() for c in cs}.values())
+    files = sorted({m.file for m in candidates})
+    cover = {f: covering_cases(f, cases, package) for f in files}  # where each file's mutants run first
+    scope = {f: [c for c in cases if c.path in COVERING_PATHS] if f.startswith(CONVERSION_DIR) else cover[f]
+             for f in files}  # and where they may run if they survive there
+    union = list({c.id: c for cs in scope.values() for c in cs}.values())
     with tempfile.TemporaryDirectory(prefix="harness-mutants-") as tmp:
         copy_root = Path(tmp) / "src" / "megatron" / "bridge"
         shutil.copytree(package, copy_root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -453,16 +461,17 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
         baseline = run_service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees,
                                                      line_coverage=(str(copy_root),)))
         run_report.write_outcome(baseline)
-        passing = {r.case_id for r in baseline.results if r.status == PASS}
+        # A case that failed unmutated (a pinned upstream failure) still shows a mutant that makes it fail differently.
+        unmutated = {r.case_id: r for r in baseline.results if r.status in (PASS, FAIL)}
         ran = baseline.run.coverage()
-        reach = {m.id: reaching(m, [c for c in cover[m.file] if c.id in passing], ran) for m in candidates}
+        reach = {m.id: reaching(m, [c for c in scope[m.file] if c.id in unmutated], ran) for m in candidates}
         outcome = MutantsOutcome(baseline=baseline)
         for m in candidates:
             outcome.candidates[m.file] = outcome.candidates.get(m.file, 0) + 1
             outcome.reached[m.file] = outcome.reached.get(m.file, 0) + bool(reach[m.id])
         outcome.results += [MutantResult(m, NOT_REACHED, why=_unreached_why(m)) for m in candidates if not reach[m.id]]
         chosen = sample([m for m in candidates if reach[m.id]], per_file, seed)
-        say(f"harness: {sum(outcome.reached.values())} of {len(candidates)} mutants lie on code a passing case runs; "
+        say(f"harness: {sum(outcome.reached.values())} of {len(candidates)} mutants lie on code a case runs; "
             f"running {len(chosen)}")
         deadline = time.monotonic() + budget_s
         for i, m in enumerate(chosen, 1):
@@ -480,13 +489,13 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
             started = time.monotonic()
             killers: tuple[str, ...] = ()
             try:
-                # One-rank cases first (one launch, and most mutants die there); the rest only if it survives.
-                for stage in ([c for c in on if c.world_size == 1], [c for c in on if c.world_size > 1]):
-                    if stage and not killers:
+                for stage in escalation(on, {c.id for c in cover[m.file]}):
+                    if not killers:
                         run = run_service.run_selection(RunSpec(cases=stage, lane=lane, label=f"mutant-{i}",
                                                                 source_trees=trees), stream=None)
                         run_report.write_outcome(run)  # a killer's or a survivor's run, to read
-                        killers = tuple(f"{r.case_id}: {r.headline}" for r in run.results if r.status != PASS)
+                        killers = tuple(f"{r.case_id}: {why}" for r in run.results
+                                        if (why := shows_mutant(unmutated[r.case_id], r)))
             finally:
                 target.write_text(original)
                 _forget_bytecode(target)
@@ -498,10 +507,31 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
     return outcome
 
 
+def shows_mutant(unmutated: CaseResult, mutated: CaseResult) -> str:
+    """Why ``mutated`` shows the mutant ('' when it does not): a case that passed unmutated no
+    longer passes, or one that failed unmutated fails differently, judged as ``golden`` judges a
+    pinned failure (other failing checks, other tensor bytes or keys; ``golden.compare``)."""
+    if unmutated.status == PASS:
+        return "" if mutated.status == PASS else mutated.headline
+    differences = golden.compare(golden.document(unmutated, provenance={}), mutated)
+    return f"fails differently than unmutated: {differences[0]}" if differences else ""
+
+
+def escalation(reaching_cases: list[Case], first: set[str]) -> list[list[Case]]:
+    """The launches a mutant runs, cheapest first, stopping at the first kill: the reaching cases of
+    its file's cover (``first``) at one rank, then at several; only a survivor goes on to every
+    other reaching case (a shared helper's branch that only another family's layout runs, e.g.
+    tied embeddings under PP), again one rank first."""
+    mine = [c for c in reaching_cases if c.id in first]
+    rest = [c for c in reaching_cases if c.id not in first]
+    return [stage for group in (mine, rest) for stage in ([c for c in group if c.world_size == 1],
+                                                          [c for c in group if c.world_size > 1]) if stage]
+
+
 def _unreached_why(m: Mutant) -> str:
     if m.mapping_row:
-        return f"no passing case resolves a parameter through the row {m.mapping_row}"
-    return f"no passing case runs line {m.line}" + (f"-{m.end_line}" if m.end_line > m.line else "")
+        return f"no case resolves a parameter through the row {m.mapping_row}"
+    return f"no case runs line {m.line}" + (f"-{m.end_line}" if m.end_line > m.line else "")
 
 
 # ------------------------------------------------------------------------------- the report
@@ -522,7 +552,7 @@ def markdown(outcome: MutantsOutcome) -> str:
     lines += ["", f"#### Survivors ({len(survivors)})", ""]
     lines += [f"```diff\n{r.mutant.diff}\n```\n`{r.mutant.id}` ran on {', '.join(r.cases)}" for r in survivors] or ["None."]
     unreached = outcome.not_reached_by_function()
-    lines += ["", f"#### Not reached: functions no passing case runs ({sum(n for *_, n in unreached)} mutants)", ""]
+    lines += ["", f"#### Not reached: functions no case runs ({sum(n for *_, n in unreached)} mutants)", ""]
     lines += [f"- `{file}` `{function}()`: {n}" for file, function, n in unreached] or ["None."]
     return "\n".join(lines) + "\n"
 

@@ -174,3 +174,32 @@ def test_every_equivalent_mutant_listed_exists_and_says_why():
     generated = {m.id for f in files for m in mutants.generate((package / f).read_text(), f)}
     assert set(listed) <= generated, sorted(set(listed) - generated)
     assert all(len(why.split()) >= 8 for why in listed.values())
+
+
+def test_a_mutant_runs_on_its_files_cover_first_and_on_the_other_reaching_cases_only_if_it_survives():
+    class C:
+        def __init__(self, id, world_size):
+            self.id, self.world_size = id, world_size
+
+    cover_1, cover_2 = C("q/tp1/memory/roundtrip", 1), C("q/tp2/memory/roundtrip", 2)
+    other_1, other_2 = C("t@tied/tp1/memory/roundtrip", 1), C("t@tied/tp1-pp2/memory/roundtrip", 2)
+    stages = mutants.escalation([other_2, cover_2, other_1, cover_1], {cover_1.id, cover_2.id})
+    assert stages == [[cover_1], [cover_2], [other_1], [other_2]]
+    assert mutants.escalation([other_2], {cover_1.id}) == [[other_2]]  # only another family reaches it
+
+
+def test_a_pinned_failure_shows_a_mutant_only_when_it_fails_differently():
+    from harness.results import CaseResult, CheckResult
+
+    def result(status, failed=(), digest="a"):
+        checks = [CheckResult(name, False, f"{name} failed") for name in failed]
+        return CaseResult("d/tp1/memory/roundtrip", status, checks=checks,
+                          fingerprint={"hf": {"w": [[2, 2], "float32", digest]}})
+
+    pinned = result("fail", ["logits-hf-vs-megatron"])
+    assert mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron"])) == ""  # the same failure
+    assert "different bytes" in mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron"], digest="b"))
+    assert "failing checks" in mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron", "tensors"]))
+    passed = result("pass")
+    assert mutants.shows_mutant(passed, result("pass")) == ""
+    assert mutants.shows_mutant(passed, result("fail", ["tensors"])) == "tensors: tensors failed"
