@@ -24,7 +24,8 @@ only on the cases that execute its lines (and, for a deleted mapping row, resolv
 parameter through it): its file's cover first, and a survivor there on every other reaching case
 (``escalation``).
 A mutant no case reaches is *not reached*: code the matrix never runs (quantised or PEFT export,
-a layer kind no tiny model has). It is listed by function, apart from the kill rate, because no
+a layer kind no tiny model has), or a provider field the lane sets itself (the CPU lane's kernel,
+dtype and MoE dispatch flags, recorded in the rank provenance), which no case on it can show. It is listed by function, apart from the kill rate, because no
 case kills it and no reason makes it equivalent; sampling (``--per-file``) draws from the reached
 ones. A mutant is *killed* when a case that passes on the unmutated copy does not pass with it,
 or one that fails there (a pinned upstream failure: its other checks still bite) fails
@@ -89,6 +90,7 @@ class Mutant:
     span: tuple[int, int]  # character offsets of ``original`` in the file
     end_line: int = 0  # the last line of ``original`` (``line`` when 0)
     mapping_row: str = ""  # delete-mapping: the deleted row's megatron_param pattern
+    provider_field: str = ""  # the mutant is in ``provider.<field> = ...``: that field
 
     @property
     def lines(self) -> range:
@@ -171,9 +173,14 @@ def row_pattern(megatron_param: str) -> re.Pattern:
     return re.compile(re.escape(megatron_param).replace(r"\*\*", "(.*)").replace(r"\*", r"(\d+)"))
 
 
-def reaching(mutant: Mutant, cases: list[Case], coverage: dict[str, CaseCoverage]) -> list[Case]:
+def reaching(mutant: Mutant, cases: list[Case], coverage: dict[str, CaseCoverage],
+             lane_sets: frozenset[str] = frozenset()) -> list[Case]:
     """The cases that execute a line of the mutant; for a deleted mapping row, only those whose
-    conversion resolved some parameter through that row (every row is built on every call)."""
+    conversion resolved some parameter through that row (every row is built on every call). None
+    for an edit of a provider field the lane sets itself (``lane_sets``: a CPU kernel or dtype
+    flag, replaced in every case before the model is built)."""
+    if mutant.provider_field and mutant.provider_field in lane_sets:
+        return []
     out = []
     for case in cases:
         ran = coverage.get(case.id)
@@ -248,6 +255,12 @@ def generate(source: str, file: str) -> list[Mutant]:
     out: list[Mutant] = []
     seen: dict[str, int] = {}
 
+    provider_fields: dict[int, str] = {}  # node -> the provider field its statement assigns
+    for stmt in ast.walk(tree):
+        if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Attribute)
+                and isinstance(stmt.targets[0].value, ast.Name) and stmt.targets[0].value.id == "provider"):
+            provider_fields.update((id(n), stmt.targets[0].attr) for n in ast.walk(stmt.value))
+
     def add(operator: str, node: ast.AST, span: tuple[int, int], replacement: str, row: str = "") -> None:
         original = source[span[0]:span[1]]
         function = functions.get(id(node), "<module>")
@@ -256,7 +269,8 @@ def generate(source: str, file: str) -> list[Mutant]:
         digest = hashlib.sha1(f"{key}|{seen[key]}".encode()).hexdigest()[:10]
         out.append(Mutant(id=f"{file}:{operator}:{digest}", file=file, operator=operator, line=node.lineno,
                           function=function, original=original, replacement=replacement, span=span,
-                          end_line=getattr(node, "end_lineno", node.lineno), mapping_row=row))
+                          end_line=getattr(node, "end_lineno", node.lineno), mapping_row=row,
+                          provider_field=provider_fields.get(id(node), "")))
 
     for node in ast.walk(tree):
         if id(node) in skip or not hasattr(node, "lineno"):
@@ -339,6 +353,7 @@ class MutantResult:
     why: str = ""  # an equivalent mutant's reason, or why it did not run
     cases: tuple[str, ...] = ()
     seconds: float = 0.0
+    lane_set: bool = False  # NOT_REACHED because the lane sets the edited provider field itself
 
 
 @dataclass
@@ -425,11 +440,14 @@ class MutantsOutcome:
         return scores(self.results, self.candidates or None, self.reached or None)
 
     def not_reached_by_function(self) -> list[tuple[str, str, int]]:
-        """(file, function, mutants) for the code no case runs, largest first."""
+        """(file, where, mutants) for the code no case runs, largest first: ``where`` is the
+        function, with the provider field for an edit the lane overrides."""
         counts: dict[tuple[str, str], int] = {}
         for r in self.results:
             if r.status == NOT_REACHED:
-                counts[(r.mutant.file, r.mutant.function)] = counts.get((r.mutant.file, r.mutant.function), 0) + 1
+                where = (f"{r.mutant.function}: provider.{r.mutant.provider_field}, set by the lane" if r.lane_set
+                         else r.mutant.function)
+                counts[(r.mutant.file, where)] = counts.get((r.mutant.file, where), 0) + 1
         return sorted(((f, fn, n) for (f, fn), n in counts.items()), key=lambda t: (-t[2], t[0], t[1]))
 
 
@@ -464,12 +482,17 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
         # A case that failed unmutated (a pinned upstream failure) still shows a mutant that makes it fail differently.
         unmutated = {r.case_id: r for r in baseline.results if r.status in (PASS, FAIL)}
         ran = baseline.run.coverage()
-        reach = {m.id: reaching(m, [c for c in scope[m.file] if c.id in unmutated], ran) for m in candidates}
+        lane_sets = frozenset(f for doc in baseline.run.provenance().values()
+                              for f in doc.get("runtime", {}).get("provider_fields_set", []))
+        reach = {m.id: reaching(m, [c for c in scope[m.file] if c.id in unmutated], ran, lane_sets)
+                 for m in candidates}
         outcome = MutantsOutcome(baseline=baseline)
         for m in candidates:
             outcome.candidates[m.file] = outcome.candidates.get(m.file, 0) + 1
             outcome.reached[m.file] = outcome.reached.get(m.file, 0) + bool(reach[m.id])
-        outcome.results += [MutantResult(m, NOT_REACHED, why=_unreached_why(m)) for m in candidates if not reach[m.id]]
+        outcome.results += [MutantResult(m, NOT_REACHED, why=_unreached_why(m, lane, lane_sets),
+                                         lane_set=m.provider_field in lane_sets)
+                            for m in candidates if not reach[m.id]]
         chosen = sample([m for m in candidates if reach[m.id]], per_file, seed)
         say(f"harness: {sum(outcome.reached.values())} of {len(candidates)} mutants lie on code a case runs; "
             f"running {len(chosen)}")
@@ -528,7 +551,9 @@ def escalation(reaching_cases: list[Case], first: set[str]) -> list[list[Case]]:
                                                           [c for c in group if c.world_size > 1]) if stage]
 
 
-def _unreached_why(m: Mutant) -> str:
+def _unreached_why(m: Mutant, lane: str = "", lane_sets: frozenset[str] = frozenset()) -> str:
+    if m.provider_field in lane_sets:
+        return f"the {lane} lane sets provider.{m.provider_field} itself (harness/runtimes/{lane}.py)"
     if m.mapping_row:
         return f"no case resolves a parameter through the row {m.mapping_row}"
     return f"no case runs line {m.line}" + (f"-{m.end_line}" if m.end_line > m.line else "")
@@ -553,7 +578,7 @@ def markdown(outcome: MutantsOutcome) -> str:
     lines += [f"```diff\n{r.mutant.diff}\n```\n`{r.mutant.id}` ran on {', '.join(r.cases)}" for r in survivors] or ["None."]
     unreached = outcome.not_reached_by_function()
     lines += ["", f"#### Not reached: functions no case runs ({sum(n for *_, n in unreached)} mutants)", ""]
-    lines += [f"- `{file}` `{function}()`: {n}" for file, function, n in unreached] or ["None."]
+    lines += [f"- `{file}` `{function}`: {n}" for file, function, n in unreached] or ["None."]
     return "\n".join(lines) + "\n"
 
 

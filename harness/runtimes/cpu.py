@@ -369,6 +369,7 @@ class CpuRuntime:
     redirects: tuple[Redirect, ...] = REDIRECTS
     _stack: contextlib.ExitStack | None = field(default=None, init=False, repr=False)
     _allowlisted: list[str] = field(default_factory=list, init=False, repr=False)
+    provider_fields_set: set[str] = field(default_factory=set, init=False, repr=False)  # by configure_provider
 
     lane = "cpu"
     backend = "gloo"
@@ -431,9 +432,12 @@ class CpuRuntime:
             for key, value in flags.items():
                 if hasattr(provider, key):
                     setattr(provider, key, value)
+                    self.provider_fields_set.add(key)
         provider.use_cpu_initialization = True
 
     def provenance(self) -> dict[str, Any]:
         return {"lane": self.lane, "redirected": self.touched_names,
                 "provider_flags_off": sorted(CPU_UNSAFE_PROVIDER_FLAGS),
+                # Whatever a bridge sets these to, this lane replaces it: no CPU case can show it.
+                "provider_fields_set": sorted(self.provider_fields_set),
                 "te_forwards": "harness.runtimes.te_cpu (TE's classes, plain-torch forwards)"}

@@ -131,7 +131,7 @@ def test_the_kill_rate_counts_only_mutants_that_ran_and_are_not_equivalent():
     assert score.kill_rate == pytest.approx(2 / 3) and score.reach == pytest.approx(0.75)
     md = mutants.markdown(outcome)
     assert "| `models/x.py` | 20 | 15 (75%) | 5 | 2 | 1 | 1 | 1 | 67% |" in md and "#### Survivors (1)" in md and m[2].diff in md
-    assert f"- `models/x.py` `{m[5].function}()`: 1" in md  # the code no case runs, by function
+    assert f"- `models/x.py` `{m[5].function}`: 1" in md  # the code no case runs, by function
 
 
 def test_a_mutant_reaches_only_the_cases_that_run_its_line_and_a_deleted_row_only_where_a_name_resolves():
@@ -162,7 +162,7 @@ def test_the_html_page_shows_the_rate_and_survivors_first_with_their_diffs():
     page = mutants.html(outcome, "20261202T000000Z-mutants")
     assert "<td>50%</td>" in page and page.index(m[1].id) < page.index(m[0].id)  # the survivor leads
     assert "killed by: a/tp1/memory/roundtrip: tensors: 1/2 differ" in page
-    assert m[2].id not in page and f"{m[2].function}()</td><td>1</td>" in page  # not reached: by function only
+    assert m[2].id not in page and f"{m[2].function}</td><td>1</td>" in page  # not reached: by function only
 
 
 def test_every_equivalent_mutant_listed_exists_and_says_why():
@@ -203,3 +203,23 @@ def test_a_pinned_failure_shows_a_mutant_only_when_it_fails_differently():
     passed = result("pass")
     assert mutants.shows_mutant(passed, result("pass")) == ""
     assert mutants.shows_mutant(passed, result("fail", ["tensors"])) == "tensors: tensors failed"
+
+
+def test_an_edit_of_a_provider_field_the_lane_sets_itself_reaches_no_case():
+    source = textwrap.dedent('''
+        def provider_bridge(self, hf):
+            provider = make(hf)
+            provider.bias_dropout_fusion = True
+            provider.num_layers = hf.n + 0
+            return provider
+    ''')
+    ms = mutants.generate(source, "models/y.py")
+    fusion = next(m for m in ms if m.provider_field == "bias_dropout_fusion")
+    layers = next(m for m in ms if m.provider_field == "num_layers")
+    case = type("C", (), {"id": "y/tp1/memory/roundtrip"})()
+    ran = {case.id: __import__("harness.execution.run_dir", fromlist=["CaseCoverage"]).CaseCoverage(
+        case.id, {"models/y.py": [fusion.line, layers.line]}, [])}
+    lane_sets = frozenset({"bias_dropout_fusion"})
+    assert mutants.reaching(fusion, [case], ran, lane_sets) == []
+    assert mutants.reaching(layers, [case], ran, lane_sets) == [case]
+    assert mutants.reaching(fusion, [case], ran) == [case]  # a lane that leaves it alone
