@@ -22,7 +22,7 @@ cover, read from the bridges' source). The unmutated copy runs every selected ca
 first, recording what of the Bridge each executes (``RunSpec.line_coverage``). A mutant then runs
 only on the cases that execute its lines (and, for a deleted mapping row, resolve a
 parameter through it): its file's cover first, and a survivor there on every other reaching case
-(``escalation``).
+(``escalation``), torch_dist round trips included (``ESCALATION_PATHS``).
 A mutant no case reaches is *not reached*: code the matrix never runs (quantised or PEFT export,
 a layer kind no tiny model has), or a provider field the lane sets itself (the CPU lane's kernel,
 dtype and MoE dispatch flags, recorded in the rank provenance), which no case on it can show. It is listed by function, apart from the kill rate, because no
@@ -312,6 +312,9 @@ def mapping_classes(module_file: Path) -> frozenset[str]:
 # The cheapest paths that run a family's whole bridge: its weight mappings both ways (and the
 # logits), and its config export (megatron_to_hf_config, which no weight path calls).
 COVERING_PATHS = ("memory/roundtrip", "hf/config-export")
+# Where a survivor of those goes on: also the torch_dist round trips, which run what only a saved
+# checkpoint shows (the provider's dist-checkpoint settings, sharded state dicts) at a higher cost.
+ESCALATION_PATHS = (*COVERING_PATHS, "torch_dist/roundtrip")
 
 
 def covering_cases(file: str, cases: list[Case], package: Path) -> list[Case]:
@@ -467,7 +470,9 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
     package = bridge_package(bridge)
     files = sorted({m.file for m in candidates})
     cover = {f: covering_cases(f, cases, package) for f in files}  # where each file's mutants run first
-    scope = {f: [c for c in cases if c.path in COVERING_PATHS] if f.startswith(CONVERSION_DIR) else cover[f]
+    cover_families = {f: {c.model.family for c in cover[f]} for f in files}
+    scope = {f: [c for c in cases if c.path in ESCALATION_PATHS
+                 and (f.startswith(CONVERSION_DIR) or c.model.family in cover_families[f])]
              for f in files}  # and where they may run if they survive there
     union = list({c.id: c for cs in scope.values() for c in cs}.values())
     with tempfile.TemporaryDirectory(prefix="harness-mutants-") as tmp:
