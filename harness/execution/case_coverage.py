@@ -68,10 +68,8 @@ class CoverageRecorder:
                              sorted(self._resolved[case_id])) for case_id in sorted(lines)]
 
     def _relative(self, file: Path) -> str | None:
-        for root in self.roots:
-            if file.resolve().is_relative_to(root):
-                return file.resolve().relative_to(root).as_posix()
-        return None
+        file = file.resolve()
+        return next((file.relative_to(root).as_posix() for root in self.roots if file.is_relative_to(root)), None)
 
 
 @contextlib.contextmanager

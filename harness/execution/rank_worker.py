@@ -14,6 +14,7 @@ the failed rank will never join. The launcher then relaunches the group for the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -105,8 +106,6 @@ def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: i
     results (rank 0), a non-zero rank's own error. Returns 0, or ``EXIT_CASE_ERROR`` when a case
     failed in a world of several (the peers may be stuck in a collective: stop here). A
     ``CoverageRecorder`` (``RunSpec.line_coverage``) notes what each case ran."""
-    import contextlib
-
     spec = plan.spec
     with runtime:
         for case in spec.cases:

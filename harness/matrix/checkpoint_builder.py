@@ -134,7 +134,7 @@ def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
     import tempfile
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from harness.matrix.hf_reference import pure_torch_reference
 
@@ -155,10 +155,7 @@ def _add_mtp_layers(out_dir: Path, model_cls, config, seed: int, dtype) -> None:
         ("shared_head.norm.weight", (hidden,)))}
     gen = torch.Generator().manual_seed(seed + 2)
     extra.update({name: _draw(name, shape, gen).to(dtype) for name, shape in sorted(shapes.items())})
-    file = out_dir / "model.safetensors"
-    weights = load_file(file)
-    weights.update(extra)
-    save_file(weights, file, metadata={"format": "pt"})
+    _add_tensors(out_dir, extra)
 
 
 def _add_legacy_inv_freq(out_dir: Path, model, config) -> None:
@@ -166,13 +163,18 @@ def _add_legacy_inv_freq(out_dir: Path, model, config) -> None:
     persistent buffer per layer; now one non-persistent buffer on the model). The values are the
     model's own, so the checkpoint stays consistent; the bridge must carry them through an export
     unchanged (llama_bridge.py, maybe_modify_converted_hf_weight)."""
+    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu")
+    _add_tensors(out_dir, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
+                           for i in range(config.num_hidden_layers)})
+
+
+def _add_tensors(out_dir: Path, extra: dict) -> None:
+    """Tensors transformers does not save, written into the checkpoint's one safetensors file."""
     from safetensors.torch import load_file, save_file
 
-    inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu").clone()
     file = out_dir / "model.safetensors"
     weights = load_file(file)
-    weights.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
-                    for i in range(config.num_hidden_layers)})
+    weights.update(extra)
     save_file(weights, file, metadata={"format": "pt"})
 
 
