@@ -20,9 +20,13 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.execution.run_dir import EXIT_CASE_ERROR, Plan, ProgressEvent, RunDir
 from harness.run_spec import RunSpec
+
+if TYPE_CHECKING:
+    from harness.execution.case_coverage import CoverageRecorder
 
 
 def _kill_children() -> None:
@@ -101,7 +105,8 @@ def probe(trees_json: str, lane: str) -> int:
     return 0
 
 
-def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: int = 1, recorder=None) -> int:
+def run_plan(plan: Plan, run: RunDir, executor, runtime, rank: int = 0, world: int = 1,
+             recorder: "CoverageRecorder | None" = None) -> int:
     """Run the plan's cases in order inside ``runtime`` (the process group is up): progress events,
     results (rank 0), a non-zero rank's own error. Returns 0, or ``EXIT_CASE_ERROR`` when a case
     failed in a world of several (the peers may be stuck in a collective: stop here). A

@@ -181,12 +181,13 @@ def reaching(mutant: Mutant, cases: list[Case], coverage: dict[str, CaseCoverage
     flag, replaced in every case before the model is built)."""
     if mutant.provider_field and mutant.provider_field in lane_sets:
         return []
+    row = row_pattern(mutant.mapping_row) if mutant.mapping_row else None
     out = []
     for case in cases:
         ran = coverage.get(case.id)
         if ran is None or not set(ran.lines.get(mutant.file, ())).intersection(mutant.lines):
             continue
-        if mutant.mapping_row and not any(row_pattern(mutant.mapping_row).fullmatch(n) for n in ran.resolved):
+        if row is not None and not any(row.fullmatch(n) for n in ran.resolved):
             continue
         out.append(case)
     return out
