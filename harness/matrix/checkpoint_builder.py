@@ -115,6 +115,8 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
         _add_mtp_layers(out_dir, model_cls, config, spec.seed, dtype)
     if spec.checkpoint_extras.get("legacy_inv_freq"):
         _add_legacy_inv_freq(out_dir, model, config)
+    if spec.checkpoint_extras.get("stored_tied_lm_head"):
+        _add_stored_tied_lm_head(out_dir, model, config)
     save_tokenizer(out_dir, vocab_size=config.vocab_size, kind=family.tokenizer)
     return out_dir
 
@@ -166,6 +168,17 @@ def _add_legacy_inv_freq(out_dir: Path, model, config) -> None:
     inv_freq = model.model.rotary_emb.inv_freq.detach().to("cpu")
     _add_tensors(out_dir, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
                            for i in range(config.num_hidden_layers)})
+
+
+def _add_stored_tied_lm_head(out_dir: Path, model, config) -> None:
+    """``lm_head.weight`` beside the tied embedding, equal to it, as checkpoints written by other
+    tools than transformers' own save carry it (transformers drops the tied duplicate). The bridge
+    must export both names, each with its own storage (model_bridge.py,
+    stream_weights_megatron_to_hf, ``emit_output_weight`` / ``clone_identity_output``)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        raise ValueError("stored_tied_lm_head needs tie_word_embeddings: true in the same variant")
+    embedding = model.get_input_embeddings().weight.detach().to("cpu")
+    _add_tensors(out_dir, {"lm_head.weight": embedding.clone()})
 
 
 def _add_tensors(out_dir: Path, extra: dict) -> None:

@@ -35,6 +35,11 @@ CHECKPOINT_EXTRAS = {
     # transformers before 4.31 carry them (persistent buffers then). llama_bridge.py's
     # maybe_modify_converted_hf_weight copies them into the export; only such a checkpoint runs it.
     "legacy_inv_freq",
+    # ``lm_head.weight`` written beside ``model.embed_tokens.weight`` (the same values) in a model
+    # with tied embeddings, as checkpoints saved by other tools carry both. model_bridge.py's
+    # stream_weights_megatron_to_hf then emits the output weight too (emit_output_weight, a clone
+    # of the embedding); a checkpoint without it never runs that branch.
+    "stored_tied_lm_head",
 }
 
 

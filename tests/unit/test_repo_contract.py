@@ -69,12 +69,13 @@ def _fake_repo(tmp_path):
 def _bootstrap(fake, tmp_path, *args, path="/usr/bin:/bin", **env):
     """Run the fake repo's bootstrap.sh with no CUDA toolkit in sight unless ``env``/``path`` bring one:
     PATH without /usr/local/bin (this machine's nvcc), CUDA_HOME pointing nowhere (so /usr/local/cuda
-    is not the default either), an empty wheelhouse, this interpreter as Python 3.12."""
+    is not the default either), an empty wheelhouse, this interpreter as Python 3.12, no free-space
+    floor (the host's free disk is not under test here; test_bootstrap_refuses_a_full_disk is)."""
     import os
     import sys
 
     base = dict(os.environ, PATH=path, HARNESS_PYTHON=sys.executable, CUDA_HOME=str(tmp_path / "nocuda"),
-                HARNESS_WHEELHOUSE=str(tmp_path / "wheels"))
+                HARNESS_WHEELHOUSE=str(tmp_path / "wheels"), HARNESS_MIN_FREE_GIB="0")
     base.update(env)
     return subprocess.run(["bash", str(fake / "scripts" / "bootstrap.sh"), *args], capture_output=True, text=True,
                           env={k: v for k, v in base.items() if v is not None}, timeout=300)
@@ -103,6 +104,16 @@ def test_bootstrap_preflight_messages(tmp_path):
     assert "in a build-only venv" in r.stderr and list(tmp.iterdir()) == []  # the build-only venv was removed
     r = _bootstrap(fake, tmp_path, "--no-such-flag")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "usage: scripts/bootstrap.sh [--dry-run]" in r.stderr
+
+
+def test_bootstrap_refuses_a_full_disk(tmp_path):
+    """A disk with less free space than a new .venv needs: one line naming what is needed and what
+    is free, before anything is fetched or created."""
+    fake = _fake_repo(tmp_path)
+    r = _bootstrap(fake, tmp_path, "--dry-run", HARNESS_MIN_FREE_GIB="1000000")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "need 1000000 GiB free on" in r.stderr and "free space and rerun" in r.stderr
+    assert not (fake / ".venv").exists() and not (tmp_path / "wheels").exists()
 
 
 def test_bootstrap_without_a_toolkit_builds_te_with_the_pinned_compiler_packages(tmp_path):

@@ -1,6 +1,7 @@
 """Tiny models are deterministic to the byte and initialised so that bugs show."""
 
 import hashlib
+from unittest import mock
 
 import pytest
 import torch
@@ -132,6 +133,22 @@ def test_a_legacy_inv_freq_checkpoint_carries_the_models_own_buffers_and_a_new_c
     expected = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     assert tensors[keys[0]].dtype == torch.float32 and torch.allclose(tensors[keys[0]], expected)
     assert not any("inv_freq" in k for k in dict(hf_format.iter_tensors(checkpoint_builder.build(plain, tmp_path / "p"))))
+
+
+def test_a_stored_tied_lm_head_equals_the_embedding_and_needs_tied_embeddings(tmp_path):
+    """qwen2@tied-stored: lm_head.weight beside the tied embedding, the same values in their own
+    storage; qwen2@tied keeps transformers' save (no lm_head) and its cache key; an untied model
+    with the extra is refused with its reason."""
+    spec = model_spec.ModelSpec.parse("qwen2@tied-stored")
+    plain = model_spec.ModelSpec.parse("qwen2@tied")
+    assert checkpoint_builder.checkpoint_digest(spec) != checkpoint_builder.checkpoint_digest(plain)
+    tensors = dict(hf_format.iter_tensors(checkpoint_builder.build(spec, tmp_path / "m")))
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in dict(hf_format.iter_tensors(checkpoint_builder.build(plain, tmp_path / "p")))
+    extras = mock.PropertyMock(return_value={"stored_tied_lm_head": True})
+    with mock.patch.object(model_spec.ModelSpec, "checkpoint_extras", new_callable=lambda: extras):
+        with pytest.raises(ValueError, match="needs tie_word_embeddings"):
+            checkpoint_builder.build(model_spec.ModelSpec.parse("qwen2"), tmp_path / "u")
 
 
 def test_an_unknown_checkpoint_extra_is_refused_with_its_name():
