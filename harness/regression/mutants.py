@@ -543,7 +543,29 @@ def shows_mutant(unmutated: CaseResult, mutated: CaseResult) -> str:
     if unmutated.status == PASS:
         return "" if mutated.status == PASS else mutated.headline
     differences = golden.compare(golden.document(unmutated, provenance={}), mutated)
-    return f"fails differently than unmutated: {differences[0]}" if differences else ""
+    if differences:
+        return f"fails differently than unmutated: {differences[0]}"
+    return logits_moved(unmutated.fingerprint.get("logits"), mutated.fingerprint.get("logits"))
+
+
+# A pinned logit failure (e.g. gemma2's norm eps, max|d| 8.6e-3) must not hide a mutant that breaks
+# the forward further (gemma2's zero-centred gamma flipped: a survivor before this). golden.compare
+# leaves logits out, since they differ across machines and builds; the baseline and the mutant run
+# on one machine with one build, where the CPU forward repeats to the bit, so a distance past twice
+# the unmutated one (and past the check's own gate) is the mutant's doing, not noise.
+LOGITS_MOVED = 2.0
+
+
+def logits_moved(unmutated: dict | None, mutated: dict | None) -> str:
+    """Why the mutated case's logits are further from HF's than the unmutated ones ('' if not)."""
+    if not unmutated or not mutated:
+        return ""
+    gates = unmutated.get("tolerance", {})
+    for metric, gate in (("max_abs_diff", "max_abs"), ("kl", "kl")):
+        was, now = unmutated.get(metric), mutated.get(metric)
+        if was is not None and now is not None and now > max(LOGITS_MOVED * was, gates.get(gate, 0.0)):
+            return f"fails differently than unmutated: logits moved, {metric} {now:.2e} (unmutated {was:.2e})"
+    return ""
 
 
 def escalation(reaching_cases: list[Case], first: set[str]) -> list[list[Case]]:

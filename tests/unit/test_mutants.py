@@ -200,6 +200,19 @@ def test_a_pinned_failure_shows_a_mutant_only_when_it_fails_differently():
     assert mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron"])) == ""  # the same failure
     assert "different bytes" in mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron"], digest="b"))
     assert "failing checks" in mutants.shows_mutant(pinned, result("fail", ["logits-hf-vs-megatron", "tensors"]))
+    # A pinned logit failure: the same distance is no kill; twice as far (past the gate) is.
+    logits = {"max_abs_diff": 8.6e-3, "kl": 8.4e-7, "tolerance": {"max_abs": 1e-5, "kl": 1e-11}}
+    pinned.fingerprint["logits"] = logits
+    same = result("fail", ["logits-hf-vs-megatron"])
+    same.fingerprint["logits"] = dict(logits)
+    assert mutants.shows_mutant(pinned, same) == ""
+    same.fingerprint["logits"] = {**logits, "max_abs_diff": 1.5e-2}  # under 2x: not shown
+    assert mutants.shows_mutant(pinned, same) == ""
+    moved = result("fail", ["logits-hf-vs-megatron"])
+    moved.fingerprint["logits"] = {**logits, "max_abs_diff": 3.1, "kl": 0.4}
+    assert "logits moved, max_abs_diff 3.10e+00" in mutants.shows_mutant(pinned, moved)
+    moved.fingerprint["logits"] = {**logits, "kl": 2e-6}
+    assert "logits moved, kl" in mutants.shows_mutant(pinned, moved)
     passed = result("pass")
     assert mutants.shows_mutant(passed, result("pass")) == ""
     assert mutants.shows_mutant(passed, result("fail", ["tensors"])) == "tensors: tensors failed"
