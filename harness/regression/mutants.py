@@ -58,7 +58,7 @@ from harness.execution.source_trees import validate
 from harness.matrix.cases import Case
 from harness.reporting import run_report
 from harness.regression import golden
-from harness.results import FAIL, PASS, CaseResult
+from harness.results import ERROR, FAIL, PASS, CaseResult
 from harness.run_spec import RunSpec, SourceTree
 
 EQUIVALENT_FILE = workspace.REPO_ROOT / "golden" / "mutants" / "equivalent.yaml"
@@ -485,8 +485,10 @@ def run_mutants(candidates: list[Mutant], cases: list[Case], lane: str, bridge: 
         baseline = run_service.run_selection(RunSpec(cases=union, lane=lane, label="mutants", source_trees=trees,
                                                      line_coverage=(str(copy_root),)))
         run_report.write_outcome(baseline)
-        # A case that failed unmutated (a pinned upstream failure) still shows a mutant that makes it fail differently.
-        unmutated = {r.case_id: r for r in baseline.results if r.status in (PASS, FAIL)}
+        # A case that failed or errored unmutated (a pinned upstream failure) still shows a mutant
+        # that changes its outcome: mistral@rope-yarn errors in the provider, and a mutant that
+        # skips the YaRN branch lets it run (a survivor while errored cases were left out).
+        unmutated = {r.case_id: r for r in baseline.results if r.status in (PASS, FAIL, ERROR)}
         ran = baseline.run.coverage()
         lane_sets = frozenset(f for doc in baseline.run.provenance().values()
                               for f in doc.get("runtime", {}).get("provider_fields_set", []))

@@ -213,6 +213,13 @@ def test_a_pinned_failure_shows_a_mutant_only_when_it_fails_differently():
     assert "logits moved, max_abs_diff 3.10e+00" in mutants.shows_mutant(pinned, moved)
     moved.fingerprint["logits"] = {**logits, "kl": 2e-6}
     assert "logits moved, kl" in mutants.shows_mutant(pinned, moved)
+    # A pinned error (mistral@rope-yarn's provider crash): the same error is no kill; running is.
+    errored = result("error")
+    errored.fingerprint = {}
+    same_error = result("error")
+    same_error.fingerprint = {}
+    assert mutants.shows_mutant(errored, same_error) == ""
+    assert "status pass, golden error" in mutants.shows_mutant(errored, result("pass"))
     passed = result("pass")
     assert mutants.shows_mutant(passed, result("pass")) == ""
     assert mutants.shows_mutant(passed, result("fail", ["tensors"])) == "tensors: tensors failed"
