@@ -545,9 +545,9 @@ def shows_mutant(unmutated: CaseResult, mutated: CaseResult) -> str:
     if unmutated.status == PASS:
         return "" if mutated.status == PASS else mutated.headline
     differences = golden.compare(golden.document(unmutated, provenance={}), mutated)
-    if differences:
-        return f"fails differently than unmutated: {differences[0]}"
-    return logits_moved(unmutated.fingerprint.get("logits"), mutated.fingerprint.get("logits"))
+    why = differences[0] if differences else logits_moved(unmutated.fingerprint.get("logits"),
+                                                           mutated.fingerprint.get("logits"))
+    return f"fails differently than unmutated: {why}" if why else ""
 
 
 # A pinned logit failure (e.g. gemma2's norm eps, max|d| 8.6e-3) must not hide a mutant that breaks
@@ -566,7 +566,7 @@ def logits_moved(unmutated: dict | None, mutated: dict | None) -> str:
     for metric, gate in (("max_abs_diff", "max_abs"), ("kl", "kl")):
         was, now = unmutated.get(metric), mutated.get(metric)
         if was is not None and now is not None and now > max(LOGITS_MOVED * was, gates.get(gate, 0.0)):
-            return f"fails differently than unmutated: logits moved, {metric} {now:.2e} (unmutated {was:.2e})"
+            return f"logits moved, {metric} {now:.2e} (unmutated {was:.2e})"
     return ""
 
 

@@ -145,8 +145,8 @@ def test_a_stored_tied_lm_head_equals_the_embedding_and_needs_tied_embeddings(tm
     tensors = dict(hf_format.iter_tensors(checkpoint_builder.build(spec, tmp_path / "m")))
     assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
     assert "lm_head.weight" not in dict(hf_format.iter_tensors(checkpoint_builder.build(plain, tmp_path / "p")))
-    extras = mock.PropertyMock(return_value={"stored_tied_lm_head": True})
-    with mock.patch.object(model_spec.ModelSpec, "checkpoint_extras", new_callable=lambda: extras):
+    with mock.patch.object(model_spec.ModelSpec, "checkpoint_extras", new_callable=mock.PropertyMock,
+                           return_value={"stored_tied_lm_head": True}):
         with pytest.raises(ValueError, match="needs tie_word_embeddings"):
             checkpoint_builder.build(model_spec.ModelSpec.parse("qwen2"), tmp_path / "u")
 
